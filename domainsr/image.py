@@ -176,7 +176,7 @@ class GeoGeometry:
 
         rows, cols = self.shape
         if self.is_rotated:
-            xs, ys = zip(*(self.transform * (c, r) for c in (0, cols) for r in (0, rows)))
+            xs, ys = zip(*(self.transform @ (c, r) for c in (0, cols) for r in (0, rows)))
             return (min(xs), min(ys), max(xs), max(ys))
         west, south, east, north = array_bounds(rows, cols, self.transform)
         return (float(west), float(south), float(east), float(north))
@@ -193,14 +193,14 @@ class GeoGeometry:
         from affine import Affine
 
         f = _factors(factors, 2)
-        return GeoGeometry(self.crs, self.transform * Affine.scale(1.0 / f[1], 1.0 / f[0]),
+        return GeoGeometry(self.crs, self.transform @ Affine.scale(1.0 / f[1], 1.0 / f[0]),
                            _scaled_shape(self.shape, f))
 
     def cropped(self, start: Sequence[int], shape: Sequence[int]) -> GeoGeometry:
         """Geometry of the window starting at ``(row, col) = start`` with ``shape``."""
         from affine import Affine
 
-        return GeoGeometry(self.crs, self.transform * Affine.translation(start[1], start[0]), tuple(shape))
+        return GeoGeometry(self.crs, self.transform @ Affine.translation(start[1], start[0]), tuple(shape))
 
     def almost_equal(self, other: object, atol: float = 1e-6) -> bool:
         return (

@@ -1,0 +1,584 @@
+"""GeoTIFF / COG / JPEG 2000 (anything GDAL opens) <-> :class:`SpatialImage`, with rasterio.
+
+Reading keeps the native dtype, the geotransform (rotated ones too), nodata and masks; writing
+converts to the storage dtype with explicit rounding and clipping and produces a Cloud-Optimised
+GeoTIFF through GDAL's COG driver. :class:`RasterWindowWriter` streams any size window by window
+with bounded memory; :func:`write_raster` is that writer fed with the whole image.
+
+Masks: ``SpatialImage.mask`` is one 2D mask, so a pixel is valid only where *every* band read is
+valid (GDAL band masks from nodata, internal/sidecar mask bands or alpha, and NaN/Inf in floats).
+On writing, invalid pixels get ``nodata`` when the image has one; otherwise the mask is stored as
+a GDAL internal mask band, so no pixel value has to be sacrificed as a nodata marker.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
+
+from domainsr.errors import (
+    DomainSRError,
+    GeometryError,
+    InputError,
+    OutputError,
+    UnsupportedFormatError,
+)
+from domainsr.image import GeoGeometry, SpatialImage
+from domainsr.io.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+WRITE_SUFFIXES = (".tif", ".tiff")
+
+# Written files must be self-contained: never let GDAL put metadata into a .aux.xml sidecar
+# next to a temporary file (it would be lost on rename and left behind).
+_WRITE_ENV = {"GDAL_PAM_ENABLED": "NO", "GDAL_TIFF_INTERNAL_MASK": "YES"}
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+def _detail(exc: BaseException) -> str:
+    """GDAL's own message: rasterio often wraps it in a generic 'see previous exception'."""
+    cause = exc.__cause__ or exc.__context__
+    return str(cause if isinstance(cause, Exception) and str(cause) else exc)
+
+
+def _open(path: Path) -> Any:
+    if not path.exists():
+        raise InputError("file not found", path)
+    if path.is_dir():
+        raise InputError("is a folder, not a raster file", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # reported below as no CRS
+            return rasterio.open(path)
+    except RasterioError as exc:
+        raise InputError(f"not a raster GDAL can open ({_detail(exc)})", path) from exc
+
+
+def _check_dtypes(src: Any, path: Path, indexes: Sequence[int]) -> str:
+    dtypes = {src.dtypes[i - 1] for i in indexes}
+    if len(dtypes) != 1:
+        raise UnsupportedFormatError(f"bands have mixed data types {sorted(dtypes)}", path)
+    dtype = dtypes.pop()
+    if dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedFormatError(
+            f"data type {dtype} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})", path)
+    return dtype
+
+
+def _geometry(src: Any, path: Path, window: Window | None) -> GeoGeometry:
+    if src.crs is None:
+        hint = " (it is georeferenced by GCPs only; warp it first)" if src.gcps[0] else ""
+        raise GeometryError(f"raster has no coordinate reference system (CRS){hint}", path)
+    try:
+        full = GeoGeometry(src.crs, src.transform, (src.height, src.width))
+    except DomainSRError as exc:
+        raise GeometryError(exc.message, path) from exc
+    if window is None:
+        return full
+    return full.cropped((int(window.row_off), int(window.col_off)), (int(window.height), int(window.width)))
+
+
+def _band_names(src: Any) -> tuple[str, ...]:
+    """Band descriptions where present, else ``B<index>``; made unique."""
+    names: list[str] = []
+    for i, desc in enumerate(src.descriptions, start=1):
+        name = (desc or "").strip() or f"B{i}"
+        names.append(name if name not in names else f"{name}_{i}")
+    return tuple(names)
+
+
+def _resolve_bands(src: Any, path: Path, bands: Sequence[int | str] | None) -> list[int]:
+    if bands is None:
+        return list(range(1, src.count + 1))
+    names = _band_names(src)
+    indexes: list[int] = []
+    for b in bands:
+        if isinstance(b, str):
+            if b not in names:
+                raise InputError(f"no band named {b!r} (bands: {list(names)})", path)
+            indexes.append(names.index(b) + 1)
+        elif isinstance(b, (int, np.integer)) and 1 <= int(b) <= src.count:
+            indexes.append(int(b))
+        else:
+            raise InputError(f"band index {b!r} out of range 1..{src.count}", path)
+    if not indexes:
+        raise InputError("empty band selection", path)
+    return indexes
+
+
+def _resolve_window(src: Any, path: Path, window: Any) -> Window | None:
+    if window is None:
+        return None
+    win = window if isinstance(window, Window) else Window.from_slices(*window)
+    offsets = (win.row_off, win.col_off, win.height, win.width)
+    if any(abs(v - round(v)) > 1e-9 for v in offsets):
+        raise InputError(f"window {win} is not on whole pixels", path)
+    r0, c0, h, w = (round(v) for v in offsets)
+    if h < 1 or w < 1 or r0 < 0 or c0 < 0 or r0 + h > src.height or c0 + w > src.width:
+        raise InputError(f"window rows {r0}:{r0 + h}, cols {c0}:{c0 + w} is outside the "
+                         f"{src.height}x{src.width} raster", path)
+    return Window(c0, r0, w, h)
+
+
+def _valid_mask(src: Any, indexes: Sequence[int], window: Window | None, data: np.ndarray) -> np.ndarray | None:
+    valid: np.ndarray | None = None
+    if any(MaskFlags.all_valid not in src.mask_flag_enums[i - 1] for i in indexes):
+        valid = np.all(src.read_masks(indexes, window=window) > 0, axis=0)
+    if data.dtype.kind == "f":
+        finite = np.all(np.isfinite(data), axis=0)
+        valid = finite if valid is None else valid & finite
+    return None if valid is None or valid.all() else valid
+
+
+def _raster_meta(src: Any, indexes: Sequence[int], dtype: str) -> dict[str, Any]:
+    """What a writer needs to reproduce the source (plain, JSON-friendly values only)."""
+    sel = [i - 1 for i in indexes]
+    profile = src.profile
+    return {
+        "driver": src.driver,
+        "dtype": dtype,
+        "nodata": src.nodata,
+        "source_count": src.count,
+        "indexes": list(indexes),
+        "tags": dict(src.tags()),
+        "band_tags": [dict(src.tags(i)) for i in indexes],
+        "descriptions": [src.descriptions[i] for i in sel],
+        "units": [src.units[i] or "" for i in sel],
+        "scales": [float(src.scales[i]) for i in sel],
+        "offsets": [float(src.offsets[i]) for i in sel],
+        "colorinterp": [src.colorinterp[i].name for i in sel],
+        "mask_flags": [[f.name for f in src.mask_flag_enums[i]] for i in sel],
+        "blockxsize": profile.get("blockxsize"),
+        "blockysize": profile.get("blockysize"),
+        "tiled": bool(profile.get("tiled", False)),
+        "compress": profile.get("compress"),
+        "interleave": profile.get("interleave"),
+    }
+
+
+def _common_units(units: Sequence[str]) -> str:
+    distinct = list(dict.fromkeys(u for u in units if u))
+    if not distinct:
+        return "DN"
+    return distinct[0] if len(distinct) == 1 else ",".join(distinct)
+
+
+def read_raster(
+    path: str | os.PathLike[str],
+    *,
+    window: Window | tuple[tuple[int, int], tuple[int, int]] | None = None,
+    bands: Sequence[int | str] | None = None,
+    domain: str = "optical",
+) -> SpatialImage:
+    """Read a raster (or a window of it) into a :class:`SpatialImage` of shape ``(C, rows, cols)``.
+
+    ``window`` is a rasterio ``Window`` or ``((row_start, row_stop), (col_start, col_stop))``;
+    ``bands`` are 1-based indexes or band names. Pixels keep their native dtype.
+    """
+    path = Path(path)
+    with _open(path) as src:
+        indexes = _resolve_bands(src, path, bands)
+        dtype = _check_dtypes(src, path, indexes)
+        win = _resolve_window(src, path, window)
+        geometry = _geometry(src, path, win)
+        try:
+            data = src.read(indexes, window=win)
+            mask = _valid_mask(src, indexes, win, data)
+        except RasterioError as exc:
+            raise InputError(f"cannot read pixels, the file is truncated or corrupt ({_detail(exc)})",
+                             path) from exc
+        meta = _raster_meta(src, indexes, dtype)
+        names = _band_names(src)
+    provenance: dict[str, Any] = {"source": str(path), "format": "raster", "reader": "raster",
+                                  "bands": indexes}
+    if win is not None:
+        provenance["window"] = {"row_off": int(win.row_off), "col_off": int(win.col_off),
+                                "height": int(win.height), "width": int(win.width)}
+    return SpatialImage(
+        data=data,
+        domain=domain,  # type: ignore[arg-type]
+        geometry=geometry,
+        band_names=tuple(names[i - 1] for i in indexes),
+        units=_common_units(meta["units"]),
+        nodata=meta["nodata"],
+        mask=mask,
+        provenance=provenance,
+        meta={"raster": meta, "storage_dtype": dtype},
+    )
+
+
+def raster_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Header facts without reading pixels (for streaming plans and ``domainsr info``)."""
+    path = Path(path)
+    with _open(path) as src:
+        return {
+            "path": str(path),
+            "driver": src.driver,
+            "shape": [src.count, src.height, src.width],
+            "count": src.count,
+            "dtype": src.dtypes[0] if len(set(src.dtypes)) == 1 else list(src.dtypes),
+            "crs": src.crs.to_string() if src.crs else None,
+            "transform": list(src.transform)[:6],
+            "resolution": list(GeoGeometry(src.crs, src.transform, src.shape).res) if src.crs else None,
+            "bounds": list(src.bounds),
+            "nodata": src.nodata,
+            "band_names": list(_band_names(src)),
+            "descriptions": list(src.descriptions),
+            "units": list(src.units),
+            "block_shapes": [list(b) for b in src.block_shapes],
+            "overviews": src.overviews(1) if src.count else [],
+        }
+
+
+def iter_windows(shape: Sequence[int], block: int | Sequence[int]) -> Iterator[Window]:
+    """Row-major windows of at most ``block`` = ``(rows, cols)`` pixels covering ``shape``."""
+    rows, cols = (int(s) for s in shape[-2:])
+    bh, bw = (int(block), int(block)) if isinstance(block, (int, np.integer)) else (int(b) for b in block)
+    if bh < 1 or bw < 1:
+        raise ValueError(f"block {block} must be positive")
+    for r0 in range(0, rows, bh):
+        for c0 in range(0, cols, bw):
+            yield Window(c0, r0, min(bw, cols - c0), min(bh, rows - r0))
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+def _representable(value: float, dtype: np.dtype) -> bool:
+    if dtype.kind == "f":
+        return math.isnan(value) or abs(value) <= np.finfo(dtype).max
+    info = np.iinfo(dtype)
+    return float(value).is_integer() and info.min <= value <= info.max
+
+
+def to_storage(data: np.ndarray, dtype: str | np.dtype, nodata: float | None,
+               valid: np.ndarray | None) -> np.ndarray:
+    """Convert ``data`` ``(C, h, w)`` to ``dtype``: round half to even, clip to the dtype range,
+    keep valid pixels off the ``nodata`` value, and write ``nodata`` where ``valid`` is False.
+
+    Non-finite values count as invalid. Returns a new array unless nothing has to change.
+    """
+    dt = np.dtype(dtype)
+    if data.dtype.kind == "f":
+        finite = np.all(np.isfinite(data), axis=0)
+        if not finite.all():
+            valid = finite if valid is None else valid & finite
+    if dt.kind == "f":
+        if data.dtype.kind == "f" and data.dtype.itemsize > dt.itemsize:  # narrowing: clip, no inf
+            big = np.finfo(dt).max
+            out = np.empty(data.shape, dt)
+            np.clip(data, -big, big, out=out, casting="unsafe")
+        else:
+            out = data.astype(dt, copy=data.dtype != dt)
+        if nodata is not None and not math.isnan(nodata):
+            bump = np.nextafter(dt.type(nodata), dt.type(np.inf))
+            clash = out == dt.type(nodata)
+            if valid is not None:
+                clash &= valid
+            if clash.any():
+                out = out if out is not data else out.copy()
+                out[clash] = bump
+    else:
+        info = np.iinfo(dt)
+        lo, hi = int(info.min), int(info.max)
+        if nodata is not None:
+            lo, hi = (lo + 1, hi) if nodata == lo else (lo, hi - 1) if nodata == hi else (lo, hi)
+        if data.dtype == dt and data.min(initial=hi) >= lo and data.max(initial=lo) <= hi:
+            out = data
+        elif data.dtype.kind == "f":
+            work = np.rint(data.astype(np.float64 if dt.itemsize >= 4 else np.float32, copy=True))
+            np.clip(work, lo, hi, out=work)
+            work[~np.isfinite(work)] = lo
+            out = work.astype(dt)
+        elif np.can_cast(data.dtype, dt):
+            out = np.clip(data, lo, hi).astype(dt, copy=False)
+        else:
+            out = np.clip(data.astype(np.int64, copy=False), lo, hi).astype(dt)
+        if nodata is not None and lo < nodata < hi:
+            clash = out == dt.type(nodata)
+            if valid is not None:
+                clash &= valid
+            if clash.any():
+                out = out if out is not data else out.copy()
+                out[clash] = dt.type(nodata + 1)
+    if valid is not None and nodata is not None and not valid.all():
+        out = out if out is not data else out.copy()
+        out[:, ~valid] = nodata
+    return out
+
+
+class RasterWindowWriter:
+    """Write a raster window by window with bounded memory; the file appears only when complete.
+
+    Windows go into a tiled temporary GeoTIFF next to ``path``; on a clean exit it becomes a COG
+    (with overviews) and is renamed into place. On an exception nothing is left behind.
+
+    ``masked=True`` (only meaningful without ``nodata``) stores validity in an internal mask band;
+    windows never written then read back as invalid. ``raster_meta`` is ``meta["raster"]`` of a
+    read image: its tags, band tags, scales/offsets, per-band units and colour interpretation are
+    reproduced when they fit ``count``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        geometry: GeoGeometry,
+        count: int,
+        dtype: str | np.dtype,
+        *,
+        nodata: float | None = None,
+        masked: bool = False,
+        band_names: Sequence[str] | None = None,
+        units: str = "",
+        raster_meta: dict[str, Any] | None = None,
+        cog: bool = True,
+        compress: str = "deflate",
+        blocksize: int = 512,
+        overviews: bool = True,
+        resampling: str = "average",
+    ) -> None:
+        self.path = Path(path)
+        if self.path.suffix.lower() not in WRITE_SUFFIXES:
+            raise OutputError(f"rasters are written as GeoTIFF/COG; use a {'/'.join(WRITE_SUFFIXES)} name",
+                              self.path)
+        if not isinstance(geometry, GeoGeometry):
+            raise OutputError(f"a raster needs a GeoGeometry, got {type(geometry).__name__}", self.path)
+        self.dtype = np.dtype(dtype)
+        if self.dtype.name not in SUPPORTED_DTYPES:
+            raise OutputError(f"cannot store data type {self.dtype.name} "
+                              f"(supported: {', '.join(SUPPORTED_DTYPES)})", self.path)
+        if nodata is not None and not _representable(float(nodata), self.dtype):
+            raise OutputError(f"nodata {nodata} does not fit data type {self.dtype.name}", self.path)
+        if blocksize < 16 or blocksize % 16:
+            raise OutputError(f"blocksize {blocksize} must be a positive multiple of 16", self.path)
+        if resampling not in Resampling.__members__:
+            raise OutputError(f"unknown overview resampling {resampling!r}", self.path)
+        names = tuple(band_names) if band_names else tuple(f"B{i}" for i in range(1, count + 1))
+        if count < 1 or len(names) != count:
+            raise OutputError(f"{len(names)} band names for {count} bands", self.path)
+        self.geometry, self.count, self.band_names = geometry, int(count), names
+        self.nodata = None if nodata is None else float(nodata)
+        self.masked = bool(masked) and self.nodata is None
+        self.units, self.raster_meta = units, raster_meta or {}
+        self.cog, self.compress, self.blocksize = cog, compress, int(blocksize)
+        self.overviews, self.resampling = overviews, resampling
+        self._stack: ExitStack | None = None
+        self._ds: Any = None
+
+    # -- lifecycle
+    def __enter__(self) -> Self:
+        self._stack = ExitStack()
+        try:
+            final_tmp = self._stack.enter_context(atomic_path(self.path))
+            if self.cog:
+                self._final_tmp, self._work = final_tmp, final_tmp.with_name(final_tmp.name + ".work.tif")
+                self._stack.callback(self._work.unlink, missing_ok=True)
+            else:
+                self._final_tmp = self._work = final_tmp
+            with rasterio.Env(**_WRITE_ENV):
+                self._ds = rasterio.open(self._work, "w", **self._profile())
+                self._write_metadata()
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if exc is None:
+            self.close()
+        else:
+            self._abort(exc)
+        return False
+
+    def close(self) -> Path:
+        """Finish: close the temporary file, convert it to COG and rename it into place."""
+        if self._stack is None:
+            raise OutputError("writer is not open (use it as a context manager)", self.path)
+        try:
+            with rasterio.Env(**_WRITE_ENV):
+                if not self.cog and self.overviews:
+                    self._ds.build_overviews(self._overview_factors(), Resampling[self.resampling])
+                    self._ds.update_tags(ns="rio_overview", resampling=self.resampling)
+                self._ds.close()
+                self._ds = None
+                if self.cog:
+                    rasterio.shutil.copy(self._work, self._final_tmp, driver="COG", **self._cog_options())
+        except BaseException as exc:
+            self._abort(exc)
+            if isinstance(exc, RasterioError):
+                raise OutputError(f"cannot write raster ({exc})", self.path) from exc
+            raise
+        stack, self._stack = self._stack, None
+        stack.close()  # removes the work file, renames the result into place
+        return self.path
+
+    def _abort(self, exc: BaseException) -> None:
+        # Clean-up failures are secondary: the caller re-raises the original error.
+        if self._ds is not None:
+            with suppress(Exception):
+                self._ds.close()
+            self._ds = None
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            with suppress(Exception):  # removes the temporary files
+                stack.__exit__(type(exc), exc, exc.__traceback__)
+
+    # -- writing
+    def write(self, data: np.ndarray, row_off: int, col_off: int, mask: np.ndarray | None = None) -> None:
+        """Write ``data`` ``(count, h, w)`` (or ``(h, w)`` for one band) at ``(row_off, col_off)``.
+
+        ``mask`` ``(h, w)`` marks valid pixels; any dtype is converted to the storage dtype.
+        """
+        if self._ds is None:
+            raise OutputError("writer is not open (use it as a context manager)", self.path)
+        arr = np.asarray(data)
+        if arr.ndim == 2:
+            arr = arr[None]
+        rows, cols = self.geometry.shape
+        if arr.ndim != 3 or arr.shape[0] != self.count:
+            raise OutputError(f"window data of shape {arr.shape} does not have {self.count} bands", self.path)
+        h, w = arr.shape[1:]
+        if row_off < 0 or col_off < 0 or row_off + h > rows or col_off + w > cols:
+            raise OutputError(f"window rows {row_off}:{row_off + h}, cols {col_off}:{col_off + w} "
+                              f"is outside the {rows}x{cols} raster", self.path)
+        valid = None if mask is None else np.asarray(mask, dtype=bool)
+        if valid is not None and valid.shape != (h, w):
+            raise OutputError(f"mask of shape {valid.shape} does not match the window {(h, w)}", self.path)
+        if arr.dtype.kind == "f":
+            finite = np.all(np.isfinite(arr), axis=0)
+            if not finite.all():
+                valid = finite if valid is None else valid & finite
+        has_invalid = valid is not None and not valid.all()
+        if has_invalid and self.nodata is None and not self.masked and self.dtype.kind != "f":
+            raise OutputError("window has invalid pixels but the output has neither a nodata value "
+                              "nor a mask band (pass nodata=... or masked=True)", self.path)
+        out = to_storage(arr, self.dtype, self.nodata, valid)
+        win = Window(col_off, row_off, w, h)
+        try:
+            with rasterio.Env(**_WRITE_ENV):
+                self._ds.write(out, window=win)
+                if self.masked:
+                    m = np.full((h, w), 255, np.uint8) if valid is None else valid.astype(np.uint8) * 255
+                    self._ds.write_mask(m, window=win)
+        except RasterioError as exc:
+            raise OutputError(f"cannot write window at row {row_off}, col {col_off} ({exc})", self.path) from exc
+
+    # -- helpers
+    def _profile(self) -> dict[str, Any]:
+        rows, cols = self.geometry.shape
+        compress = "deflate" if self.cog else self.compress
+        profile: dict[str, Any] = {
+            "driver": "GTiff", "width": cols, "height": rows, "count": self.count,
+            "dtype": self.dtype.name, "crs": self.geometry.crs, "transform": self.geometry.transform,
+            "nodata": self.nodata, "tiled": True, "blockxsize": self.blocksize,
+            "blockysize": self.blocksize, "bigtiff": "IF_SAFER",
+        }
+        if compress and compress.lower() != "none":
+            profile["compress"] = compress
+            if compress.lower() in ("deflate", "lzw", "zstd"):
+                profile["predictor"] = 3 if self.dtype.kind == "f" else 2
+            if self.cog:  # the work file is temporary: favour speed
+                profile["zlevel"] = 1
+        interp = self.raster_meta.get("colorinterp") or []
+        if self.count >= 3 and [c.lower() for c in interp[:3]] == ["red", "green", "blue"]:
+            profile["photometric"] = "RGB"
+        return profile
+
+    def _per_band(self, key: str) -> list[Any] | None:
+        values = self.raster_meta.get(key)
+        return list(values) if isinstance(values, (list, tuple)) and len(values) == self.count else None
+
+    def _write_metadata(self) -> None:
+        ds = self._ds
+        for i, name in enumerate(self.band_names, start=1):
+            ds.set_band_description(i, name)
+        band_units = self._per_band("units")
+        if band_units is None or _common_units(band_units) != self.units:
+            band_units = [self.units] * self.count
+        for i, unit in enumerate(band_units, start=1):
+            if unit:
+                ds.set_band_unit(i, unit)
+        if (scales := self._per_band("scales")) is not None:
+            ds.scales = tuple(scales)
+        if (offsets := self._per_band("offsets")) is not None:
+            ds.offsets = tuple(offsets)
+        interp = self._per_band("colorinterp")
+        if interp is not None and "alpha" not in interp:
+            try:
+                ds.colorinterp = [ColorInterp[c] for c in interp]
+            except (KeyError, RasterioError):
+                pass  # an interpretation this layout cannot hold is not worth failing the write for
+        tags = {k: v for k, v in self.raster_meta.get("tags", {}).items() if not k.startswith("STATISTICS_")}
+        if tags:
+            ds.update_tags(**tags)
+        for i, btags in enumerate(self._per_band("band_tags") or [], start=1):
+            keep = {k: v for k, v in btags.items() if not k.startswith("STATISTICS_")}
+            if keep:
+                ds.update_tags(i, **keep)
+
+    def _overview_factors(self) -> list[int]:
+        factors, size = [], max(self.geometry.shape)
+        while size / (2 ** (len(factors) + 1)) >= self.blocksize / 2 and len(factors) < 12:
+            factors.append(2 ** (len(factors) + 1))
+        return factors
+
+    def _cog_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "COMPRESS": (self.compress or "NONE").upper(), "BLOCKSIZE": self.blocksize,
+            "OVERVIEWS": "AUTO" if self.overviews else "NONE",
+            "RESAMPLING": self.resampling.upper(), "BIGTIFF": "IF_SAFER",
+        }
+        if opts["COMPRESS"] in ("DEFLATE", "LZW", "ZSTD"):
+            opts["PREDICTOR"] = "YES"
+        return opts
+
+
+def write_raster(
+    img: SpatialImage,
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    cog: bool = True,
+    compress: str = "deflate",
+    blocksize: int = 512,
+    overviews: bool = True,
+    resampling: str = "average",
+) -> Path:
+    """Write ``img`` as a Cloud-Optimised GeoTIFF (``cog=False``: a tiled GeoTIFF), atomically.
+
+    The storage dtype is ``dtype``, else ``img.meta["storage_dtype"]``, else the array's dtype.
+    Band names become band descriptions; tags, scales/offsets and units are kept.
+    """
+    path = Path(path)
+    if not isinstance(img.geometry, GeoGeometry):
+        raise OutputError("only images on a map grid (GeoGeometry) can be written as rasters", path)
+    storage = dtype or img.meta.get("storage_dtype") or img.data.dtype.name
+    writer = RasterWindowWriter(
+        path, img.geometry, img.channels, storage, nodata=img.nodata,
+        masked=img.mask is not None and not img.mask.all(), band_names=img.band_names,
+        units=img.units, raster_meta=img.meta.get("raster"), cog=cog, compress=compress,
+        blocksize=blocksize, overviews=overviews, resampling=resampling,
+    )
+    with writer:
+        # Whole-row strips bound the conversion's extra memory to one strip.
+        for win in iter_windows(img.spatial_shape, (writer.blocksize, img.spatial_shape[1])):
+            r0, h = int(win.row_off), int(win.height)
+            strip_mask = None if img.mask is None else img.mask[r0:r0 + h]
+            writer.write(img.data[:, r0:r0 + h], r0, 0, mask=strip_mask)
+    return path
