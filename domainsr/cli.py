@@ -92,6 +92,23 @@ def data_fetch(
     console.print(table)
 
 
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_out"), help="Output folder.")) -> None:
+    """Run the main job on the real sample data and print where the outputs are."""
+    from domainsr.demo import run_demo
+
+    try:
+        paths = run_demo(out)
+    except DomainSRError as exc:
+        fail(exc)
+    table = Table(title="DomainSR demo outputs")
+    table.add_column("what")
+    table.add_column("path")
+    for name, p in paths.items():
+        table.add_row(name, str(p))
+    console.print(table)
+
+
 def main() -> None:  # pragma: no cover - thin wrapper
     try:
         app()
