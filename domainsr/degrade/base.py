@@ -1,0 +1,128 @@
+"""The Degradation interface, composition and the registry behind ``build_degradation``.
+
+A degradation maps an HR array ``(C, *spatial)`` to its LR counterpart, float32, drawing every
+random number from the ``numpy.random.Generator`` it is given (same generator state, same
+output). ``describe()`` returns plain JSON data that ``build_degradation`` turns back into an
+equal object; derived, informative numbers (e.g. the PSF sigma) sit under ``"derived"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from domainsr.errors import ConfigError
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Degradation):
+        return v.describe()
+    if isinstance(v, (tuple, list)):
+        return [_plain(a) for a in v]
+    if isinstance(v, Mapping):
+        return {str(k): _plain(a) for k, a in v.items()}
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Degradation:
+    """Base class: subclasses are frozen dataclasses with a ``kind`` and ``__call__``."""
+
+    kind: ClassVar[str] = ""
+
+    def __call__(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def factors(self, spatial_dims: int) -> tuple[int, ...]:
+        """HR/LR size ratio per spatial axis (all 1 for noise-only steps)."""
+        return (1,) * spatial_dims
+
+    def derived(self) -> dict[str, Any]:
+        """Informative numbers computed from the parameters (not needed to rebuild)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        out = {"kind": self.kind}
+        out.update({f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        extra = self.derived()
+        if extra:
+            out["derived"] = _plain(extra)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Compose(Degradation):
+    """Apply ``steps`` in order (e.g. k-space truncation, then Rician noise)."""
+
+    kind: ClassVar[str] = "compose"
+    steps: tuple[Degradation, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if not self.steps or not all(isinstance(s, Degradation) for s in self.steps):
+            raise ConfigError("compose needs a non-empty list of degradation steps")
+
+    def __call__(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = hr
+        for step in self.steps:
+            x = step(x, rng)
+        return x
+
+    def factors(self, spatial_dims: int) -> tuple[int, ...]:
+        out = np.ones(spatial_dims, dtype=int)
+        for s in self.steps:
+            out *= np.asarray(s.factors(spatial_dims))
+        return tuple(int(v) for v in out)
+
+
+_KINDS: dict[str, str] = {
+    "compose": "domainsr.degrade.base:Compose",
+    "optical": "domainsr.degrade.optical:OpticalDegradation",
+    "gaussian_mean": "domainsr.degrade.optical:GaussianMean",
+    "kspace": "domainsr.degrade.mri:KSpaceTruncation",
+    "slice_profile": "domainsr.degrade.mri:SliceProfile",
+    "rician": "domainsr.degrade.mri:RicianNoise",
+    "mri": "domainsr.degrade.mri:MRIDegradation",
+    "thick_slices": "domainsr.degrade.ct:ThickSlices",
+    "hu_noise": "domainsr.degrade.ct:HUNoise",
+    "ct": "domainsr.degrade.ct:CTDegradation",
+    "blind": "domainsr.degrade.blind:BlindDegradation",
+}
+
+
+def degradation_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def degradation_class(kind: str) -> type[Degradation]:
+    if kind not in _KINDS:
+        raise ConfigError(f"unknown degradation kind {kind!r}; known: {degradation_kinds()}")
+    module, _, name = _KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_degradation(spec: Mapping[str, Any]) -> Degradation:
+    """``{"kind": "optical", "scale": 2, "mtf": 0.25, ...}`` -> a Degradation (strict: an unknown
+    key is a ConfigError naming it). ``"derived"`` (from ``describe()``) is ignored."""
+    if not isinstance(spec, Mapping) or "kind" not in spec:
+        raise ConfigError(f"a degradation spec needs a 'kind', got {spec!r}")
+    params = {k: v for k, v in spec.items() if k not in ("kind", "derived")}
+    cls = degradation_class(str(spec["kind"]))
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ConfigError(f"degradation {spec['kind']!r}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    if cls is Compose:
+        steps = params.get("steps")
+        if not isinstance(steps, Sequence) or isinstance(steps, (str, bytes)):
+            raise ConfigError("compose needs 'steps': a list of degradation specs")
+        params["steps"] = tuple(s if isinstance(s, Degradation) else build_degradation(s) for s in steps)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise ConfigError(f"degradation {spec['kind']!r}: {exc}") from exc
