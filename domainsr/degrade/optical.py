@@ -128,8 +128,13 @@ class OpticalDegradation(Degradation):
     noise_sigma: float = 0.0
     shot_noise: float = 0.0
     value_range: tuple[float, float] | None = None
+    #: Per call, shift every band's MTF by one draw from U(-mtf_jitter, +mtf_jitter) (clipped to
+    #: [0.05, 0.6]): trains models that tolerate sensors whose PSF differs from the nominal one.
+    mtf_jitter: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.mtf_jitter < 0.5:
+            raise ConfigError(f"mtf_jitter must be in [0, 0.5), got {self.mtf_jitter}")
         for name in ("scale", "mtf", "value_range"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         for m in np.atleast_1d(self.mtf):
@@ -156,10 +161,11 @@ class OpticalDegradation(Degradation):
             raise ConfigError(f"{len(m)} MTF values for an image with {channels} bands")
         return m
 
-    def sigmas(self, channels: int, spatial_dims: int = 2) -> list[tuple[float, ...]]:
-        """PSF std per band and axis, in HR pixels."""
+    def sigmas(self, channels: int, spatial_dims: int = 2, shift: float = 0.0) -> list[tuple[float, ...]]:
+        """PSF std per band and axis, in HR pixels (``shift`` is added to every band's MTF)."""
         f = self.factors(spatial_dims)
-        return [tuple(sigma_from_mtf(m, fa) if fa > 1 else 0.0 for fa in f) for m in self.band_mtf(channels)]
+        mtfs = [float(np.clip(m + shift, 0.05, 0.6)) if shift else m for m in self.band_mtf(channels)]
+        return [tuple(sigma_from_mtf(m, fa) if fa > 1 else 0.0 for fa in f) for m in mtfs]
 
     def derived(self) -> dict[str, Any]:
         f = (self.scale,) if isinstance(self.scale, int) else self.scale
@@ -172,7 +178,8 @@ class OpticalDegradation(Degradation):
         d = x.ndim - 1
         f = self.factors(d)
         check_divisible(x.shape[1:], f)
-        sig = self.sigmas(x.shape[0], d)
+        shift = float(rng.uniform(-self.mtf_jitter, self.mtf_jitter)) if self.mtf_jitter else 0.0
+        sig = self.sigmas(x.shape[0], d, shift)
         out = np.empty((x.shape[0], *(s // k for s, k in zip(x.shape[1:], f))), dtype=np.float32)
         for s in sorted(set(sig)):  # bands sharing a PSF are filtered together
             idx = [i for i, v in enumerate(sig) if v == s]

@@ -1,0 +1,480 @@
+"""Checkpoints: a ``state_dict`` (``<name>.pt``) beside its model card (``<name>.json``).
+
+The card drives inference (DESIGN.md): architecture, domain, per-axis scale, bands, units, the
+expected input range and the intensity normalisation, plus how the weights were made (data,
+split, degradation, settings) and what they achieve against interpolation. Loading verifies the
+card's sha256 of the weights and reads them with ``torch.load(weights_only=True)`` (no pickled
+code runs), then builds the network from the registry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import nn
+
+from domainsr.errors import ModelCardMismatch, ModelError
+from domainsr.image import SpatialImage, now_iso
+from domainsr.io.atomic import atomic_path
+from domainsr.models.normalized import Normalized
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+_MAX_STAT_SAMPLES = 2_000_000  # per channel, for percentiles over very large images
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Architecture(_Strict):
+    """Registry name and the keyword arguments besides ``spatial_dims``/``in_channels``/``scale``."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class FixedNormalization(_Strict):
+    """``x_net = (x - offset) / scale`` per channel, inverted on the output."""
+
+    kind: Literal["fixed"] = "fixed"
+    offset: list[float]
+    scale: list[float]
+
+    @model_validator(mode="after")
+    def _check(self) -> FixedNormalization:
+        if len(self.offset) != len(self.scale) or any(s <= 0 for s in self.scale):
+            raise ValueError("offset and scale need one entry per channel and scale > 0")
+        return self
+
+
+class PercentileNormalization(_Strict):
+    """Per image and channel: ``low``/``high`` percentiles of the valid voxels map to 0/1."""
+
+    kind: Literal["percentile"] = "percentile"
+    low: float = 0.5
+    high: float = 99.5
+
+    @model_validator(mode="after")
+    def _check(self) -> PercentileNormalization:
+        if not 0.0 <= self.low < self.high <= 100.0:
+            raise ValueError("need 0 <= low < high <= 100")
+        return self
+
+
+Normalization = Annotated[FixedNormalization | PercentileNormalization, Field(discriminator="kind")]
+
+
+class FileRecord(_Strict):
+    path: str
+    sha256: str
+
+
+class TrainingData(_Strict):
+    """What the weights were trained on and which part of it was held out."""
+
+    source: str
+    files: list[FileRecord] = Field(default_factory=list)
+    bands: list[str] = Field(default_factory=list)
+    split: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+
+class TrainingSettings(_Strict):
+    steps: int
+    gan_steps: int = 0
+    seconds: float
+    device: str
+    threads: int
+    seed: int
+    batch_size: int
+    patch_size: list[int]
+    lr: float
+    loss: str
+    stopped_by: str = "steps"
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class RegionMetrics(_Strict):
+    """Model vs the best interpolation baseline on one held-out region, on the data's own range."""
+
+    region: str
+    psnr: float
+    ssim: float
+    baseline: str
+    psnr_baseline: float
+    ssim_baseline: float
+    gain_db: float
+    data_range: float
+    n_pixels: int
+    description: str = ""
+
+
+class ModelCard(_Strict):
+    name: str
+    version: str = "1"
+    architecture: Architecture
+    domain: Literal["mri", "ct", "optical"]
+    spatial_dims: Literal[2, 3]
+    scale: tuple[int, ...]
+    in_channels: int = Field(ge=1)
+    out_channels: int = Field(ge=1)
+    bands: list[str] = Field(default_factory=list)
+    output_bands: list[str] = Field(default_factory=list)
+    channel_meaning: str = ""
+    units: str
+    input_range: tuple[float, float] | None = None
+    normalization: Normalization
+    receptive_radius: tuple[int, ...]
+    application: Literal["direct", "slicewise"] = "direct"
+    degradation: dict[str, Any] = Field(default_factory=dict)
+    training_data: TrainingData | None = None
+    training: TrainingSettings | None = None
+    metrics: dict[str, RegionMetrics] = Field(default_factory=dict)
+    weights_sha256: str = ""
+    created: str = Field(default_factory=now_iso)
+    domainsr_version: str = ""
+    license: str = ""
+    intended_use: str = ""
+    limitations: str = ""
+
+    @field_validator("domainsr_version", mode="before")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if v:
+            return v
+        from domainsr import __version__
+
+        return __version__
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if len(self.scale) != self.spatial_dims or any(s < 1 for s in self.scale):
+            raise ValueError(f"scale {self.scale} must give a factor >= 1 for each of {self.spatial_dims} axes")
+        if len(self.receptive_radius) != self.spatial_dims or min(self.receptive_radius) < 0:
+            raise ValueError("receptive_radius needs one value >= 0 per axis (input pixels)")
+        if self.bands and len(self.bands) != self.in_channels:
+            raise ValueError(f"{len(self.bands)} band names for {self.in_channels} input channels")
+        if self.output_bands and (len(self.output_bands) != self.out_channels
+                                  or not set(self.output_bands) <= set(self.bands)):
+            raise ValueError("output_bands must name out_channels of the input bands")
+        if not self.output_bands and self.out_channels != self.in_channels:
+            raise ValueError("out_channels differs from in_channels: name the output_bands")
+        if isinstance(self.normalization, FixedNormalization) and len(self.normalization.offset) != self.in_channels:
+            raise ValueError("fixed normalisation needs one offset/scale per input channel")
+        if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
+            raise ValueError("input_range must be [low, high] with low < high")
+        if self.application == "slicewise" and self.spatial_dims != 2:
+            raise ValueError("slicewise application is for 2D networks applied to 3D volumes")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation at inference
+
+
+@dataclass(frozen=True)
+class InputNormalization:
+    """Per-channel affine map into the network's space: ``(x - offset) / scale``."""
+
+    offset: np.ndarray
+    scale: np.ndarray
+
+
+def _valid_values(img: SpatialImage, channel: int) -> np.ndarray:
+    """Finite, valid (unmasked, not nodata) values of one channel, subsampled on huge images."""
+    x = img.data[channel]
+    ok = img.valid_mask()
+    if img.nodata is not None and not np.isnan(img.nodata):
+        ok = ok & (x != img.nodata)
+    v = x[ok]
+    if v.dtype.kind == "f":
+        v = v[np.isfinite(v)]
+    if v.size > _MAX_STAT_SAMPLES:
+        v = v[:: int(np.ceil(v.size / _MAX_STAT_SAMPLES))]
+    return v.astype(np.float64, copy=False)
+
+
+def percentile_normalization(img: SpatialImage, low: float, high: float) -> InputNormalization:
+    """Percentiles of each channel's valid voxels; the same function serves training and inference."""
+    offs, scales = [], []
+    for c in range(img.channels):
+        v = _valid_values(img, c)
+        if v.size == 0:
+            raise ModelCardMismatch(f"channel {img.band_names[c]!r} has no valid values to normalise",
+                                    img.source or None)
+        lo, hi = np.percentile(v, [low, high])
+        offs.append(lo)
+        scales.append(max(hi - lo, 1e-6 * max(abs(hi), 1.0)))
+    return InputNormalization(np.asarray(offs, np.float32), np.asarray(scales, np.float32))
+
+
+def input_normalization(card: ModelCard, img: SpatialImage | None = None) -> InputNormalization:
+    """The card's normalisation; percentile kinds are computed from ``img``'s valid voxels."""
+    norm = card.normalization
+    if isinstance(norm, FixedNormalization):
+        return InputNormalization(np.asarray(norm.offset, np.float32), np.asarray(norm.scale, np.float32))
+    if img is None:
+        raise ModelError(f"model {card.name!r} normalises per image; an image is needed")
+    return percentile_normalization(img, norm.low, norm.high)
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks against the card
+
+_UNIT_ALIASES = {
+    "dn": "DN", "digital number": "DN", "digital numbers": "DN",
+    "hu": "HU", "hounsfield": "HU", "hounsfield units": "HU",
+    "a.u.": "a.u.", "au": "a.u.", "arbitrary": "a.u.", "arbitrary units": "a.u.",
+    "reflectance": "reflectance", "toa reflectance": "reflectance", "sr": "reflectance",
+}
+
+
+def canonical_units(units: str) -> str:
+    u = units.strip()
+    return _UNIT_ALIASES.get(u.lower(), u)
+
+
+def _generic_names(names: Sequence[str]) -> bool:
+    return all(n == f"band{i + 1}" for i, n in enumerate(names))
+
+
+def check_input(card: ModelCard, img: SpatialImage) -> InputNormalization:
+    """Refuse an input the model was not made for, else return the normalisation to apply.
+
+    Checks domain, dimensionality, band count and names, units (HU vs a.u., reflectance vs DN,
+    also from the values when units are unknown) and that the values are not wildly outside the
+    card's expected range. Raises :class:`ModelCardMismatch` naming the file and the problem.
+    """
+    src = img.source or None
+    who = f"model {card.name!r}"
+
+    def refuse(msg: str) -> ModelCardMismatch:
+        return ModelCardMismatch(f"{msg} ({who} expects: {_expects(card)})", src)
+
+    if img.domain != card.domain:
+        raise refuse(f"input is a {img.domain} image but {who} is for {card.domain}")
+    want_dims = 3 if card.application == "slicewise" else card.spatial_dims
+    if img.spatial_dims != want_dims:
+        raise refuse(f"input has {img.spatial_dims} spatial axes, {who} works on {want_dims}D images")
+    if img.channels != card.in_channels:
+        raise refuse(f"input has {img.channels} bands {list(img.band_names)}, "
+                     f"{who} needs {card.in_channels}")
+    if card.bands and not _generic_names(img.band_names):
+        got = [b.upper() for b in img.band_names]
+        if got != [b.upper() for b in card.bands]:
+            raise refuse(f"input bands {list(img.band_names)} differ from the model's {card.bands}")
+    want_u, got_u = canonical_units(card.units), canonical_units(img.units)
+    if got_u and want_u and got_u != want_u:
+        raise refuse(f"input is in {img.units!r} but {who} expects {card.units!r}")
+
+    values = [_valid_values(img, c) for c in range(img.channels)]
+    if any(v.size == 0 for v in values):
+        raise refuse("input has a band with no valid values")
+    lo = min(float(np.percentile(v, 0.1)) for v in values)
+    hi = max(float(np.percentile(v, 99.9)) for v in values)
+    if want_u == "DN" and img.data.dtype.kind == "f" and -0.5 <= lo and hi <= 1.5:
+        raise refuse(f"values lie in [{lo:.3g}, {hi:.3g}]: this looks like reflectance (0-1), "
+                     "not digital numbers; convert to DN (e.g. x10000 for Sentinel-2 L2A) first")
+    if want_u == "a.u." and card.domain == "mri" and lo < -500:
+        raise refuse(f"values reach {lo:.0f}: this looks like CT in Hounsfield units, not MR intensity")
+    if card.input_range is not None:
+        a, b = card.input_range
+        span = b - a
+        if hi > b + span or lo < a - span:
+            raise refuse(f"values span [{lo:.4g}, {hi:.4g}] (0.1-99.9 percentiles), far outside "
+                         f"the expected range [{a:.4g}, {b:.4g}] {card.units}")
+    return input_normalization(card, img)
+
+
+def _expects(card: ModelCard) -> str:
+    bands = f"bands {card.bands}" if card.bands else f"{card.in_channels} channel(s)"
+    rng = f" in [{card.input_range[0]:g}, {card.input_range[1]:g}]" if card.input_range else ""
+    return f"{card.domain}, {bands}, units {card.units!r}{rng}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the inference wrapper
+
+
+def _placeholder(card: ModelCard) -> InputNormalization:
+    return InputNormalization(np.zeros(card.in_channels, np.float32), np.ones(card.in_channels, np.float32))
+
+
+class CardModel(Normalized):
+    """A network with its card's intensity normalisation around it (a :class:`Normalized`).
+
+    ``forward`` maps inputs in the image's own units to outputs in the same units. For a fixed
+    normalisation the numbers come from the card; for a per-image one call :meth:`prepare` with
+    the whole image first (tiles must share the image's statistics, so they are never computed per
+    tile). :meth:`prepare` also checks the image against the card.
+    """
+
+    def __init__(self, net: nn.Module, card: ModelCard) -> None:
+        per_image = isinstance(card.normalization, PercentileNormalization)
+        norm = _placeholder(card) if per_image else input_normalization(card)
+        out_index = ([card.bands.index(b) for b in card.output_bands] if card.output_bands
+                     else list(range(card.in_channels)))
+        super().__init__(net, norm.offset.tolist(), norm.scale.tolist(),
+                         norm.offset[out_index].tolist(), norm.scale[out_index].tolist())
+        self._out_index = out_index
+        self.card = card
+        self._ready = not per_image
+
+    def set_normalization(self, norm: InputNormalization) -> None:
+        for name, v in (("norm_offset", norm.offset), ("norm_scale", norm.scale),
+                        ("out_offset", norm.offset[self._out_index]), ("out_scale", norm.scale[self._out_index])):
+            buf = getattr(self, name)
+            buf.copy_(torch.as_tensor(np.asarray(v, np.float32)).view(buf.shape))
+        self._ready = True
+
+    def prepare(self, img: SpatialImage) -> InputNormalization:
+        """Check ``img`` against the card and set the normalisation for it."""
+        norm = check_input(self.card, img)
+        self.set_normalization(norm)
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready:
+            raise ModelError(f"model {self.card.name!r} normalises per image: call prepare(image) first")
+        return super().forward(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# save / resolve / load
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _network(model: nn.Module) -> nn.Module:
+    """The bare network inside inference/EMA wrappers (what the registry builds)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    while True:
+        if isinstance(model, Normalized):
+            model = model.net
+        elif isinstance(model, AveragedModel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(model: nn.Module, card: ModelCard, directory: str | os.PathLike[str]) -> Path:
+    """Write ``<dir>/<name>.pt`` (CPU ``state_dict``) and ``<dir>/<name>.json`` (card with the
+    weights' sha256), each atomically. Returns the card's path."""
+    directory = Path(directory)
+    net = _network(model)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+    pt = directory / f"{card.name}.pt"
+    with atomic_path(pt) as tmp:
+        torch.save(state, tmp)
+        digest = sha256_file(tmp)
+    card = card.model_copy(update={"weights_sha256": digest})
+    card = ModelCard.model_validate(card.model_dump())  # re-validate after the update
+    js = directory / f"{card.name}.json"
+    with atomic_path(js) as tmp:
+        tmp.write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return js
+
+
+def user_checkpoint_dirs() -> list[Path]:
+    """``$DOMAINSR_CHECKPOINTS`` (path list) or ``$XDG_DATA_HOME/domainsr/checkpoints``."""
+    env = os.environ.get("DOMAINSR_CHECKPOINTS")
+    if env:
+        return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return [base / "domainsr" / "checkpoints"]
+
+
+def resolve_checkpoint(name: str | os.PathLike[str]) -> Path:
+    """Path of a model card: an explicit ``.json``/``.pt`` path or folder, else ``<name>`` looked
+    up in the user folders (first) and the shipped ``domainsr/checkpoints/<name>/``."""
+    p = Path(name).expanduser()
+    if p.suffix in (".json", ".pt") and p.exists():
+        js = p.with_suffix(".json")
+        if not js.exists():
+            raise ModelError("checkpoint has no model card (.json) beside it", p)
+        return js
+    if p.is_dir():
+        cards = [p / f"{p.name}.json"] if (p / f"{p.name}.json").exists() else sorted(p.glob("*.json"))
+        if len(cards) != 1:
+            raise ModelError(f"folder holds {len(cards)} model cards; name one", p)
+        return cards[0]
+    stem = str(name)
+    searched = []
+    for root in [*user_checkpoint_dirs(), SHIPPED_DIR]:
+        for cand in (root / stem / f"{stem}.json", root / f"{stem}.json"):
+            searched.append(str(cand.parent))
+            if cand.exists():
+                return cand
+    raise ModelError(f"no checkpoint named {stem!r}; looked in {sorted(set(searched))}", stem)
+
+
+def read_card(path: str | os.PathLike[str]) -> ModelCard:
+    path = Path(path)
+    try:
+        return ModelCard.model_validate_json(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"cannot read model card: {exc.strerror or exc}", path) from exc
+    except (ValidationError, json.JSONDecodeError) as exc:
+        raise ModelError(f"invalid model card: {exc}", path) from exc
+
+
+def load_state(card_path: Path, card: ModelCard) -> dict[str, torch.Tensor]:
+    """The verified ``state_dict`` beside ``card_path`` (sha256 checked, ``weights_only`` load)."""
+    pt = card_path.with_suffix(".pt")
+    if not pt.exists():
+        raise ModelError("weights file is missing", pt)
+    digest = sha256_file(pt)
+    if digest != card.weights_sha256:
+        raise ModelError(f"weights sha256 {digest[:16]}... does not match the card's "
+                         f"{card.weights_sha256[:16] or '(none)'}...; the file was changed or corrupted", pt)
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError and friends: anything but plain tensors is refused
+        raise ModelError(f"refused to load weights (only plain tensors are accepted): {exc}", pt) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError("weights file is not a state_dict of tensors", pt)
+    return state
+
+
+def build_network(card: ModelCard) -> nn.Module:
+    from domainsr.models import build_model
+
+    try:
+        return build_model(card.architecture.name, spatial_dims=card.spatial_dims,
+                           in_channels=card.in_channels, scale=tuple(card.scale), **card.architecture.kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot build {card.architecture.name!r} for card {card.name!r}: {exc}") from exc
+
+
+def load_checkpoint(path_or_name: str | os.PathLike[str]) -> tuple[CardModel, ModelCard]:
+    """Verified network in eval mode, wrapped with its card's normalisation, and the card."""
+    card_path = resolve_checkpoint(path_or_name)
+    card = read_card(card_path)
+    state = load_state(card_path, card)
+    net = build_network(card)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"weights do not fit {card.architecture.name!r}: {exc}", card_path) from exc
+    model = CardModel(net, card)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, card

@@ -1,0 +1,213 @@
+"""``TrainConfig``: one training run, loaded strictly from ``configs/train/*.yaml``."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from domainsr.config import StrictModel, load_yaml_model
+from domainsr.errors import ConfigError
+
+
+class ModelSpec(StrictModel):
+    """A registry name and its keyword arguments (``spatial_dims``/``in_channels``/``scale`` come
+    from the data and ``scale``)."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class SplitSpec(StrictModel):
+    """Spatial split of the source along ``axis`` into disjoint regions, in ``order``, separated
+    by gaps of at least ``gap`` pixels (default: receptive radius + patch extent along the axis)."""
+
+    axis: int = 0
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.3, gt=0, lt=1)
+    order: tuple[Literal["train", "val", "test"], ...] = ("train", "val", "test")
+    gap: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitSpec:
+        if sorted(self.order) != ["test", "train", "val"]:
+            raise ValueError("order must list train, val and test once each")
+        if self.train + self.val + self.test > 1.0 + 1e-9:
+            raise ValueError("train + val + test fractions exceed 1")
+        return self
+
+
+class DataSpec(StrictModel):
+    """Where the high-resolution training image comes from and how patches are drawn.
+
+    ``source`` is a sample name (``sentinel2``, ``landsat8``, ``mni152``, ``ct_small``) or a path
+    any reader understands. ``planes`` turns on 2.5D sampling: 2D planes spanned by array axes
+    ``(a, b)`` of the source (the network's second axis is ``b``); several pairs mix orientations.
+    """
+
+    source: str
+    bands: list[str] = Field(default_factory=list)
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    planes: list[tuple[int, int]] | None = None
+    min_foreground: float = Field(0.5, ge=0, le=1)
+    background: float | None = None
+    margin: int = Field(4, ge=0)
+    augment: bool = True
+    val_planes: int = Field(48, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        for a, b in self.planes or []:
+            if a == b:
+                raise ValueError(f"plane axes ({a}, {b}) must differ")
+        return self
+
+
+class FixedNormSpec(StrictModel):
+    """Fixed per-channel ``(x - offset) / scale``; omitted numbers are measured on the train region
+    (mean and standard deviation of its valid pixels) and written into the card."""
+
+    kind: Literal["fixed"] = "fixed"
+    offset: list[float] | None = None
+    scale: list[float] | None = None
+
+
+class PercentileNormSpec(StrictModel):
+    kind: Literal["percentile"] = "percentile"
+    low: float = 0.5
+    high: float = 99.5
+
+
+NormSpec = Annotated[FixedNormSpec | PercentileNormSpec, Field(discriminator="kind")]
+
+
+class LossSpec(StrictModel):
+    """Pixel loss and optional extra terms (weights; 0 turns a term off)."""
+
+    pixel: Literal["l1", "charbonnier"] = "l1"
+    ssim: float = Field(0.0, ge=0)
+    frequency: float = Field(0.0, ge=0)
+    gradient: float = Field(0.0, ge=0)
+
+
+class GanSpec(StrictModel):
+    """Second stage: generator from the PSNR stage, RaGAN against a registry discriminator."""
+
+    enabled: bool = False
+    steps: int = Field(0, ge=0)
+    max_minutes: float = Field(5.0, gt=0)
+    lr_g: float = 1e-4
+    lr_d: float = 1e-4
+    discriminator: ModelSpec = Field(default_factory=lambda: ModelSpec(name="unet_discriminator"))
+    pixel: float = Field(1.0, ge=0)
+    gradient: float = Field(0.1, ge=0)
+    frequency: float = Field(0.05, ge=0)
+    adversarial: float = Field(0.005, ge=0)
+
+
+class CardSpec(StrictModel):
+    """What goes into the model card besides what training measures."""
+
+    version: str = "1"
+    units: str | None = None
+    input_range: tuple[float, float] | None = None
+    channel_meaning: str = ""
+    license: str = "Apache-2.0 (weights); training data under its own licence"
+    intended_use: str = ""
+    limitations: str = ""
+
+
+class OutputSpec(StrictModel):
+    name: str
+    dir: Path = Path("runs/checkpoints")
+    run_dir: Path = Path("runs/train")
+
+
+class TrainConfig(StrictModel):
+    """One training run (PSNR stage, optional GAN stage) with its budgets and outputs.
+
+    ``init_from`` names a checkpoint (name or path) whose weights start the network (fine-tuning,
+    or a GAN stage after a shipped PSNR model with ``steps: 0``); its architecture must match.
+    """
+
+    domain: Literal["mri", "ct", "optical"]
+    model: ModelSpec
+    init_from: str | None = None
+    data: DataSpec
+    degradation: dict[str, Any]
+    scale: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    batch_size: int = Field(16, ge=1)
+    steps: int = Field(ge=0)
+    max_minutes: float = Field(10.0, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    gan: GanSpec = Field(default_factory=GanSpec)
+    normalization: NormSpec = Field(default_factory=FixedNormSpec)
+    val_every: int = Field(250, ge=1)
+    save_every: int = Field(250, ge=1)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    card: CardSpec = Field(default_factory=CardSpec)
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        dims = len(self.scale)
+        if dims not in (2, 3) or any(s < 1 for s in self.scale):
+            raise ValueError(f"scale {self.scale} needs 2 or 3 factors >= 1 (one per network axis)")
+        if len(self.patch_size) != dims:
+            raise ValueError(f"patch_size {self.patch_size} needs {dims} entries like scale")
+        for p, s in zip(self.patch_size, self.scale):
+            if p % s or p // s < 2:
+                raise ValueError(f"patch_size {self.patch_size} must be multiples (>= 2x) of scale {self.scale}")
+        if self.data.planes is not None and dims != 2:
+            raise ValueError("data.planes (2.5D) trains a 2D network: give 2 scale factors")
+        if self.gan.enabled and self.gan.steps < 1:
+            raise ValueError("gan.enabled needs gan.steps >= 1")
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.scale)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Load ``path``; ``overrides`` maps dotted keys (``"gan.steps"``) to values."""
+        if not overrides:
+            return load_yaml_model(path, cls)
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config: {exc}", p) from exc
+        raw = apply_overrides(raw, overrides)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid config: {problems}", p) from exc
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``raw`` with dotted-key ``overrides`` set (``{"data.split.axis": 1}``)."""
+    out = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a mapping")
+        node[leaf] = value
+    return out
