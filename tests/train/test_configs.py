@@ -18,7 +18,7 @@ def test_there_are_training_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_validates(path):
     cfg = TrainConfig.from_yaml(path)
-    assert cfg.output.name == path.stem
+    assert cfg.output.name == path.stem.replace("_", "-")
     assert cfg.max_minutes + (cfg.gan.max_minutes if cfg.gan.enabled else 0) <= 10
 
 

@@ -1,0 +1,343 @@
+"""Per-pixel/voxel correctness against the interpolation baseline, risk maps and region flags.
+
+The rule (2D and 3D alike)
+--------------------------
+Three images on one grid: the *candidate* (the SR output under audit), the *baseline* (plain
+interpolation of the same LR input) and the *truth*. With ``d = candidate - baseline`` (what the
+model added), ``r = baseline - truth`` (the baseline's error) and ``e = d + r`` (the candidate's
+error), each divided by the band's noise sigma, local mean squares are taken with a Gaussian
+window ``G`` about one LR pixel wide (sigma = max(1, scale/2) pixels per axis)::
+
+    E2 = G(e^2)    R2 = G(r^2)    excess = E2 - R2 = G(d^2 + 2 d r)
+
+``excess`` is how much more error energy the candidate has than the baseline, in units of the
+noise variance. A model that merely adds noise-level texture (``d`` white, unit variance) costs
+``excess ~ 1``; that is allowed. Beyond it, ``excess`` fluctuates through the truth's noise in the
+cross term ``2 d r`` (variance ``4 sum w^2 G'(d^2)`` for a fixed addition) and, for an addition
+that is itself noise-like, through ``d^2`` and ``2 d r`` (variance ``sum w^2 (2 + 4 G'(r^2))``);
+``sum w^2`` is 1 / the effective sample count of the window and ``G'`` the window with squared
+weights. The spread used covers both: ``s = 2 sqrt(sum w^2 (0.5 + G'(d^2) + G'(r^2)))``.
+So, per band:
+
+* **hallucinated**: ``excess - 1 > z s`` and the candidate *adds* structure rather than smoothing
+  it away: ``G(d (d + b - mu)) > 0`` with ``mu`` the baseline's local level (a window 3x wider). A
+  smoothing model moves ``b`` towards ``mu`` without passing it (``d = -k (b - mu)``,
+  ``0 < k <= 1``), which makes the term <= 0: a blurrier model is worse than the baseline too, but
+  by omission. ``z`` is the one-sided normal quantile of the per-pixel false-alarm rate ``alpha``
+  (default 1e-3 -> z = 3.09). Such a pixel holds structure that is in neither the baseline nor the
+  truth, beyond what noise-level texture would cost;
+* **improved**: ``-excess > z 2 sqrt(sum w^2 G'(d^2))``: significantly closer to the truth than
+  the baseline (the fixed-addition spread);
+* **omitted**: the baseline's error is significantly above noise (``R2 > 1 + z sqrt(2 sum w^2)``,
+  the chi-square bound for a window of pure noise) but the candidate did not improve on it;
+* **unchanged**: none of these (nothing to recover, nothing wrongly added).
+
+A hallucinated region is then shrunk to where its evidence sits: pixels whose own excess
+``d (d + 2 r)`` exceeds one noise variance and at least half the window's mean excess (a strong
+structure otherwise spreads over the window's reach), with one-pixel gaps closed.
+
+A pixel is hallucinated if any band is, else improved if any band is, else omitted if any band
+is. The thresholds are the noise variance and quantiles of the noise's own distribution for the
+chosen false-alarm rate, not tuned constants. The baseline run through this rule is clean by
+construction (``d = 0``), and so is noise-level texture (tested).
+
+The continuous **risk** of a hallucinated pixel is the relative excess error
+``(sqrt(E2) - sqrt(R2)) / max(sqrt(R2), 1)``: how much larger the candidate's local error is than
+the baseline's (or than the noise, where the baseline is within noise). Region verdicts compare
+it to the thresholds of :class:`~domainsr.audit.protocol.AuditThresholds`.
+
+The same rule runs in two places: against the high-resolution reference on the SR grid (held-out
+audit), and without a reference on the LR grid, where the truth is the LR input and candidate and
+baseline are re-degraded (LR consistency): structure the model added that the LR input does not
+support shows up there too.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.stats import norm
+
+from domainsr.image import GeoGeometry, Geometry, MedicalGeometry
+
+INVALID, UNCHANGED, IMPROVED, OMITTED, HALLUCINATED = 0, 1, 2, 3, 4
+CLASS_NAMES = {INVALID: "invalid", UNCHANGED: "unchanged", IMPROVED: "improved",
+               OMITTED: "omitted", HALLUCINATED: "hallucinated"}
+_TRUNCATE = 3.0
+MEAN_SCALE = 3.0  # the local level that "variation" is measured around: a window 3x wider
+
+
+def window_sigma(scale: Sequence[float]) -> tuple[float, ...]:
+    """Gaussian window (pixels, per axis) about one LR pixel wide on the SR grid."""
+    return tuple(max(1.0, 0.5 * float(f)) for f in scale)
+
+
+def kernel_sq_sum(sigma: Sequence[float]) -> float:
+    """``sum w^2`` of scipy's normalised, truncated Gaussian window (= 1 / effective sample count)."""
+    total = 1.0
+    for s in sigma:
+        radius = int(_TRUNCATE * s + 0.5)
+        x = np.arange(-radius, radius + 1, dtype=np.float64)
+        w = np.exp(-0.5 * (x / s) ** 2)
+        w /= w.sum()
+        total *= float(np.sum(w * w))
+    return total
+
+
+def smooth(v: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
+    return ndi.gaussian_filter(v, sigma, truncate=_TRUNCATE, mode="reflect")
+
+
+@dataclass
+class CorrectnessMaps:
+    """Class and risk maps on one grid, with how they were computed."""
+
+    classes: np.ndarray  # uint8 (*spatial): INVALID .. HALLUCINATED
+    risk: np.ndarray  # float32 (*spatial): relative excess error where hallucinated, else 0
+    excess: np.ndarray  # float32 (*spatial): max over bands of excess / noise variance
+    detail: np.ndarray  # float32 (*spatial): max over bands of baseline RMS error / noise sigma
+    sigma: np.ndarray  # (C,) noise sigma used per band, in data units
+    window: tuple[float, ...]
+    z: float
+
+    def fractions(self) -> dict[str, float]:
+        """Share of valid pixels in each class, and of the baseline-error ("detail") pixels."""
+        valid = self.classes != INVALID
+        n = max(int(valid.sum()), 1)
+        out = {CLASS_NAMES[k]: float(np.sum(self.classes == k)) / n
+               for k in (UNCHANGED, IMPROVED, OMITTED, HALLUCINATED)}
+        needs = np.isin(self.classes, (IMPROVED, OMITTED))
+        m = max(int(needs.sum()), 1)
+        out["improved_of_detail"] = float(np.sum(self.classes == IMPROVED)) / m
+        out["omitted_of_detail"] = float(np.sum(self.classes == OMITTED)) / m
+        return out
+
+
+def correctness_maps(candidate: np.ndarray, baseline: np.ndarray, truth: np.ndarray,
+                     sigma: np.ndarray | Sequence[float], mask: np.ndarray | None = None, *,
+                     window: Sequence[float] = (1.0,), alpha: float = 1e-3) -> CorrectnessMaps:
+    """Classify every pixel of ``candidate`` against ``baseline`` and ``truth`` (see module doc).
+
+    All three are ``(C, *spatial)`` on the same grid; ``sigma`` is the per-band noise sigma of the
+    comparison (data units); ``window`` the Gaussian window sigma per axis (one value = all axes).
+    """
+    spatial = truth.shape[1:]
+    win = tuple(window) if len(tuple(window)) == len(spatial) else (float(window[0]),) * len(spatial)
+    valid = np.ones(spatial, bool) if mask is None else np.asarray(mask, bool)
+    z = float(norm.isf(alpha))
+    ksq = kernel_sq_sum(win)
+    win_sq = tuple(s / np.sqrt(2.0) for s in win)  # w^2 is a Gaussian of sigma / sqrt(2)
+    win_mean = tuple(MEAN_SCALE * s for s in win)
+    detail_bound = 1.0 + z * np.sqrt(2.0 * ksq)
+    sig = np.broadcast_to(np.asarray(sigma, np.float64), (truth.shape[0],))
+    sig = np.where(sig > 0, sig, 1e-12)
+
+    halluc = np.zeros(spatial, bool)
+    core = np.zeros(spatial, bool)
+    improved = np.zeros(spatial, bool)
+    has_detail = np.zeros(spatial, bool)
+    risk = np.zeros(spatial, np.float32)
+    excess_max = np.full(spatial, -np.inf, np.float32)
+    detail_max = np.zeros(spatial, np.float32)
+    for c in range(truth.shape[0]):
+        fill = lambda a: np.where(valid, np.nan_to_num(np.asarray(a, np.float32)), 0.0)
+        cand, base, tru = fill(candidate[c]), fill(baseline[c]), fill(truth[c])
+        d = (cand - base) / np.float32(sig[c])
+        r = (base - tru) / np.float32(sig[c])
+        e2 = smooth((d + r) ** 2, win)
+        r2 = smooth(r * r, win)
+        excess = e2 - r2
+        a2 = np.maximum(smooth(d * d, win_sq), 0.0)
+        spread = 2.0 * np.sqrt(ksq * (0.5 + a2 + np.maximum(smooth(r * r, win_sq), 0.0)))
+        # added, not blurred away: a smoothing model moves the baseline towards its local level
+        # mu without passing it (d = -k (b - mu), 0 < k <= 1, so d (d + b - mu) <= 0); anything
+        # else adds structure. A blurrier model is worse than the baseline too, but that is omission.
+        b = base / np.float32(sig[c])
+        added = smooth(d * (d + b - smooth(b, win_mean)), win) > 0
+        h = (excess - 1.0 > z * spread) & added
+        halluc |= h
+        own = d * (d + 2.0 * r)  # this pixel's own excess error
+        core |= h & (own > 1.0) & (own >= 0.5 * excess)
+        improved |= -excess > z * 2.0 * np.sqrt(ksq * a2)
+        has_detail |= r2 > detail_bound
+        rel = (np.sqrt(np.maximum(e2, 0)) - np.sqrt(np.maximum(r2, 0))) / np.maximum(np.sqrt(np.maximum(r2, 0)), 1.0)
+        risk = np.maximum(risk, np.where(h, rel, 0.0).astype(np.float32))
+        excess_max = np.maximum(excess_max, excess.astype(np.float32))
+        detail_max = np.maximum(detail_max, np.sqrt(np.maximum(r2, 0)).astype(np.float32))
+
+    halluc = refine(halluc, core)
+    risk = np.where(halluc, risk, 0.0).astype(np.float32)
+    classes = np.full(spatial, UNCHANGED, np.uint8)
+    classes[has_detail] = OMITTED
+    classes[improved] = IMPROVED
+    classes[halluc] = HALLUCINATED
+    classes[~valid] = INVALID
+    risk[~valid] = 0.0
+    return CorrectnessMaps(classes=classes, risk=risk, excess=np.where(valid, excess_max, 0).astype(np.float32),
+                           detail=np.where(valid, detail_max, 0).astype(np.float32),
+                           sigma=np.asarray(sig, np.float64), window=win, z=z)
+
+
+def refine(flagged: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """Shrink window-smoothed flags to where the evidence sits: ``core`` pixels, with one-pixel
+    gaps closed, inside ``flagged``. A strong structure otherwise spreads over the window's reach."""
+    if not core.any():
+        return core
+    structure = ndi.generate_binary_structure(core.ndim, core.ndim)
+    return ndi.binary_closing(core, structure=structure, border_value=0) & flagged | core & flagged
+
+
+def upsample_nearest(arr: np.ndarray, scale: Sequence[int]) -> np.ndarray:
+    """Repeat each element ``scale[a]`` times along spatial axis ``a`` (LR grid -> SR grid)."""
+    out = arr
+    for ax, f in enumerate(scale):
+        if int(f) != f or f < 1:
+            raise ValueError(f"scale factors must be positive integers, got {tuple(scale)}")
+        if f > 1:
+            out = np.repeat(out, int(f), axis=ax + (arr.ndim - len(scale)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# regions
+
+Verdict = str  # "pass" | "review" | "fail"
+_ORDER = {"pass": 0, "review": 1, "fail": 2}
+
+
+def worst(verdicts: Sequence[Verdict]) -> Verdict:
+    return max(verdicts, key=_ORDER.__getitem__, default="pass")
+
+
+def verdict_for(peak_risk: float, review: float, fail: float) -> Verdict:
+    return "fail" if peak_risk >= fail else "review" if peak_risk >= review else "pass"
+
+
+@dataclass
+class RegionFlag:
+    """One connected region of risk, located in index and world coordinates."""
+
+    id: int
+    kind: str  # "hallucination" (vs reference) | "lr-inconsistency" | "uncertainty"
+    size: int  # pixels / voxels
+    physical_size: float  # mm^2 / mm^3 or map units^2
+    physical_unit: str
+    bbox_index: list[list[int]]  # [[start, stop_inclusive] per spatial axis]
+    centroid_index: list[float]
+    peak_risk: float
+    mean_risk: float
+    verdict: Verdict
+    world: dict[str, Any] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b + 1) for a, b in self.bbox_index)
+
+
+def box_iou(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
+    """IoU of two inclusive index boxes ``[[start, stop] per axis]``."""
+    inter, va, vb = 1, 1, 1
+    for (a0, a1), (b0, b1) in zip(a, b):
+        inter *= max(0, min(a1, b1) - max(a0, b0) + 1)
+        va *= a1 - a0 + 1
+        vb *= b1 - b0 + 1
+    return inter / float(va + vb - inter)
+
+
+def pixel_volume(geometry: Geometry | None, ndim: int) -> tuple[float, str]:
+    """Physical size of one pixel/voxel and its unit."""
+    if isinstance(geometry, MedicalGeometry):
+        sp = geometry.spacing[:ndim]
+        return float(np.prod(sp)), "mm³" if ndim == 3 else "mm²"
+    if isinstance(geometry, GeoGeometry):
+        t = geometry.transform
+        unit = str(geometry.crs.linear_units or "unit")
+        unit = {"metre": "m", "meter": "m", "metres": "m", "degree": "deg"}.get(unit.lower(), unit)
+        return float(abs(t.a * t.e - t.b * t.d)), f"{unit}²"
+    return 1.0, "px"
+
+
+def world_box(geometry: Geometry | None, bbox: Sequence[Sequence[int]],
+              centroid: Sequence[float]) -> dict[str, Any]:
+    """World coordinates of an index box (outer voxel edges) and its centroid.
+
+    Medical: RAS+ mm (``min``/``max`` over the box corners, ``centroid``). Map: CRS coordinates of
+    the box's outer edges and the centroid, plus longitude/latitude (WGS84) of the centroid and
+    the corners.
+    """
+    if geometry is None:
+        return {}
+    lo = [b[0] - 0.5 for b in bbox]
+    hi = [b[1] + 0.5 for b in bbox]
+    corners = np.array(np.meshgrid(*[[a, b] for a, b in zip(lo, hi)], indexing="ij")).reshape(len(bbox), -1).T
+    if isinstance(geometry, MedicalGeometry):
+        pad = lambda p: np.concatenate([p, np.zeros(p.shape[:-1] + (3 - p.shape[-1],))], -1)
+        w = geometry.index_to_world(pad(corners))
+        c = geometry.index_to_world(pad(np.asarray(centroid, float)[None]))[0]
+        return {"space": "RAS+ mm", "min": np.round(w.min(0), 3).tolist(), "max": np.round(w.max(0), 3).tolist(),
+                "centroid": np.round(c, 3).tolist()}
+    if isinstance(geometry, GeoGeometry):
+        xs, ys = geometry.index_to_world(corners[:, 0], corners[:, 1])
+        cx, cy = geometry.index_to_world(np.asarray([centroid[0]]), np.asarray([centroid[1]]))
+        out: dict[str, Any] = {"space": geometry.crs.to_string(),
+                               "min": [round(float(xs.min()), 3), round(float(ys.min()), 3)],
+                               "max": [round(float(xs.max()), 3), round(float(ys.max()), 3)],
+                               "centroid": [round(float(cx[0]), 3), round(float(cy[0]), 3)]}
+        from pyproj import Transformer
+        from pyproj.exceptions import CRSError, ProjError
+
+        try:
+            tr = Transformer.from_crs(geometry.crs.to_wkt(), "EPSG:4326", always_xy=True)
+            lon, lat = tr.transform(np.append(xs, cx), np.append(ys, cy))
+            out["lonlat_centroid"] = [round(float(lon[-1]), 7), round(float(lat[-1]), 7)]
+            out["lonlat_min"] = [round(float(np.min(lon[:-1])), 7), round(float(np.min(lat[:-1])), 7)]
+            out["lonlat_max"] = [round(float(np.max(lon[:-1])), 7), round(float(np.max(lat[:-1])), 7)]
+        except (CRSError, ProjError):  # a local/engineering CRS has no geographic position
+            out["lonlat_centroid"] = None
+        return out
+    return {}
+
+
+def find_regions(flagged: np.ndarray, risk: np.ndarray, *, kind: str, min_size: int,
+                 review: float, fail: float, geometry: Geometry | None = None,
+                 evidence_maps: dict[str, np.ndarray] | None = None, start_id: int = 1) -> list[RegionFlag]:
+    """Connected regions (full connectivity) of ``flagged`` with at least ``min_size`` pixels.
+
+    Each gets its bounding box (inclusive index ranges), centroid, world coordinates, size, peak
+    and mean ``risk``, the mean of each ``evidence_maps`` entry inside it, and a verdict from the
+    peak risk. Regions are returned worst first (verdict, then peak risk).
+    """
+    structure = ndi.generate_binary_structure(flagged.ndim, flagged.ndim)
+    labels, n = ndi.label(flagged, structure=structure)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    objects = ndi.find_objects(labels)
+    unit_size, unit = pixel_volume(geometry, flagged.ndim)
+    regions: list[RegionFlag] = []
+    for lab in range(1, n + 1):
+        if sizes[lab] < min_size:
+            continue
+        sl = objects[lab - 1]
+        inside = labels[sl] == lab
+        vals = risk[sl][inside]
+        idx = np.argwhere(inside) + np.array([s.start for s in sl])
+        bbox = [[int(s.start), int(s.stop - 1)] for s in sl]
+        centroid = idx.mean(0).round(2).tolist()
+        peak, mean = float(vals.max()), float(vals.mean())
+        ev = {k: round(float(v[sl][inside].mean()), 4) for k, v in (evidence_maps or {}).items()}
+        regions.append(RegionFlag(
+            id=0, kind=kind, size=int(sizes[lab]), physical_size=round(float(sizes[lab]) * unit_size, 4),
+            physical_unit=unit, bbox_index=bbox, centroid_index=centroid, peak_risk=round(peak, 4),
+            mean_risk=round(mean, 4), verdict=verdict_for(peak, review, fail),
+            world=world_box(geometry, bbox, centroid), evidence=ev))
+    regions.sort(key=lambda r: (-_ORDER[r.verdict], -r.peak_risk))
+    for i, r in enumerate(regions):
+        r.id = start_id + i
+    return regions

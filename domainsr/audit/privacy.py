@@ -1,0 +1,117 @@
+"""What a report may say about its inputs: provenance with patient identifiers pseudonymised.
+
+For medical images (MRI, CT) a report shows no patient identifier by default: patient ID and
+name, accession number and study/series UIDs are replaced by keyed hashes
+(HMAC-SHA256 with a per-installation secret salt, first 12 hex digits), and file paths, which
+often carry patient names, are replaced by a hash of the path plus its suffix. The same input gives
+the same pseudonym on the same installation, so a site can match reports to its own records;
+nobody without the salt can. Birth date, sex, age, size and weight are dropped. Pass
+``allow_identifiers=True`` to show the real values (e.g. inside a hospital's own system).
+
+The salt is ``$DOMAINSR_PSEUDONYM_SALT`` if set, else a random secret created once in
+``$XDG_CONFIG_HOME/domainsr/pseudonym_salt`` (``~/.config/...``) with owner-only permissions.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from domainsr.image import GeoGeometry, MedicalGeometry, SpatialImage
+
+MEDICAL = ("mri", "ct")
+_DICOM_TAGS = {  # DICOM JSON keys of the identifying tags a report would otherwise show
+    "patient_id": "00100020", "patient_name": "00100010", "accession_number": "00080050",
+    "study_instance_uid": "0020000D",
+}
+_SHOWN_DICOM = {"modality": None, "manufacturer": "00080070", "model": "00081090", "study_date": "00080020"}
+
+
+def salt_path() -> Path:
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "domainsr" / "pseudonym_salt"
+
+
+def installation_salt() -> bytes:
+    """The per-installation secret (created on first use)."""
+    env = os.environ.get("DOMAINSR_PSEUDONYM_SALT")
+    if env:
+        return env.encode()
+    path = salt_path()
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # O_EXCL: two processes creating it at once agree on the first one's salt
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    return path.read_bytes().strip()
+
+
+def pseudonym(value: str) -> str:
+    """``anon-`` and 12 hex digits of HMAC-SHA256(salt, value)."""
+    digest = hmac.new(installation_salt(), str(value).encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"anon-{digest[:12]}"
+
+
+def _dicom_value(template: dict[str, Any], tag: str) -> str:
+    item = template.get(tag) or {}
+    vals = item.get("Value") or []
+    if not vals:
+        return ""
+    v = vals[0]
+    return str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v)
+
+
+def _path_label(path: str, medical: bool, allow: bool) -> str:
+    if not path or allow or not medical:
+        return path
+    p = Path(path)
+    suffix = "".join(p.suffixes[-2:]) if p.name.endswith(".gz") else p.suffix
+    return f"{pseudonym(str(p.resolve()) if p.exists() else path)}{suffix} (path pseudonymised)"
+
+
+def public_provenance(img: SpatialImage, allow_identifiers: bool = False) -> dict[str, Any]:
+    """Provenance and grid description of ``img`` safe to put in a report."""
+    medical = img.domain in MEDICAL
+    out: dict[str, Any] = {
+        "source": _path_label(img.source, medical, allow_identifiers),
+        "reader": img.provenance.get("reader", img.provenance.get("format", "")),
+        "domain": img.domain,
+        "shape": list(img.data.shape),
+        "dtype": str(img.meta.get("storage_dtype", img.data.dtype)),
+        "units": img.units,
+        "bands": list(img.band_names),
+    }
+    g = img.geometry
+    if isinstance(g, MedicalGeometry):
+        out.update(spacing_mm=[round(s, 4) for s in g.spacing], orientation=g.orientation)
+    elif isinstance(g, GeoGeometry):
+        out.update(resolution=[round(r, 4) for r in g.res], crs=g.crs.to_string(),
+                   bounds=[round(b, 3) for b in g.bounds])
+    steps = [h.get("step") for h in img.provenance.get("history", []) if isinstance(h, dict) and h.get("step")]
+    if steps:
+        out["history"] = steps
+    dicom = img.meta.get("dicom")
+    if isinstance(dicom, dict):
+        tpl = dicom.get("template") or {}
+        info: dict[str, Any] = {"modality": dicom.get("modality", "")}
+        for key, tag in _SHOWN_DICOM.items():
+            if tag:
+                info[key] = _dicom_value(tpl, tag)
+        for key, tag in _DICOM_TAGS.items():
+            value = dicom.get(key) or _dicom_value(tpl, tag)
+            if value:
+                info[key] = value if allow_identifiers else pseudonym(value)
+        series = dicom.get("series_instance_uid")
+        if series:
+            info["series_instance_uid"] = series if allow_identifiers else pseudonym(series)
+        out["dicom"] = info
+    if medical:
+        out["identifiers"] = "shown (allow_identifiers)" if allow_identifiers else "pseudonymised"
+    return out
