@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.domainsr-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install data demo test test-fast bench lint clean
+.PHONY: install data services demo test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -24,7 +24,10 @@ data: install
 demo: data
 	$(PY) -m domainsr.cli demo
 
-test: data
+services:
+	bash tests/stores/install_services.sh || echo "services not installed: PACS tests will be skipped"
+
+test: data services
 	$(PY) -m pytest -q
 
 test-fast: install

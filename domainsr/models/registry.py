@@ -61,6 +61,9 @@ def _builtin() -> None:
     r(ModelSpec("rescnn", "rescnn", _M + "rescnn:ResCNN", (2, 3),
                 "light residual CNN over an interpolation base (ANCHORS.md); the main shipped family",
                 {"n_blocks": 8, "n_feats": 32, **base, "zero_init_tail": True}))
+    r(ModelSpec("guided_rescnn", "guided", _M + "guided:GuidedResCNN", (2, 3),
+                "guided residual CNN on the HR grid (DSen2-style): LR bands + finer guide bands",
+                {"guide_channels": 0, "n_blocks": 8, "n_feats": 32, **base, "zero_init_tail": True}))
     r(ModelSpec("srcnn", "srcnn", _M + "srcnn:SRCNN", (2, 3), "SRCNN 9-1-5 on the interpolated input",
                 {"features": (64, 32), "kernels": (9, 1, 5), **base}))
     r(ModelSpec("vdsr", "vdsr", _M + "vdsr:VDSR", (2, 3), "VDSR: 20 convs, residual over the interpolated input",

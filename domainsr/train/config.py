@@ -126,6 +126,16 @@ class OutputSpec(StrictModel):
     run_dir: Path = Path("runs/train")
 
 
+class GuideSpec(StrictModel):
+    """Guided SR (DSen2-style, :mod:`domainsr.train.guided`): ``bands`` of the same source on a grid
+    ``scale`` times finer than ``data.bands`` are given to the network beside them. Training pairs
+    follow Wald's protocol: the guides are degraded by ``scale`` with their own ``degradation``
+    (their sensor PSF) while ``data.bands`` are degraded with the config's ``degradation``."""
+
+    bands: list[str] = Field(min_length=1)
+    degradation: dict[str, Any]
+
+
 class TrainConfig(StrictModel):
     """One training run (PSNR stage, optional GAN stage) with its budgets and outputs.
 
@@ -137,6 +147,7 @@ class TrainConfig(StrictModel):
     model: ModelSpec
     init_from: str | None = None
     data: DataSpec
+    guide: GuideSpec | None = None
     degradation: dict[str, Any]
     scale: tuple[int, ...]
     patch_size: tuple[int, ...]
@@ -175,6 +186,9 @@ class TrainConfig(StrictModel):
             raise ValueError("data.planes (2.5D) trains a 2D network: give 2 scale factors")
         if self.gan.enabled and self.gan.steps < 1:
             raise ValueError("gan.enabled needs gan.steps >= 1")
+        if self.guide is not None and (self.data.planes is not None or self.gan.enabled
+                                       or not isinstance(self.normalization, FixedNormSpec)):
+            raise ValueError("guided training (guide:) takes no data.planes, no GAN stage and a fixed normalization")
         return self
 
     @property

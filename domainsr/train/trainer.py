@@ -97,6 +97,25 @@ def load_source(config: TrainConfig) -> SpatialImage:
     from domainsr.image import MultiResolutionImage
     from domainsr.io import read_image
 
+    path = source_path(config)
+    img = read_image(path)
+    bands = config.data.bands
+    if isinstance(img, MultiResolutionImage):
+        if not bands:
+            raise ConfigError(f"{path} holds bands {list(img.band_names)}: name data.bands to train on")
+        return img.select(bands)
+    if bands:
+        missing = [b for b in bands if b not in img.band_names]
+        if missing:
+            raise ConfigError(f"bands {missing} not in {list(img.band_names)}", path)
+        idx = [img.band_names.index(b) for b in bands]
+        img = img.derive(img.data[idx], band_names=tuple(bands))
+    img.provenance.setdefault("source", str(path))
+    return img
+
+
+def source_path(config: TrainConfig) -> Path:
+    """Where ``data.source`` is: a sample name (fetched), ``pydicom:<test file>`` or a path."""
     src = config.data.source
     if src.startswith("pydicom:"):
         from pydicom.data import get_testdata_file
@@ -113,20 +132,7 @@ def load_source(config: TrainConfig) -> SpatialImage:
         path = fetch_sample_data()[src]
     else:
         path = Path(src)
-    img = read_image(path)
-    bands = config.data.bands
-    if isinstance(img, MultiResolutionImage):
-        if not bands:
-            raise ConfigError(f"{path} holds bands {list(img.band_names)}: name data.bands to train on")
-        return img.select(bands)
-    if bands:
-        missing = [b for b in bands if b not in img.band_names]
-        if missing:
-            raise ConfigError(f"bands {missing} not in {list(img.band_names)}", path)
-        idx = [img.band_names.index(b) for b in bands]
-        img = img.derive(img.data[idx], band_names=tuple(bands))
-    img.provenance.setdefault("source", str(path))
-    return img
+    return path
 
 
 def _source_files(img: SpatialImage, bands: list[str]) -> list[FileRecord]:
@@ -385,6 +391,8 @@ def _fingerprint(config: TrainConfig) -> str:
     keep = config.model_dump(mode="json", exclude={"steps", "max_minutes", "val_every", "save_every",
                                                    "threads", "device", "amp", "card"})
     keep["gan"] = {k: v for k, v in keep["gan"].items() if k not in ("steps", "max_minutes")}
+    if keep.get("guide") is None:  # unguided runs hash as before the guide option existed
+        keep.pop("guide", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -479,6 +487,10 @@ def train(config: TrainConfig, *, resume: bool = False, image: SpatialImage | No
     from domainsr.degrade import build_degradation
     from domainsr.models import build_model
 
+    if config.guide is not None:  # two-grid (guided) training: its own data and card, this loop
+        from domainsr.train.guided import train_guided
+
+        return train_guided(config, resume=resume, image=image, on_step=on_step)
     threads = _threads(config)
     device = _device(config)
     amp, amp_dtype = _amp(config, device)
@@ -729,16 +741,21 @@ def _card(config: TrainConfig, data: _Data, net: nn.Module, rr: tuple[int, ...],
         degradation=degradation,
         training_data=TrainingData(source=config.data.source, files=_source_files(img, bands), bands=bands,
                                    split=split, description=desc),
-        training=TrainingSettings(
-            steps=run.step, gan_steps=run.gan_step, seconds=round(run.elapsed["psnr"] + run.elapsed["gan"], 1),
-            device=f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()})",
-            threads=threads, seed=config.seed, batch_size=config.batch_size, patch_size=list(config.patch_size),
-            lr=config.lr, loss=config.loss.pixel + "".join(
-                f" + {w:g} {k}" for k, w in (("ssim", config.loss.ssim), ("frequency", config.loss.frequency),
-                                             ("gradient", config.loss.gradient)) if w),
-            stopped_by=run.stopped_by["gan"] or run.stopped_by["psnr"],
-            extra={"ema_decay": config.ema_decay, "schedule": config.schedule,
-                   "gan": config.gan.model_dump(mode="json") if config.gan.enabled else None,
-                   "torch": torch.__version__}),
+        training=training_settings(config, run, device, threads),
         metrics={"val": val, "test": test},
         license=c.license, intended_use=c.intended_use, limitations=c.limitations)
+
+
+def training_settings(config: TrainConfig, run: _Run, device: torch.device, threads: int) -> TrainingSettings:
+    """What the card records about how the weights were trained (shared with guided training)."""
+    return TrainingSettings(
+        steps=run.step, gan_steps=run.gan_step, seconds=round(run.elapsed["psnr"] + run.elapsed["gan"], 1),
+        device=f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()})",
+        threads=threads, seed=config.seed, batch_size=config.batch_size, patch_size=list(config.patch_size),
+        lr=config.lr, loss=config.loss.pixel + "".join(
+            f" + {w:g} {k}" for k, w in (("ssim", config.loss.ssim), ("frequency", config.loss.frequency),
+                                         ("gradient", config.loss.gradient)) if w),
+        stopped_by=run.stopped_by["gan"] or run.stopped_by["psnr"],
+        extra={"ema_decay": config.ema_decay, "schedule": config.schedule,
+               "gan": config.gan.model_dump(mode="json") if config.gan.enabled else None,
+               "torch": torch.__version__})
