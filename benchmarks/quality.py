@@ -1,0 +1,493 @@
+"""Quality benchmark (issue 4): every shipped checkpoint on the region of its real training image it
+never saw, against the interpolation baselines, with its inference speed.
+
+    .venv/bin/python benchmarks/quality.py            # full held-out regions (minutes on 2 cores)
+    .venv/bin/python benchmarks/quality.py --quick    # held-out regions cropped (256 px / 64 vox)
+    .venv/bin/python benchmarks/quality.py --models mri-t1-x2 --quick
+
+Protocol (the trainer's final test evaluation, :mod:`domainsr.train.trainer`): the card's held-out
+``test`` region of its training source (``audit.protocol.heldout_region``) is degraded *as a
+whole* with the card's degradation, **with its noise**, seeded as the trainer seeds its test pair
+(``(card.training.seed + 2, 0x5EED)``), so direct models reproduce their card's test figures.
+The output of the patch engine (2 threads, CPU) and of each interpolation (nearest, linear =
+bi/trilinear, cubic = bi/tricubic, lanczos) is scored with the trainer's ``score``: valid
+(foreground, for MRI/CT) pixels without a 2 LR px border, PSNR per band on the reference's own
+range pooled over pixels then averaged over bands, SSIM (``audit.metrics``). Slice-wise models run
+as shipped (``pipeline.slicewise_module``: both planes through the slice axis, averaged) on the 3D
+held-out block, degraded plane by plane with the card's 2D operator; a slice-wise card trained on
+one 2D image (CT: planes through both in-plane axes) is scored on that image in each orientation.
+Guided models use the guided trainer's pair (``train.guided.guided_eval_pair``: Wald's protocol,
+both grids degraded) and the guided engine.
+
+``grad energy``: mean squared gradient magnitude of an output over that of the HR reference (on the
+scored mask, mean over bands); 1 = as sharp as the truth, < 1 smoother. ``speed``: LR megapixels
+(megavoxels) per second of the engine on the held-out input, after a small warm-up run.
+
+Robustness (degradations the model was not trained on): the Sentinel-2 model under ANCHORS' operator
+(Gaussian sigma 1 + 2x2 mean) and cross-sensor on a Landsat 8 scene (whole scene: never seen); the
+MRI x2 model under k-space truncation.
+
+Results: printed, and written to ``benchmarks/results/quality.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from domainsr.audit.protocol import crop_to_multiple, heldout_region
+from domainsr.degrade import build_degradation
+from domainsr.engine import PatchInferer
+from domainsr.image import SpatialImage
+from domainsr.io.atomic import atomic_path
+from domainsr.models import build_model
+from domainsr.models.checkpoints import ModelCard, load_checkpoint, read_card, resolve_checkpoint
+from domainsr.models.guided import guided_bands, is_guided
+from domainsr.train.datasets import EvalPair
+from domainsr.train.trainer import _border, _foreground, score, source_path
+
+log = logging.getLogger("benchmarks.quality")
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+#: every checkpoint the project ships, in table order (a missing one is listed as "not shipped")
+SHIPPED = ("sentinel2-rgbn-x2", "sentinel2-rgbn-x2-gan", "sentinel2-20m-guided", "mri-t1-x2", "mri-slices-x4",
+           "ct-slices-x4")
+BASELINES = ("nearest", "linear", "cubic", "lanczos")
+#: issue 4's targets: model -> (baseline, minimum PSNR gain in dB)
+TARGETS = {"sentinel2-rgbn-x2": ("cubic", 1.0), "mri-t1-x2": ("linear", 1.0), "mri-slices-x4": ("linear", 2.0)}
+#: the GAN model and the PSNR model it trades fidelity against
+GAN_PAIRS = {"sentinel2-rgbn-x2-gan": "sentinel2-rgbn-x2"}
+#: values <= this are outside the body (not scored), as data.background in configs/train/*.yaml;
+#: cards do not record it
+BACKGROUND = {"mri": 0.0, "ct": -1500.0}
+QUICK = {2: 256, 3: 64}
+THREADS = 2
+TASKS = {"sentinel2-rgbn-x2": "S2 10 m x2 (Wald)", "sentinel2-rgbn-x2-gan": "S2 10 m x2 (Wald), GAN",
+         "sentinel2-20m-guided": "S2 20 m -> 10 m guided (Wald)", "mri-t1-x2": "MRI T1 x2 isotropic",
+         "mri-slices-x4": "MRI thick slices x4", "ct-slices-x4": "CT thick slices x4"}
+
+
+# ---------------------------------------------------------------------------------------------
+# one evaluation
+
+
+@dataclass
+class Case:
+    """Held-out pairs (HR, LR, scored mask) in one orientation each, and how to run the model."""
+
+    pairs: list[EvalPair]
+    scale: tuple[int, ...]
+    run: Callable[[np.ndarray], np.ndarray]  # LR (C, *sp) -> SR, through the engine
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def grad_energy(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
+    """Mean over bands of ``sum |grad x|^2 / sum |grad ref|^2`` over ``mask``."""
+    ratios = []
+    for a, b in zip(x, ref):
+        ga = sum(np.square(g[mask], dtype=np.float64).sum() for g in np.gradient(np.asarray(a, np.float32)))
+        gb = sum(np.square(g[mask], dtype=np.float64).sum() for g in np.gradient(np.asarray(b, np.float32)))
+        ratios.append(ga / gb if gb > 0 else float("nan"))
+    return float(np.mean(ratios))
+
+
+def interpolate(name: str, lr: np.ndarray, scale: Sequence[int]) -> np.ndarray:
+    net = build_model(name, spatial_dims=lr.ndim - 1, in_channels=lr.shape[0], scale=tuple(scale))
+    with torch.no_grad():
+        return net(torch.from_numpy(np.ascontiguousarray(lr, np.float32))[None])[0].numpy()
+
+
+def evaluate(case: Case) -> dict[str, Any]:
+    """Model and every baseline on the case's pairs: PSNR, SSIM, grad energy; the model's speed."""
+    rows: dict[str, Any] = {}
+    # warm-up (plans, probes, oneDNN kernels) on a small corner, then the timed runs
+    warm = case.pairs[0].lr
+    case.run(np.ascontiguousarray(warm[(slice(None), *(slice(0, min(n, 24)) for n in warm.shape[1:]))]))
+    t0 = time.perf_counter()
+    outs = [case.run(p.lr) for p in case.pairs]
+    seconds = time.perf_counter() - t0
+    lr_px = sum(int(np.prod(p.lr.shape[1:])) for p in case.pairs)
+    cands = {"model": outs, **{b: [interpolate(b, p.lr, case.scale) for p in case.pairs] for b in BASELINES}}
+    masks = [_border(p, case.scale) for p in case.pairs]
+    for name, o in cands.items():
+        psnr, ssim, rng, n = score(o, case.pairs, case.scale)
+        ge = float(np.average([grad_energy(x, p.hr, m) for x, p, m in zip(o, case.pairs, masks)],
+                              weights=[m.sum() for m in masks]))
+        rows[name] = {"psnr": psnr, "ssim": ssim, "grad_energy": ge}
+    rows["model"]["seconds"] = seconds
+    rows["model"]["lr_mpx_per_s"] = lr_px / seconds / 1e6
+    best = max(BASELINES, key=lambda b: rows[b]["psnr"])
+    return {
+        "metrics": rows, "best_baseline": best, "data_range": rng, "n_scored": n, "lr_pixels": lr_px,
+        "hr_shape": [list(p.hr.shape) for p in case.pairs], "scale": list(case.scale),
+        "gain_vs_cubic": rows["model"]["psnr"] - rows["cubic"]["psnr"],
+        "gain_vs_linear": rows["model"]["psnr"] - rows["linear"]["psnr"],
+        "gain_vs_best": rows["model"]["psnr"] - rows[best]["psnr"],
+        "note": case.note, **case.extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# cases per kind of model
+
+
+def _read_source(src: str) -> Any:
+    from domainsr.io import read_image
+
+    return read_image(source_path(SimpleNamespace(data=SimpleNamespace(source=src))))
+
+
+def _crop(img: SpatialImage, size: int | None) -> SpatialImage:
+    """Centre crop of every spatial axis to at most ``size`` (``None``: unchanged)."""
+    if size is None or all(n <= size for n in img.spatial_shape):
+        return img
+    start = [max(0, (n - size) // 2) for n in img.spatial_shape]
+    shape = [min(n, size) for n in img.spatial_shape]
+    sl = tuple(slice(a, a + n) for a, n in zip(start, shape))
+    return img.derive(np.ascontiguousarray(img.data[(slice(None), *sl)]), geometry=img.geometry.cropped(start, shape),
+                      mask=None if img.mask is None else img.mask[sl])
+
+
+def _seed(card: ModelCard) -> np.random.Generator:
+    """The trainer's test-pair generator (``eval_pairs`` with ``config.seed + 2``)."""
+    return np.random.default_rng((int(card.training.seed if card.training else 0) + 2, 0x5EED))
+
+
+def _inferer(module: torch.nn.Module, **kw: Any) -> PatchInferer:
+    return PatchInferer(module, device="cpu", threads=THREADS, **kw)
+
+
+def _lr_image(ref: SpatialImage, lr: np.ndarray, scale: Sequence[int]) -> SpatialImage:
+    return ref.derive(lr, geometry=ref.geometry.scaled([1.0 / f for f in scale]), mask=None)
+
+
+def direct_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: Any, rng: np.random.Generator,
+                note: str = "") -> Case:
+    """A direct (2D or 3D) model on the reference ``ref`` (already the held-out region)."""
+    module, _ = load_checkpoint(path)
+    scale = tuple(card.scale)
+    ref = crop_to_multiple(ref, scale)
+    hr = np.ascontiguousarray(ref.data, np.float32)
+    lr = np.asarray(degradation(hr, rng), np.float32)
+    _, fg = _foreground(ref, hr, BACKGROUND.get(card.domain))
+    with torch.inference_mode():
+        module.prepare(_lr_image(ref, lr, scale))  # per-image normalisation from the input, as the pipeline
+    inferer = _inferer(module)
+    return Case([EvalPair(hr, lr, fg, None)], scale, lambda x: inferer.run(x), note)
+
+
+def _planes(card: ModelCard) -> list[tuple[int, int]]:
+    split = card.training_data.split if card.training_data else {}
+    return [tuple(p) for p in (split or {}).get("planes") or []]
+
+
+def slicewise_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: Any,
+                   rng: np.random.Generator) -> Case:
+    """A slice-wise 2D model (card scale ``(1, s)``). On a volume (one slice axis shared by the
+    card's planes): the shipped 3D application on the held-out block, degraded along the slice axis
+    plane by plane with the card's 2D operator. On one 2D image (planes through both in-plane
+    axes, e.g. CT from a single slice): the 2D net in each orientation."""
+    from domainsr.pipeline import slicewise_module
+
+    module, _ = load_checkpoint(path)
+    planes = _planes(card)
+    s = int(card.scale[1])
+    _, fg_all = _foreground(ref, np.asarray(ref.data, np.float32), BACKGROUND.get(card.domain))
+    slice_axes = {p[1] for p in planes}
+    if len(slice_axes) == 1:  # a volume: the shipped 3D application
+        axis = slice_axes.pop()
+        other = next(a for a in range(3) if a not in planes[0])  # degrade the planes (planes[0]) along it
+        scale = tuple(s if a == axis else 1 for a in range(3))
+        ref = crop_to_multiple(ref, scale)
+        hr = np.ascontiguousarray(ref.data, np.float32)
+        planes_hr = np.moveaxis(hr, 1 + other, 0)  # (n, C, a, b) with the plane's axes in order
+        lr = np.moveaxis(np.stack([np.asarray(degradation(p, rng), np.float32) for p in planes_hr]), 0, 1 + other)
+        _, fg = _foreground(ref, hr, BACKGROUND.get(card.domain))
+        with torch.inference_mode():
+            module.prepare(_lr_image(ref, lr, scale))
+        inferer = _inferer(slicewise_module(module, axis))
+        return Case([EvalPair(hr, np.ascontiguousarray(lr), fg, None)], scale, lambda x: inferer.run(x),
+                    f"3D slice-wise (planes {planes}), slice axis {axis}")
+    # one 2D image (singleton third axis): each orientation of the card's planes
+    keep = sorted({a for p in planes for a in p})
+    drop = tuple(1 + a for a in range(ref.spatial_dims) if a not in keep)
+    img2 = np.ascontiguousarray(np.asarray(ref.data, np.float32).squeeze(axis=drop))
+    fg2 = fg_all.squeeze(axis=tuple(a - 1 for a in drop))
+    with torch.inference_mode():
+        module.prepare(ref)  # the card's check on the (3D) input; CT cards hold fixed numbers
+    inferer = _inferer(module)
+    pairs = []
+    for a, b in planes:
+        order = (keep.index(a), keep.index(b))
+        hr = np.transpose(img2, (0, 1 + order[0], 1 + order[1]))
+        hr = np.ascontiguousarray(hr[:, : hr.shape[1], : (hr.shape[2] // s) * s])
+        fg = np.transpose(fg2, order)[:, : hr.shape[2]]
+        pairs.append(EvalPair(hr, np.asarray(degradation(hr, rng), np.float32), np.ascontiguousarray(fg), None))
+    return Case(pairs, (1, s), lambda x: inferer.run(x),
+                f"2D image in {len(planes)} orientations (planes {planes}); thick axis second")
+
+
+def guided_case(card: ModelCard, path: Path, quick: bool) -> Case:
+    """A guided model: the guided trainer's held-out pair (both grids degraded, Wald)."""
+    from domainsr.engine.guided import guided_inferer, guided_inputs, run_guided
+    from domainsr.models.guided import load_guided_checkpoint
+    from domainsr.train.datasets import Region
+    from domainsr.train.guided import _on_lr_grid, guided_eval_pair
+
+    model, _ = load_guided_checkpoint(str(path))
+    target, guide = guided_bands(card)
+    scale = tuple(card.scale)
+    bands = _read_source(card.training_data.source)
+    t_img, g_img = guided_inputs(bands, target, guide, scale, resample=True)
+    split = card.training_data.split
+    axis = int(split["axis"])
+    start, stop = split["regions"]["test"]
+    data = np.ascontiguousarray(t_img.data, np.float32)
+    gdata = np.ascontiguousarray(g_img.data, np.float32)
+    if quick:  # crop the other axis (and the region) to QUICK/2 target px, the guide to QUICK
+        n = QUICK[2] // 2
+        stop = min(stop, start + n)
+        other = 1 - axis
+        c0 = (data.shape[1 + other] - n) // 2
+        data = np.take(data, range(c0, c0 + n), axis=1 + other)
+        gdata = np.take(gdata, range(c0 * scale[other], (c0 + n) * scale[other]), axis=1 + other)
+        t_img = t_img.derive(data, geometry=t_img.geometry.cropped([c0 if a == other else 0 for a in range(2)],
+                                                                    list(data.shape[1:])), mask=None)
+    valid_t, _ = _foreground(t_img, data, None)
+    ok_g = np.all(np.isfinite(gdata), axis=0)
+    valid = valid_t & _on_lr_grid(ok_g, scale)
+    deg = card.degradation
+    pair = guided_eval_pair(data, gdata, Region("test", axis, int(start), int(stop)), scale=scale,
+                            degradation=build_degradation(deg["target"]),
+                            guide_degradation=build_degradation(deg["guide"]), valid=valid,
+                            seed=int(card.training.seed if card.training else 0) + 2)
+    inferer = guided_inferer(model, device="cpu", threads=THREADS)
+    guide_lr = pair.guide
+
+    def run(lr: np.ndarray) -> np.ndarray:
+        g = guide_lr[(slice(None), *(slice(0, n * f) for n, f in zip(lr.shape[1:], scale)))]
+        return run_guided(inferer, lr, np.ascontiguousarray(g))
+
+    ep = EvalPair(pair.hr, pair.lr, pair.valid, None)
+    return Case([ep], scale, run, f"guided by {guide}; baselines interpolate the target bands alone")
+
+
+def model_case(name: str, path: Path, quick: bool) -> Case:
+    card = read_card(path)
+    if is_guided(card):
+        return guided_case(card, path, quick)
+    source = _read_source(card.training_data.source)
+    ref = heldout_region(card, source, "test")
+    size = QUICK[3 if card.application == "slicewise" or card.spatial_dims == 3 else 2] if quick else None
+    if card.application == "slicewise" and len({p[1] for p in _planes(card)}) > 1:
+        size = QUICK[2] if quick else None  # a 2D image: crop in-plane
+    ref = _crop(ref, size)
+    deg = build_degradation(card.degradation)
+    if card.application == "slicewise":
+        return slicewise_case(card, path, ref, deg, _seed(card))
+    return direct_case(card, path, ref, deg, _seed(card))
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness
+
+
+def landsat_as_s2(crop: int | None) -> SpatialImage:
+    """Landsat 8 B2, B3, B4, B5 (blue, green, red, NIR; 30 m) as TOA reflectance x 10000 under the
+    Sentinel-2 band names B02, B03, B04, B08: the S2 card's band check (``check_input``) is passed
+    by renaming, on purpose (a cross-sensor test). DN -> reflectance with the Collection-2 L1
+    rescaling (2e-5 DN - 0.1, without the sun-elevation correction)."""
+    from domainsr.data import fetch_sample_data
+    from domainsr.io import read_image
+
+    img = read_image(fetch_sample_data()["landsat8"]).select(["B2", "B3", "B4", "B5"])
+    valid = img.valid_mask()
+    refl = np.asarray(img.data, np.float32) * 0.2 - 1000.0
+    out = img.derive(refl, band_names=("B02", "B03", "B04", "B08"), mask=None if valid.all() else valid,
+                     step={"step": "benchmark: Landsat 8 as Sentinel-2 band names, TOA reflectance x 10000"})
+    return _crop(out, crop)
+
+
+def robustness_cases(done: dict[str, Path], quick: bool) -> list[tuple[str, str, Callable[[], Case]]]:
+    out: list[tuple[str, str, Callable[[], Case]]] = []
+    size2 = QUICK[2] if quick else None
+    if "sentinel2-rgbn-x2" in done:
+        p = done["sentinel2-rgbn-x2"]
+        card = read_card(p)
+        anchors = {"kind": "gaussian_mean", "scale": [2, 2], "sigma": 1.0}
+
+        def s2_anchor(card: ModelCard = card, p: Path = p) -> Case:
+            ref = _crop(heldout_region(card, _read_source(card.training_data.source), "test"), size2)
+            return direct_case(card, p, ref, build_degradation(anchors), _seed(card),
+                               f"held-out test region under ANCHORS' operator {anchors} (noise-free)")
+
+        oli = {"kind": "optical", "scale": [2, 2], "mtf": 0.25}  # LANDSAT_OLI_MTF in degrade.optical
+
+        def s2_landsat(card: ModelCard = card, p: Path = p) -> Case:
+            return direct_case(card, p, landsat_as_s2(size2), build_degradation(oli), np.random.default_rng(0),
+                               f"Landsat 8 B2,B3,B4,B5 renamed B02,B03,B04,B08 (bypasses the card's band check), "
+                               f"DN -> TOA reflectance x 10000; Wald 30 m -> 60 m with {oli} (noise-free); "
+                               "whole scene")
+
+        out += [("sentinel2-rgbn-x2", "ANCHORS gaussian_mean sigma 1", s2_anchor),
+                ("sentinel2-rgbn-x2", "cross-sensor Landsat 8 (30 -> 60 m)", s2_landsat)]
+    if "mri-t1-x2" in done:
+        p = done["mri-t1-x2"]
+        card = read_card(p)
+        kspace = {"kind": "mri", "scale": [2, 2, 2]}  # equal factors: k-space truncation on every axis
+
+        def mri_kspace(card: ModelCard = card, p: Path = p) -> Case:
+            ref = _crop(heldout_region(card, _read_source(card.training_data.source), "test"),
+                        QUICK[3] if quick else None)
+            return direct_case(card, p, ref, build_degradation(kspace), _seed(card),
+                               f"held-out test region under k-space truncation {kspace} (noise-free)")
+
+        out.append(("mri-t1-x2", "MRI k-space truncation", mri_kspace))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+
+
+def _f(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None or not np.isfinite(v) else fmt.format(v)
+
+
+def _target(name: str, r: dict[str, Any], results: dict[str, Any]) -> tuple[str, bool | None]:
+    if name in TARGETS:
+        base, need = TARGETS[name]
+        gain = r["metrics"]["model"]["psnr"] - r["metrics"][base]["psnr"]
+        return f">= +{need:.1f} dB vs {base}", bool(gain >= need)
+    if name in GAN_PAIRS:
+        ref = results.get(GAN_PAIRS[name])
+        if not ref or "metrics" not in ref:
+            return f"PSNR < {GAN_PAIRS[name]}, grad energy >", None
+        m, n = r["metrics"]["model"], ref["metrics"]["model"]
+        return (f"PSNR < {GAN_PAIRS[name]}, grad energy >",
+                bool(m["psnr"] < n["psnr"] and m["grad_energy"] > n["grad_energy"]))
+    return "-", None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    res, rob = report["models"], report["robustness"]
+    unit = {2: "Mpx/s", 3: "Mvox/s"}
+    head = ("| task | model | model PSNR / SSIM | nearest | linear | cubic | lanczos | gain vs cubic | "
+            "gain vs linear | gain vs best | grad energy model / cubic / best | speed (LR) | target | pass |")
+    lines = [f"# Quality benchmark ({report['mode']})", "",
+             "PSNR dB / SSIM on held-out real data (the card's test region; whole degraded region; valid "
+             "(foreground) pixels without a 2 LR px border). 'linear'/'cubic' = bi-/tri-linear/cubic. Grad "
+             "energy = mean |grad|^2 of the output / that of the HR reference (1 = as sharp as the truth).",
+             "Degradation: the card's own (with its noise, seeded as the trainer's test pair).", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in res.items():
+        if "metrics" not in r:
+            lines.append(f"| {TASKS.get(name, name)} | {name} | {r.get('status', 'not shipped')} |"
+                         + " |" * (head.count("|") - 4))
+            continue
+        m = r["metrics"]
+        tgt, ok = _target(name, r, res)
+        nd = len(r["scale"])
+        cells = [TASKS.get(name, name), name, f"{m['model']['psnr']:.2f} / {m['model']['ssim']:.4f}",
+                 *(f"{m[b]['psnr']:.2f} / {m[b]['ssim']:.4f}" for b in BASELINES),
+                 f"{r['gain_vs_cubic']:+.2f}", f"{r['gain_vs_linear']:+.2f}",
+                 f"{r['gain_vs_best']:+.2f} ({r['best_baseline']})",
+                 f"{m['model']['grad_energy']:.3f} / {m['cubic']['grad_energy']:.3f} / "
+                 f"{m[r['best_baseline']]['grad_energy']:.3f}",
+                 f"{m['model']['lr_mpx_per_s']:.3f} {unit.get(nd, '')}", tgt,
+                 "-" if ok is None else ("PASS" if ok else "FAIL")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Robustness (degradations the models were not trained on)", "",
+              "| model | test | model PSNR / SSIM | linear | cubic | lanczos | gain vs cubic | gain vs best | "
+              "grad energy model / cubic | note |", "|" + "---|" * 10]
+    for r in rob:
+        if "metrics" not in r:
+            lines.append(f"| {r['model']} | {r['test']} | error: {r.get('error')} |" + " |" * 7)
+            continue
+        m = r["metrics"]
+        lines.append("| " + " | ".join([
+            r["model"], r["test"], f"{m['model']['psnr']:.2f} / {m['model']['ssim']:.4f}",
+            *(f"{m[b]['psnr']:.2f} / {m[b]['ssim']:.4f}" for b in ("linear", "cubic", "lanczos")),
+            f"{r['gain_vs_cubic']:+.2f}", f"{r['gain_vs_best']:+.2f} ({r['best_baseline']})",
+            f"{m['model']['grad_energy']:.3f} / {m['cubic']['grad_energy']:.3f}", r["note"]]) + " |")
+    lines += ["", "Notes: " + "; ".join(f"{k}: {v['note']}" for k, v in res.items() if v.get("note")), "",
+              f"Machine: {report['machine']}; torch {report['torch']}, {THREADS} threads, CPU; "
+              f"{report['seconds']:.0f} s in all."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def shipped(names: Sequence[str]) -> dict[str, Path | None]:
+    out: dict[str, Path | None] = {}
+    for n in names:
+        try:
+            out[n] = resolve_checkpoint(n)
+        except Exception:  # noqa: BLE001 - ModelError: not there (yet)
+            out[n] = None
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="crop the held-out regions (256 px / 64 vox)")
+    ap.add_argument("--models", nargs="*", default=list(SHIPPED), help="checkpoint names (default: all shipped)")
+    ap.add_argument("--no-robustness", action="store_true", help="skip the robustness section")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.json and quality.md")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    paths = shipped(args.models)
+    results: dict[str, Any] = {}
+    for name, path in paths.items():
+        if path is None:
+            results[name] = {"status": "not shipped"}
+            continue
+        log.info("evaluating %s", name)
+        try:
+            results[name] = evaluate(model_case(name, path, args.quick))
+        except Exception as exc:  # noqa: BLE001 - one broken checkpoint must not hide the others
+            log.exception("%s failed", name)
+            results[name] = {"status": f"error: {type(exc).__name__}: {exc}"}
+    rob = []
+    if not args.no_robustness:
+        for model, test, make in robustness_cases({k: v for k, v in paths.items() if v is not None}, args.quick):
+            log.info("robustness: %s, %s", model, test)
+            try:
+                rob.append({"model": model, "test": test, **evaluate(make())})
+            except Exception as exc:  # noqa: BLE001
+                log.exception("%s / %s failed", model, test)
+                rob.append({"model": model, "test": test, "error": f"{type(exc).__name__}: {exc}"})
+    targets = {n: dict(zip(("target", "pass"), _target(n, r, results))) for n, r in results.items() if "metrics" in r}
+    report = {"mode": "quick (cropped held-out regions)" if args.quick else "full held-out regions",
+              "protocol": __doc__, "models": results, "targets": targets, "robustness": rob,
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cpus",
+              "torch": torch.__version__, "threads": THREADS, "seconds": time.perf_counter() - t0}
+    md = markdown(report)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out / "quality.json") as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=1, default=float))
+    with atomic_path(args.out / "quality.md") as tmp:
+        Path(tmp).write_text(md)
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    main()
