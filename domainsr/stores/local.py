@@ -1,0 +1,381 @@
+"""A store over local files and folders: inputs in place, outputs under one output root.
+
+Listing walks the given files and folders (hidden names and the output root are skipped):
+
+* ``*.nii`` / ``*.nii.gz``: one NIfTI item each;
+* ``*.tif`` / ``*.tiff`` / ``*.jp2`` / ``*.vrt`` / ``*.img``: one raster item each;
+* a folder that is a Sentinel-2 or Landsat 8 band set: one item (the whole folder);
+* DICOM files (``*.dcm``, or any file with the ``DICM`` preamble), anywhere below the inputs:
+  grouped into one item per series (SeriesInstanceUID). A file that claims to be DICOM but cannot
+  be parsed becomes an item of its own that fails when read, so it is reported, not lost.
+
+Item ids are safe file names: the input's path relative to the folder it was found in (``/``
+becomes ``_``, the image suffix dropped), with a short hash of the path appended when two would
+collide; a DICOM series is ``<modality>-<hash of its SeriesInstanceUID>``, never a patient name
+or ID. An explicitly given file of an unknown type is still an item (it fails when read).
+
+Outputs keep the input's format (``output_format="same"``): NIfTI -> ``<id>.nii.gz`` (``.nii``
+stays ``.nii``), DICOM -> a derived series folder ``<id>/``, rasters and band sets -> a COG
+``<id>.tif``; ``"nifti"``, ``"dicom"`` or ``"cog"`` force one format. Extras (audit report, risk
+map) land beside it as ``<id>.<label>``. Every file is written atomically (temporary sibling,
+rename), and ``<output>.provenance.json`` is written last: an output without it, or whose
+``run_key`` differs, is not done, so an interrupted run is simply redone. Nothing can be written
+outside the output root.
+
+Besides the Store interface, ``open_output(item)`` / ``commit(item, run_key, extras, provenance)``
+let a writer produce the output file in place (the streaming raster path of
+:mod:`domainsr.pipeline`), with the same provenance-last rule.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from domainsr.errors import ConfigError, InputError, OutputError, StoreError, UnsupportedFormatError
+from domainsr.image import GeoGeometry, MedicalGeometry, MultiResolutionImage, SpatialImage, now_iso
+from domainsr.io import NIFTI_SUFFIXES, RASTER_SUFFIXES, detect_format
+from domainsr.io.atomic import atomic_path
+from domainsr.stores.base import Item, Store, WriteResult
+
+PROVENANCE_SUFFIX = ".provenance.json"
+KINDS = ("nifti", "dicom", "raster", "sentinel2", "landsat8", "unknown")
+OUTPUT_FORMATS = ("same", "nifti", "dicom", "cog")
+QUERY_KEYS = ("kinds", "glob", "modified_within_hours")
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_MEDICAL_KINDS = ("nifti", "dicom")
+
+
+def _sha(text: str, n: int = 12) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def _stem(name: str) -> str:
+    low = name.lower()
+    for suffix in (*NIFTI_SUFFIXES, *RASTER_SUFFIXES, ".dcm", ".dicom"):
+        if suffix and low.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _slug(rel: str) -> str:
+    parts = [_stem(p) if i == len(rel.split("/")) - 1 else p for i, p in enumerate(rel.split("/"))]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-._")
+    return (slug or "item")[:120]
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """``name`` if it is one safe path component (no separators, no ``..``), else StoreError."""
+    if not _SAFE.match(name) or ".." in name:
+        raise StoreError(f"unsafe {what} {name!r}: only letters, digits, '.', '_' and '-' are allowed, "
+                         "no path separators or '..'")
+    return name
+
+
+def _file_kind(path: Path) -> str | None:
+    """``nifti``/``raster``/``dicom`` for an image file, ``None`` for anything else."""
+    low = path.name.lower()
+    if low.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if low.endswith(tuple(s for s in RASTER_SUFFIXES if s)):
+        return "raster"
+    if low.endswith((".dcm", ".dicom")):
+        return "dicom"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return None
+    return "dicom" if len(head) == 132 and head[128:132] == b"DICM" else None
+
+
+class LocalStore(Store):
+    """Inputs: files and folders (see the module doc); outputs: files under ``output``."""
+
+    def __init__(self, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                 output: str | os.PathLike[str] | None = None, *, domain: str | None = None,
+                 output_format: str = "same", recursive: bool = True) -> None:
+        paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        if not paths:
+            raise ConfigError("no inputs given")
+        self.inputs = [Path(p).expanduser() for p in paths]
+        self.output = None if output is None else Path(output).expanduser()
+        if output_format not in OUTPUT_FORMATS:
+            raise ConfigError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
+        if domain not in (None, "mri", "ct", "optical"):
+            raise ConfigError(f"unknown domain {domain!r}")
+        self.domain = domain
+        self.output_format = output_format
+        self.recursive = recursive
+        self.url = self.inputs[0].resolve().as_uri()
+        self.skipped: list[str] = []  # files seen by the last listing that are not images
+
+    def __repr__(self) -> str:
+        return f"LocalStore({[str(p) for p in self.inputs]!r}, output={str(self.output)!r})"
+
+    # ---- listing ----------------------------------------------------------------------------------
+    def list_items(self, query: dict[str, Any] | None = None) -> list[Item]:
+        """Items under the inputs, filtered by ``query``: ``kinds`` (list of kinds), ``glob`` (a
+        pattern, or list, matched against the item's relative path), ``modified_within_hours``
+        (newest file of the item modified within that many hours)."""
+        query = dict(query or {})
+        unknown = sorted(set(query) - set(QUERY_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown local store query key(s) {unknown}; known: {list(QUERY_KEYS)}")
+        found: list[tuple[str, str, Path, dict[str, Any]]] = []  # (kind, relative path, path, meta)
+        dicom_files: list[Path] = []
+        self.skipped = []
+        out_root = self.output.resolve() if self.output is not None else None
+        for inp in self.inputs:
+            if not inp.exists():
+                raise InputError("no such file or folder", inp)
+            if inp.is_file():
+                kind = _file_kind(inp)
+                if kind == "dicom":
+                    dicom_files.append(inp)
+                else:
+                    found.append((kind or "unknown", inp.name, inp, {}))
+            else:
+                self._walk(inp, inp, found, dicom_files, out_root)
+        items = self._named(found)
+        items += self._dicom_items(dicom_files, {id_ for id_ in (i.id for i in items)})
+        return [i for i in sorted(items, key=lambda i: i.id) if self._matches(i, query)]
+
+    def _walk(self, root: Path, folder: Path, found: list, dicom_files: list[Path], out_root: Path | None) -> None:
+        if out_root is not None and folder.resolve() == out_root:
+            return
+        fmt = detect_format(folder)
+        if fmt in ("sentinel2", "landsat8"):
+            rel = folder.relative_to(root).as_posix() if folder != root else folder.name
+            found.append((fmt, rel, folder, {}))
+            return
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if self.recursive:
+                    self._walk(root, entry, found, dicom_files, out_root)
+                continue
+            kind = _file_kind(entry)
+            if kind == "dicom":
+                dicom_files.append(entry)
+            elif kind is not None:
+                found.append((kind, entry.relative_to(root).as_posix(), entry, {}))
+            else:
+                self.skipped.append(str(entry))
+
+    @staticmethod
+    def _named(found: list[tuple[str, str, Path, dict[str, Any]]]) -> list[Item]:
+        slugs = [_slug(rel) for _, rel, _, _ in found]
+        counts = Counter(slugs)
+        items = []
+        for (kind, rel, path, meta), slug in zip(found, slugs):
+            if counts[slug] > 1:
+                slug = f"{slug}-{_sha(str(path.resolve()), 6)}"
+            suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+            extra = {"suffix": suffix} if kind == "nifti" else {}
+            items.append(Item(id=slug, uri=str(path), kind=kind, meta={"path": str(path), **extra, **meta}))
+        return items
+
+    def _dicom_items(self, files: list[Path], taken: set[str]) -> list[Item]:
+        if not files:
+            return []
+        from domainsr.io.dicom import list_series
+
+        listing = list_series(files)
+        items = []
+        for s in listing:
+            id_ = f"{(s.modality or 'dicom').lower()}-{_sha(s.series_uid)}"
+            folder = Path(os.path.commonpath([str(f.parent) for f in s.files]))
+            items.append(Item(id=check_name(id_), uri=str(folder), kind="dicom",
+                              meta={"files": [str(f) for f in s.files], "series_uid": s.series_uid,
+                                    "modality": s.modality, "slices": s.n_frames}))
+        for path, problem in listing.errors.items():
+            slug = _slug(Path(path).name)
+            id_ = slug if slug not in taken else f"{slug}-{_sha(path, 6)}"
+            taken.add(id_)
+            items.append(Item(id=id_, uri=path, kind="dicom", meta={"files": [path], "error": problem}))
+        return items
+
+    @staticmethod
+    def _matches(item: Item, query: dict[str, Any]) -> bool:
+        kinds = query.get("kinds")
+        if kinds is not None and item.kind not in ([kinds] if isinstance(kinds, str) else kinds):
+            return False
+        patterns = query.get("glob")
+        if patterns is not None:
+            pats = [patterns] if isinstance(patterns, str) else list(patterns)
+            if not any(fnmatch.fnmatch(item.uri, p) or fnmatch.fnmatch(Path(item.uri).name, p) for p in pats):
+                return False
+        hours = query.get("modified_within_hours")
+        if hours is not None:
+            files = [Path(f) for f in item.meta.get("files", [item.uri])]
+            paths = [p for f in files for p in ([*f.iterdir()] if f.is_dir() else [f])]
+            newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+            if time.time() - newest > float(hours) * 3600.0:
+                return False
+        return True
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def read(self, item: Item) -> SpatialImage | MultiResolutionImage:
+        if item.meta.get("error"):
+            raise InputError(str(item.meta["error"]), item.uri)
+        medical = self.domain if self.domain in ("mri", "ct") else None
+        if item.kind == "dicom":
+            from domainsr.io.dicom import read_dicom_series
+
+            return read_dicom_series([Path(f) for f in item.meta["files"]], series_uid=item.meta.get("series_uid"),
+                                     domain=medical)
+        if item.kind == "nifti":
+            from domainsr.io.nifti import read_nifti
+
+            return read_nifti(item.uri, domain=medical or "mri")
+        if item.kind == "raster":
+            from domainsr.io.raster import read_raster
+
+            return read_raster(item.uri)
+        if item.kind == "sentinel2":
+            from domainsr.io.sentinel2 import read_sentinel2
+
+            return read_sentinel2(item.uri)
+        if item.kind == "landsat8":
+            from domainsr.io.sentinel2 import read_landsat8
+
+            return read_landsat8(item.uri)
+        detect_format(item.uri)  # raises the precise error for a missing or unknown file
+        raise UnsupportedFormatError(f"not an image this store can read (kind {item.kind!r})", item.uri)
+
+    # ---- outputs ----------------------------------------------------------------------------------
+    def output_format_of(self, item: Item) -> str:
+        """``nifti``, ``dicom`` or ``cog``: the format ``item``'s output is written in."""
+        if self.output_format != "same":
+            return self.output_format
+        return {"nifti": "nifti", "dicom": "dicom"}.get(item.kind, "cog")
+
+    def output_path(self, item: Item) -> Path:
+        """Where ``item``'s output goes (inside the output root)."""
+        fmt = self.output_format_of(item)
+        suffix = {"nifti": item.meta.get("suffix", ".nii.gz"), "dicom": "", "cog": ".tif"}[fmt]
+        return self._inside(check_name(item.id, "item id") + suffix)
+
+    def provenance_path(self, item: Item) -> Path:
+        out = self.output_path(item)
+        return out.with_name(out.name + PROVENANCE_SUFFIX)
+
+    def _root(self) -> Path:
+        if self.output is None:
+            raise ConfigError("this store has no output folder (give --out or store.output)")
+        return self.output
+
+    def _inside(self, name: str) -> Path:
+        if Path(name).is_absolute() or "/" in name or "\\" in name or ".." in name:
+            raise StoreError(f"refused output name {name!r}: it must stay inside the output folder")
+        root = self._root().resolve()
+        path = root / name
+        if not path.resolve().is_relative_to(root):
+            raise StoreError(f"refused output name {name!r}: it resolves outside the output folder", root)
+        return path
+
+    def existing(self, item: Item, run_key: str) -> WriteResult | None:
+        """The finished output of ``item`` for ``run_key``: its provenance file exists, names the
+        run key and is complete, and every file it lists is there."""
+        try:
+            prov_path = self.provenance_path(item)
+            record = json.loads(prov_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("run_key") != run_key or not record.get("complete"):
+            return None
+        out = self.output_path(item)
+        extras = {k: str(self._inside(Path(v).name)) for k, v in (record.get("extras") or {}).items()}
+        if not out.exists() or not all(Path(p).exists() for p in extras.values()):
+            return None
+        return WriteResult(uri=str(out), extras=extras)
+
+    def write(self, item: Item, image: SpatialImage, run_key: str,
+              extras: dict[str, Path] | None = None) -> WriteResult:
+        """Write ``image`` in ``item``'s output format, then the extras, then the provenance file."""
+        fmt = self.output_format_of(item)
+        self._check_format(fmt, image, item)
+        out = self.open_output(item)
+        if fmt == "nifti":
+            from domainsr.io.nifti import write_nifti
+
+            write_nifti(image, out)
+        elif fmt == "dicom":
+            from domainsr.io.dicom import write_derived_series
+
+            model = image.provenance.get("model") or {}
+            write_derived_series(image, out, model_name=str(model.get("name", "unknown")), overwrite=True)
+        else:
+            from domainsr.io.raster import write_raster
+
+            write_raster(image, out)
+        return self.commit(item, run_key, extras, _public(image.provenance, image.domain, item))
+
+    def open_output(self, item: Item) -> Path:
+        """Where to write ``item``'s output (e.g. by a streaming writer, atomically); from now on any
+        earlier output of the item is not 'done' for any run key. Finish with :meth:`commit`."""
+        out = self.output_path(item)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.provenance_path(item).unlink(missing_ok=True)
+        return out
+
+    def commit(self, item: Item, run_key: str, extras: dict[str, Path] | None = None,
+               provenance: dict[str, Any] | None = None) -> WriteResult:
+        """Place the extras beside the finished output, then write its provenance file (last)."""
+        out = self.output_path(item)
+        if not out.exists():
+            raise OutputError("output is missing; nothing to commit", out)
+        placed: dict[str, str] = {}
+        for label, src in (extras or {}).items():
+            dst = self._inside(f"{item.id}.{check_name(label, 'extra label')}")
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+            placed[label] = str(dst)
+        record = {
+            "run_key": run_key,
+            "complete": True,
+            "item": {"id": item.id, "kind": item.kind},
+            "output": out.name,
+            "format": self.output_format_of(item),
+            "extras": {k: Path(v).name for k, v in placed.items()},
+            "written": now_iso(),
+            "provenance": provenance or {},
+        }
+        prov_path = self.provenance_path(item)
+        try:
+            with atomic_path(prov_path) as tmp:
+                tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+        except (TypeError, ValueError) as exc:
+            raise OutputError(f"cannot record provenance: {exc}", prov_path) from exc
+        return WriteResult(uri=str(out), extras=placed)
+
+    @staticmethod
+    def _check_format(fmt: str, image: SpatialImage, item: Item) -> None:
+        """Refuse (as a config error, not worth a retry) a format the image cannot be written in."""
+        problem = None
+        if fmt == "dicom" and not image.meta.get("dicom"):
+            problem = "a DICOM output needs a DICOM input series"
+        elif fmt == "nifti" and not isinstance(image.geometry, MedicalGeometry):
+            problem = "a NIfTI output needs a volume in patient space"
+        elif fmt == "cog" and not isinstance(image.geometry, GeoGeometry):
+            problem = "a GeoTIFF/COG output needs a raster on a map grid"
+        if problem:
+            raise ConfigError(f"output format {fmt!r} does not fit this {item.kind} item: {problem}", item.id)
+
+
+def _public(provenance: dict[str, Any], domain: str, item: Item) -> dict[str, Any]:
+    """Provenance without anything that could identify a patient: medical inputs are named by
+    item id only (paths of medical files often carry names)."""
+    prov = {k: v for k, v in provenance.items() if k != "source"}
+    prov["source"] = item.id if item.kind in _MEDICAL_KINDS or domain in ("mri", "ct") else item.uri
+    return prov

@@ -1,0 +1,77 @@
+"""The audit flow: the held-out audit of a model on real high-resolution references (each is
+degraded with the model card's degradation, enhanced, and compared with the interpolation
+baseline and the reference), or the audit of an SR file made elsewhere against its LR input.
+One task per reference; a table artifact with the numbers and links to the reports.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed, State
+
+from domainsr import pipeline
+from domainsr.config import ModelRef
+from flows.common import artifact_key, link
+
+
+@task(name="heldout-audit", cache_policy=NO_CACHE, persist_result=False)
+def heldout_task(reference: str, model: str, scale: int | list[int] | None, out: str, audit: dict[str, Any],
+                 bands: list[str] | None, seed: int) -> dict[str, Any]:
+    result = pipeline.heldout_audit(reference, ModelRef(name=model, scale=scale), out, audit=audit, bands=bands,
+                                    seed=seed)
+    get_run_logger().info("%s: %s, PSNR gain over interpolation %+.2f dB -> %s", reference, result["verdict"],
+                          result["psnr_gain_db"], result["html"])
+    return {"reference": reference, **result}
+
+
+@task(name="output-audit", cache_policy=NO_CACHE, persist_result=False)
+def output_task(sr: str, lr: str, reference: str | None, out: str, audit: dict[str, Any],
+                bands: list[str] | None) -> dict[str, Any]:
+    return {"reference": reference or "", "sr": sr,
+            **pipeline.output_audit(sr, lr, out, reference=reference, audit=audit, bands=bands)}
+
+
+@flow(name="domainsr-audit")
+def audit_flow(references: list[str] | None = None, model: str | None = None, scale: int | list[int] | None = None,
+               out: str = "audit_out", audit: dict[str, Any] | None = None, bands: list[str] | None = None,
+               seed: int = 0, sr: str | None = None, lr: str | None = None) -> State:
+    """Held-out audit of ``model`` on each of ``references`` (files or band-set folders), or, with
+    ``sr`` and ``lr``, the audit of a third-party output (``references[0]`` as its optional
+    high-resolution reference). Ends Failed when an audit could not run or a verdict is 'fail'."""
+    from domainsr.errors import ConfigError
+
+    audit = audit or {}
+    if sr is not None or lr is not None:
+        if sr is None or lr is None:
+            raise ConfigError("an output audit needs both sr and lr")
+        ref = (references or [None])[0]
+        futures = [output_task.submit(sr, lr, ref, out, audit, bands)]
+    else:
+        if not references or model is None:
+            raise ConfigError("a held-out audit needs references and a model")
+        futures = [heldout_task.submit(r, model, scale, out, audit, bands, seed) for r in references]
+    rows, errors = [], []
+    for f in futures:
+        f.wait()
+        if f.state.is_completed():
+            rows.append(f.result())
+        else:
+            exc = f.state.result(raise_on_failure=False)
+            errors.append(str(exc) if isinstance(exc, BaseException) else f.state.message)
+    table = [{k: r.get(k) for k in ("reference", "verdict", "psnr", "psnr_baseline", "psnr_gain_db", "ssim",
+                                    "ssim_baseline", "regions", "html")} for r in rows]
+    key = artifact_key("domainsr-audit", model or "output")
+    verdicts = [r["verdict"] for r in rows]
+    desc = f"{len(rows)} audit(s): {', '.join(verdicts) or 'none'}; {len(errors)} error(s)"
+    create_table_artifact(table=table or [{"reference": "", "verdict": "no audit"}], key=key, description=desc)
+    create_markdown_artifact(key=f"{key}-reports", description=desc, markdown="# DomainSR audit\n\n" + "\n".join(
+        f"- {r['reference'] or r.get('sr')}: **{r['verdict']}** ({'; '.join(r['reasons'])}) "
+        f"{link(r['html'], 'report')} {link(r['risk_map'], 'risk map')}" for r in rows)
+        + "".join(f"\n- error: {e}" for e in errors) + "\n")
+    data = {"audits": rows, "errors": errors}
+    if errors or "fail" in verdicts:
+        return Failed(message=desc, data=data)
+    return Completed(message=desc, data=data)

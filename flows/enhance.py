@@ -1,0 +1,192 @@
+"""The batch enhancement flow: list a store's items, skip those already enhanced with the same
+model and config (the run key in each output's provenance file), enhance the rest as tasks
+(retries on transient errors, a per-item time limit), audit each output without a reference,
+publish a table and a markdown artifact linking outputs and audit reports, and end in a state
+that counts what succeeded and what failed.
+
+Run it from the CLI (``domainsr enhance``), from Python (``enhance_flow(config=...)``), or as a
+scheduled deployment (``prefect.yaml``, ``domainsr schedule``). No image logic lives here: every
+step is a call into :mod:`domainsr.pipeline` and :mod:`domainsr.stores`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.states import Completed, Failed, State
+
+from domainsr import pipeline
+from domainsr.config import EnhanceConfig, load_enhance_config
+from domainsr.errors import ConfigError
+from domainsr.stores import Item, Store, expand, open_store
+from flows.common import artifact_key, link, local_dask_workers, retry_if_transient, task_runner_for
+
+
+def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None, out: str | None = None,
+              model: str | None = None, scale: str | int | Sequence[int] | None = None,
+              bands: Sequence[str] | None = None, force: bool = False, task_runner: str | None = None,
+              dask_address: str | None = None, run_audit: bool | None = None) -> tuple[pipeline.RunSpec, Store]:
+    """The run and its store from a config file or a model name, with command-line overrides."""
+    if (config is None) == (model is None):
+        raise ConfigError("give either a config file (--config) or a model (--model), not both or neither")
+    if config is not None:
+        cfg = load_enhance_config(config)
+        source = str(config)
+        if scale is not None or bands:
+            upd: dict[str, Any] = {}
+            if scale is not None:
+                upd["model"] = cfg.model.model_copy(update={"scale": pipeline.parse_scale(scale)})
+            if bands:
+                upd["bands"] = list(bands)
+            cfg = cfg.model_copy(update=upd)
+    else:
+        cfg = pipeline.config_from_model(model, scale, bands)
+        source = "command line"
+    runner_upd: dict[str, Any] = {}
+    if task_runner:
+        runner_upd["task_runner"] = task_runner
+    if dask_address:
+        runner_upd.update(task_runner="dask", dask_address=dask_address)
+    if runner_upd:
+        cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update=runner_upd)})
+    if run_audit is not None:
+        cfg = cfg.model_copy(update={"run_audit": run_audit})
+    cfg = _threads_for_local_dask(cfg)
+    spec = pipeline.plan_run(EnhanceConfig.model_validate(cfg.model_dump()), source, force=force)
+    output = out or expand(cfg.store.output or str(cfg.output.dir))
+    kwargs = {"domain": cfg.domain, "output_format": cfg.output.format}
+    store = open_store(list(inputs), output=output, **kwargs) if inputs else open_store(
+        cfg.store, output=output, **kwargs)
+    return spec, store
+
+
+def _threads_for_local_dask(cfg: EnhanceConfig) -> EnhanceConfig:
+    """A local Dask cluster shares this machine's cores between its workers."""
+    r = cfg.runner
+    if r.task_runner != "dask" or r.dask_address or cfg.tiling.threads is not None:
+        return cfg
+    from domainsr.engine.inferer import physical_cores
+
+    threads = max(1, physical_cores() // (local_dask_workers(r) * r.dask_threads_per_worker))
+    return cfg.model_copy(update={"tiling": cfg.tiling.model_copy(update={"threads": threads})})
+
+
+@task(name="plan-run", cache_policy=NO_CACHE, persist_result=False)
+def plan_task(config: str | None, inputs: list[str] | None, out: str | None, model: str | None,
+              scale: int | list[int] | str | None, bands: list[str] | None, force: bool, task_runner: str | None,
+              dask_address: str | None, run_audit: bool | None) -> tuple[pipeline.RunSpec, Store]:
+    spec, store = build_run(config, inputs=inputs, out=out, model=model, scale=scale, bands=bands, force=force,
+                            task_runner=task_runner, dask_address=dask_address, run_audit=run_audit)
+    get_run_logger().info("task %r, model %s, run key %s, store %s", spec.name, spec.model.get("name"),
+                          spec.run_key, store.url)
+    return spec, store
+
+
+@task(name="list-items", cache_policy=NO_CACHE, persist_result=False)
+def list_task(store: Store, spec: pipeline.RunSpec) -> tuple[list[Item], list[pipeline.ItemResult]]:
+    """The store's items matching the config's query, split into to-do and already done."""
+    items = store.list_items(spec.config.store.query or None)
+    todo, done = pipeline.split_done(store, items, spec)
+    get_run_logger().info("%d item(s): %d to enhance, %d already done with run key %s",
+                          len(items), len(todo), len(done), spec.run_key)
+    return todo, done
+
+
+@task(name="enhance-item", task_run_name="enhance-{item.id}", cache_policy=NO_CACHE, persist_result=False,
+      retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def enhance_item_task(store: Store, item: Item, spec: pipeline.RunSpec) -> pipeline.ItemResult:
+    """Read, enhance, audit and write one item (writes are atomic; never cached)."""
+    result = pipeline.enhance_item(store, item, spec)
+    get_run_logger().info("%s: %s -> %s (audit: %s, %.1f s)", item.id, result.message, result.output,
+                          result.verdict or "off", result.seconds)
+    return result
+
+
+@flow(name="domainsr-enhance-items", validate_parameters=False)
+def enhance_items_flow(store: Store, items: list[Item], spec: pipeline.RunSpec) -> list[pipeline.ItemResult]:
+    """Every item as its own task on this flow's task runner; a failed item is reported, the
+    others go on."""
+    r = spec.config.runner
+    task = enhance_item_task.with_options(retries=r.retries, retry_delay_seconds=r.retry_delay_s)
+    pipeline.report("items", spec.name, 0, len(items))
+    futures = {task.submit(store, item, spec): item for item in items}
+    results: dict[str, pipeline.ItemResult] = {}
+    logger = get_run_logger()
+    for n, future in enumerate(as_completed(list(futures)), 1):
+        item = futures[future]
+        future.wait()  # sets the future's final state (its .state could still be read from the API)
+        state = future.state
+        if state.is_completed():
+            results[item.id] = future.result()
+        else:
+            exc = state.result(raise_on_failure=False)
+            message = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+            logger.error("%s failed: %s", item.id, message)
+            results[item.id] = pipeline.ItemResult(item.id, item.kind, "failed", message=message,
+                                                   error=type(exc).__name__ if isinstance(exc, BaseException)
+                                                   else state.name)
+        pipeline.report("items", spec.name, n, len(items))
+    return [results[i.id] for i in items]
+
+
+def _markdown(summary: dict[str, Any], spec: pipeline.RunSpec) -> str:
+    lines = [f"# DomainSR enhancement: {spec.name}", "",
+             (f"Model **{summary['model']}**, run key `{spec.run_key}`, config `{spec.source}`, output "
+             f"{link(summary['output'], summary['output'])}."), "",
+             (f"**{summary['enhanced']} enhanced, {summary['skipped']} skipped (already done), "
+             f"{summary['failed']} failed** of {summary['total']} item(s)."), "",
+             "| item | status | output | audit | report | risk map | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary["items"]:
+        ex = r["extras"]
+        risk = next((v for k, v in ex.items() if k.startswith("risk")), None)
+        note = (r["message"] or "").replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {r['item_id']} | {r['status']} | {link(r['output'])} | {r['verdict'] or '-'} | "
+                     f"{link(ex.get('audit.html'), 'audit')} | {link(risk, 'risk')} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE, persist_result=False)
+def publish_task(summary: dict[str, Any], spec: pipeline.RunSpec) -> None:
+    """A table artifact (one row per item) and a markdown artifact with links to every output,
+    audit report and risk map, both keyed by the task name so runs form a history."""
+    rows = [{"item": r["item_id"], "kind": r["kind"], "status": r["status"], "output": r["output"] or "",
+             "audit": r["verdict"] or "", "report": r["extras"].get("audit.html", ""), "seconds": r["seconds"],
+             "message": r["message"]} for r in summary["items"]]
+    key = artifact_key("domainsr-enhance", spec.name)
+    desc = (f"{summary['enhanced']} enhanced, {summary['skipped']} skipped, {summary['failed']} failed "
+            f"(run key {spec.run_key})")
+    create_table_artifact(table=rows or [{"item": "", "status": "no items"}], key=key, description=desc)
+    create_markdown_artifact(markdown=_markdown(summary, spec), key=f"{key}-report", description=desc)
+
+
+@flow(name="domainsr-enhance", validate_parameters=True)
+def enhance_flow(config: str | None = None, inputs: list[str] | None = None, out: str | None = None,
+                 model: str | None = None, scale: int | list[int] | str | None = None, bands: list[str] | None = None,
+                 force: bool = False, task_runner: str | None = None, dask_address: str | None = None,
+                 run_audit: bool | None = None) -> State:
+    """Enhance every item of a store (a config's ``store`` or ``inputs``) into ``out``.
+
+    ``config``: a task config (``configs/*.yaml``), or ``model`` (a checkpoint or registry name)
+    with ``scale``. ``force`` redoes items already done. ``task_runner``/``dask_address``
+    override the config's runner; ``run_audit`` its audit switch. Ends Completed, or Failed when
+    any item failed; the message counts both and the state's data is the summary (one row per item).
+    """
+    spec, store = plan_task(config, inputs, out, model, scale, bands, force, task_runner, dask_address, run_audit)
+    todo, done = list_task(store, spec)
+    results = list(done)
+    if todo:
+        runner = task_runner_for(spec.config.runner)
+        results += enhance_items_flow.with_options(task_runner=runner)(store, todo, spec)
+    output = str(getattr(store, "output", "") or "") or None
+    summary = pipeline.summarize(results, spec, output)
+    publish_task(summary, spec)
+    message = (f"{summary['enhanced']} enhanced, {summary['skipped']} skipped, {summary['failed']} failed "
+               f"of {summary['total']} item(s)")
+    if summary["failed"]:
+        return Failed(message=message, data=summary)
+    return Completed(message=message, data=summary)
