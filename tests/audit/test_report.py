@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from html.parser import HTMLParser
 
 import numpy as np
@@ -180,10 +179,8 @@ def test_report_of_a_256_cube_stays_small(tmp_path):
     sr = interpolation_enhancer("cubic", 1, (2, 2, 2))(lr)
     data = sr.data.copy()
     data[0, 100:112, 120:132, 90:102] += 200.0
-    t = time.perf_counter()
     res = audit_output(sr.derive(data), lr, ref, thresholds=AuditThresholds(tta="off"))
     html_path, _ = write_report(res, tmp_path)
-    assert time.perf_counter() - t < 120
     assert [r.bbox_index for r in res.regions] == [[[100, 111], [120, 131], [90, 101]]]
     size = html_path.stat().st_size
     assert size < 15_000_000, size
