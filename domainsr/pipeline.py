@@ -602,6 +602,8 @@ def card_degradation(ident: dict[str, Any], scale: Sequence[int]) -> dict[str, A
     from domainsr.models.checkpoints import read_card
 
     spec = dict(read_card(ident["path"]).degradation) or None
+    if spec is not None and "kind" not in spec and isinstance(spec.get("target"), dict):
+        spec = dict(spec["target"])  # guided cards: {protocol, target, guide}; the output is the target bands
     given = spec.get("scale") if spec is not None else None
     if isinstance(given, (list, tuple)) and len(given) != len(scale):
         spec["scale"] = list(scale)

@@ -270,3 +270,14 @@ def test_reference_free_audit_uses_the_cards_own_degradation(tmp_path):
     assert pipeline.consistency_operator(card_with({"kind": "blind", "scale": 2}), (2, 2), 1) is None
     cubic = pipeline.model_identity(ModelRef(name="cubic", scale=2))
     assert pipeline.consistency_operator(cubic, (2, 2), 1) is None  # registry models: the audit's block mean
+
+
+def test_guided_card_degradation_is_the_target_bands_operator():
+    """A guided card stores {protocol, target, guide}; the audit re-degrades the target bands."""
+    from domainsr.degrade import build_degradation
+    from domainsr.models.checkpoints import resolve_checkpoint
+    from domainsr.pipeline import card_degradation
+
+    spec = card_degradation({"kind": "checkpoint", "path": resolve_checkpoint("sentinel2-20m-guided")}, (2, 2))
+    assert spec["kind"] == "optical" and len(spec["mtf"]) == 6
+    build_degradation({k: v for k, v in spec.items() if k != "derived"})
