@@ -53,7 +53,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from domainsr.errors import GeometryError, InputError, OutputError, UnsupportedFormatError
+from domainsr.errors import DomainSRError, GeometryError, InputError, OutputError, UnsupportedFormatError
 from domainsr.image import DOMAINS, MedicalGeometry, SpatialImage
 from domainsr.io.atomic import atomic_path
 
@@ -187,6 +187,10 @@ def list_series(paths: str | Path | Sequence[str | Path]) -> SeriesListing:
     return _scan(_files_of(paths)[0])
 
 
+_SCANNED = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "NumberOfFrames",
+            "Rows", "Columns", "SOPClassUID")
+
+
 def _scan(files: list[Path]) -> SeriesListing:
     groups: dict[str, list[tuple[Path, Dataset]]] = {}
     skipped, errors = 0, {}
@@ -196,10 +200,12 @@ def _scan(files: list[Path]) -> SeriesListing:
             continue
         try:
             ds = _read_header(f)
+            for kw in _SCANNED:  # pydicom converts values lazily: parse the ones used here now
+                ds.get(kw)
+            problem = _header_problem(ds)
         except Exception as exc:  # noqa: BLE001 - any parse failure is recorded for this file
             errors[str(f)] = f"not a readable DICOM file: {type(exc).__name__}: {exc}"
             continue
-        problem = _header_problem(ds)
         if problem == "skip":
             skipped += 1
             continue
@@ -491,9 +497,11 @@ def read_dicom_series(path_or_files: str | Path | Sequence[str | Path], series_u
     for f in info.files:
         try:
             headers[f] = ds = _read_header(f)
-        except Exception as exc:  # the file changed since it was listed
-            raise InputError(f"not a readable DICOM file: {exc}", f) from exc
-        frames.extend(_frames_of(f, ds))
+            frames.extend(_frames_of(f, ds))
+        except DomainSRError:
+            raise
+        except Exception as exc:  # changed since listed, or a corrupt element pydicom parses lazily
+            raise InputError(f"not a readable DICOM file: {type(exc).__name__}: {exc}", f) from exc
     _check_consistent(frames, label)
     f0 = frames[0]
     row, col = f0.iop[:3], f0.iop[3:]
@@ -510,13 +518,17 @@ def read_dicom_series(path_or_files: str | Path | Sequence[str | Path], series_u
     first = headers[frames[0].file]
     storage = _storage_dtype(first, frames[0].file)
     vol = _volume(frames)
+    try:
+        meta = _source_meta(first, frames, info, affine, storage)
+    except Exception as exc:  # a corrupt element pydicom parses lazily (unknown VR, bad number)
+        raise InputError(f"not a readable DICOM file: {type(exc).__name__}: {exc}", frames[0].file) from exc
     return SpatialImage(
         data=vol[None],
         domain=domain,  # type: ignore[arg-type]
         geometry=MedicalGeometry(affine, vol.shape),
         units="HU" if info.modality == "CT" else "a.u.",
         provenance={"source": str(label), "format": "dicom"},
-        meta={"dicom": _source_meta(first, frames, info, affine, storage), "storage_dtype": str(storage)},
+        meta={"dicom": meta, "storage_dtype": str(storage)},
     )
 
 
