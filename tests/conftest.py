@@ -14,3 +14,22 @@ def sample_data():
     from domainsr.data import fetch_sample_data
 
     return fetch_sample_data()
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory):
+    """Prefect in ephemeral mode (its own SQLite database under a temporary PREFECT_HOME, no
+    PREFECT_API_URL) for the whole session: the ephemeral server starts once."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_API_URL: None,
+                                     PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                                     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        yield home

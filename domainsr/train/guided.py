@@ -57,6 +57,7 @@ from domainsr.train.trainer import (
     _Run,
     _source_files,
     _threads,
+    robust_range,
     score,
     source_path,
     training_settings,
@@ -435,10 +436,7 @@ def _guided_card(config: TrainConfig, data: GuidedData, kwargs: dict[str, Any], 
         t_vals = np.asarray(t.data, np.float32)[(slice(None), *box)][:, data.valid[box]]
         g_box = (slice(None), *_hr_box(box, s))
         g_vals = np.asarray(g.data, np.float32)[g_box][:, _on_hr_grid(data.valid[box], s)]
-        vals = np.concatenate([t_vals.ravel(), g_vals.ravel()])
-        in_range = (float(np.percentile(vals, 0.1)), float(np.percentile(vals, 99.9)))
-        if in_range[1] <= in_range[0]:
-            in_range = (in_range[0], in_range[0] + 1.0)
+        in_range = robust_range(np.concatenate([t_vals.ravel(), g_vals.ravel()]))
     split = {"axis": config.data.split.axis, "order": list(config.data.split.order), "gap_px": data.gap,
              "regions": {k: [v.start, v.stop] for k, v in data.regions.items()},
              "units": "target-grid pixels along the axis (end exclusive); guide rows are these x the scale",

@@ -386,6 +386,12 @@ def _threads(config: TrainConfig) -> int:
     return n
 
 
+def robust_range(values: np.ndarray) -> tuple[float, float]:
+    """The card's expected input range: the 0.1-99.9 percentiles of the training values (never empty)."""
+    lo, hi = float(np.percentile(values, 0.1)), float(np.percentile(values, 99.9))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
 def _fingerprint(config: TrainConfig) -> str:
     """What must not change between a run and its resumption (budgets and cadences may)."""
     keep = config.model_dump(mode="json", exclude={"steps", "max_minutes", "val_every", "save_every",
@@ -716,10 +722,7 @@ def _card(config: TrainConfig, data: _Data, net: nn.Module, rr: tuple[int, ...],
         in_range = c.input_range
     else:
         box = data.regions["train"].slices(img.spatial_shape)
-        vals = np.asarray(img.data, np.float32)[(slice(None), *box)][:, data.valid[box]]
-        in_range = (float(np.percentile(vals, 0.1)), float(np.percentile(vals, 99.9)))
-        if in_range[1] <= in_range[0]:
-            in_range = (in_range[0], in_range[0] + 1.0)
+        in_range = robust_range(np.asarray(img.data, np.float32)[(slice(None), *box)][:, data.valid[box]])
     split = {"axis": config.data.split.axis, "order": list(config.data.split.order), "gap_px": data.gap,
              "regions": {k: [v.start, v.stop] for k, v in data.regions.items()},
              "units": "source pixels along the axis (end exclusive)",

@@ -8,24 +8,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def prefect_home(tmp_path_factory):
-    """Prefect in ephemeral mode (own SQLite database under a temporary PREFECT_HOME, no API URL)."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_HOME,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
-
-    home = tmp_path_factory.mktemp("prefect-home-cli")
-    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_API_URL: None,
-                                     PREFECT_SERVER_ANALYTICS_ENABLED: False,
-                                     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-        yield home
-
-
-@pytest.fixture(scope="session")
 def small_inputs(sample_data, tmp_path_factory) -> Path:
     """A folder with a block of the real MNI152 volume (NIfTI) and a window of the real Sentinel-2
     10 m bands (GeoTIFF)."""

@@ -9,25 +9,6 @@ from flow_inputs import write_geotiff_crop, write_mr_series, write_nifti_crop
 
 
 @pytest.fixture(scope="session")
-def prefect_home(tmp_path_factory):
-    """Prefect in ephemeral mode (its own SQLite database under a temporary PREFECT_HOME, no
-    PREFECT_API_URL) for the whole session: the ephemeral server starts once."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_HOME,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_API_URL: None,
-                                     PREFECT_SERVER_ANALYTICS_ENABLED: False,
-                                     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-        yield home
-
-
-@pytest.fixture(scope="session")
 def mixed_folder(sample_data, tmp_path_factory) -> Path:
     """A folder of mixed real inputs: a NIfTI, a DICOM series (in a sub-folder), a GeoTIFF and
     one corrupt file."""

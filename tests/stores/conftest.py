@@ -83,20 +83,3 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     """A throw-away CA and a server certificate for 127.0.0.1."""
     return make_pki(tmp_path_factory.mktemp("pki"))
 
-
-@pytest.fixture(scope="session")
-def prefect_home(tmp_path_factory):
-    """Prefect in ephemeral mode (own SQLite under a temporary PREFECT_HOME) for the flow tests."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_HOME,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_API_URL: None,
-                                     PREFECT_SERVER_ANALYTICS_ENABLED: False,
-                                     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-        yield home
