@@ -79,6 +79,9 @@ class RunnerConfig(StrictModel):
     retries: int = Field(1, ge=0, description="retries of an item after a transient error (I/O, network)")
     retry_delay_s: float = Field(10.0, ge=0)
     item_timeout_s: float | None = Field(None, gt=0, description="time limit of one item (checked per tile batch)")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="GiB one item's decoded input and output may take; larger single-file rasters "
+        "stream, other inputs are refused (null: DOMAINSR_MEMORY_BUDGET_GB, else half the machine's memory)")
 
 
 class EnhanceConfig(StrictModel):

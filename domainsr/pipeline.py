@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ from domainsr.errors import (
     StoreError,
 )
 from domainsr.image import MultiResolutionImage, SpatialImage
+from domainsr.limits import check_fits, decoded_bytes, fits, memory_budget
 from domainsr.stores.base import Item, Store
 
 log = logging.getLogger("domainsr.pipeline")
@@ -399,15 +401,23 @@ def _input_for(img: SpatialImage | MultiResolutionImage, bands: Sequence[str] | 
 
 def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
     """Read, enhance, audit and write one item; raises a DomainSRError (or an I/O error) on failure."""
-    import torch
 
     cfg = spec.config
     t0 = time.monotonic()
     limit = cfg.runner.item_timeout_s
     deadline = t0 + limit if limit else None
     progress = _tile_progress(item.id, deadline, limit)
-    if _streams(store, item, spec):
-        return _enhance_streamed(store, item, spec, progress, t0)
+    with memory_budget(cfg.runner.memory_budget_gb):
+        if _streams(store, item, spec):
+            return _enhance_streamed(store, item, spec, progress, t0)
+        return _enhance_in_memory(store, item, spec, progress, t0)
+
+
+def _enhance_in_memory(store: Store, item: Item, spec: RunSpec, progress: Callable[[int, int], None],
+                       t0: float) -> ItemResult:
+    import torch
+
+    cfg = spec.config
     raw = store.read(item)
     if spec.model.get("guided"):
         img, sr, module, info = _enhance_guided(raw, spec, item, progress)
@@ -416,6 +426,7 @@ def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
         if cfg.domain is not None and img.domain != cfg.domain:
             raise InputError(f"this is a {img.domain} image but task {cfg.name!r} is for {cfg.domain}", item.id)
         module, info = load_model(cfg.model, img)
+        check_job_memory(img.channels, img.spatial_shape, module.scale, item.id)
         with torch.inference_mode():
             sr = enhance_image_checked(img, _inferer(module, cfg, progress), item)
     del raw
@@ -446,16 +457,30 @@ def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
                       message=f"{info['name']} x{scale_text(info['scale'])}")
 
 
+def job_bytes(channels: int, spatial_shape: Sequence[int], scale: int | Sequence[int]) -> int:
+    """Memory of enhancing a whole image at once: its float32 copy and the float32 output."""
+    factors = np.broadcast_to(np.asarray(scale, dtype=np.int64), (len(spatial_shape),))
+    return decoded_bytes((channels, *spatial_shape), np.float32) * (1 + math.prod(int(f) for f in factors))
+
+
+def check_job_memory(channels: int, spatial_shape: Sequence[int], scale: int | Sequence[int], item_id: str) -> None:
+    """ResourceLimitError when enhancing the whole image at once would exceed the memory budget."""
+    shape = "x".join(str(int(s)) for s in spatial_shape)
+    check_fits(job_bytes(channels, spatial_shape, scale), f"enhancing {channels}x{shape} at x{scale_text(scale)}",
+               item_id, "crop or split the input, or raise the budget")
+
+
 def _streams(store: Store, item: Item, spec: RunSpec) -> bool:
-    """Whether ``item`` is a single-file raster large enough to stream (and the store can take a
-    file written in place: ``open_output``/``commit``)."""
+    """Whether ``item`` is a single-file raster to stream (the store can take a file written in
+    place: ``open_output``/``commit``): one of ``tiling.stream_above_mpx`` LR megapixels or more,
+    or one too large to enhance in memory within the memory budget."""
     limit = spec.config.tiling.stream_above_mpx
     if limit is None or item.kind != "raster" or spec.model.get("guided") or not hasattr(store, "open_output"):
         return False
     from domainsr.io.raster import raster_info
 
-    _, rows, cols = raster_info(item.meta.get("path", item.uri))["shape"]
-    return rows * cols >= limit * 1e6
+    count, rows, cols = raster_info(item.meta.get("path", item.uri))["shape"]
+    return rows * cols >= limit * 1e6 or not fits(job_bytes(count, (rows, cols), spec.model["scale"]))
 
 
 def _enhance_streamed(store: Any, item: Item, spec: RunSpec, progress: Callable[[int, int], None],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 
@@ -33,3 +34,25 @@ def prefect_home(tmp_path_factory):
                                      PREFECT_SERVER_ANALYTICS_ENABLED: False,
                                      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
         yield home
+
+
+#: What the reliability tests did, printed at the end of the run (README: "Reliability").
+_RELIABILITY: Counter[str] = Counter()
+_RELIABILITY_ORDER = ("bad inputs tried", "faults injected", "items checked after faults", "items lost")
+
+
+@pytest.fixture
+def tally():
+    """``tally(kind, n=1)``: count a bad input tried, a fault injected, items checked or lost."""
+    def add(kind: str, n: int = 1) -> None:
+        if kind not in _RELIABILITY_ORDER:
+            raise ValueError(f"unknown reliability count {kind!r}")
+        _RELIABILITY[kind] += n
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _RELIABILITY:
+        terminalreporter.write_sep("-", "reliability: " + ", ".join(
+            f"{_RELIABILITY[k]} {k}" for k in _RELIABILITY_ORDER))

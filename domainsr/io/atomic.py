@@ -1,19 +1,73 @@
-"""Atomic output: write to a temporary sibling, rename into place only when complete."""
+"""Atomic output: write to a temporary sibling, rename into place only when complete.
+
+A process killed mid-write (SIGKILL, power loss) leaves only a hidden ``.<name>.partial-<pid>_<host>-*``
+sibling, never a file under the final name; the next write of the same output removes such debris
+once its writer is gone.
+"""
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from domainsr.errors import OutputError
 
+#: A partial output whose writer is not a live process of this machine, or older than this, is
+#: debris of a killed run and removed when the same output is written again.
+STALE_AFTER_S = 24 * 3600.0
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_OWNER = re.compile(r"(\d+)_([0-9a-f]{8})-")
+
+
+def partial_prefix(final: Path) -> str:
+    """Name prefix of ``final``'s temporary siblings (hidden; they record the writer's pid and host)."""
+    return f".{final.name}.partial-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(final: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary siblings of ``final`` left by a killed writer: written on this machine by
+    a process that is gone, or older than :data:`STALE_AFTER_S`. Returns what was removed."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    prefix = partial_prefix(final)
+    for entry in final.parent.glob(glob.escape(prefix) + "*"):
+        m = _OWNER.match(entry.name[len(prefix):])
+        try:
+            age = now - entry.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        dead = m is not None and m.group(2) == _HOST and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+        if dead or age > STALE_AFTER_S:
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
 
 def _tmp_sibling(final: Path, is_dir: bool) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.partial-"
+    remove_stale_partials(final)
+    prefix = f"{partial_prefix(final)}{os.getpid()}_{_HOST}-"
     if is_dir:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     fd, name = tempfile.mkstemp(prefix=prefix, suffix="".join(final.suffixes), dir=final.parent)

@@ -56,6 +56,7 @@ from pydicom.valuerep import format_number_as_ds
 from domainsr.errors import DomainSRError, GeometryError, InputError, OutputError, UnsupportedFormatError
 from domainsr.image import DOMAINS, MedicalGeometry, SpatialImage
 from domainsr.io.atomic import atomic_path
+from domainsr.limits import check_fits, decoded_bytes
 
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DOMAIN_OF_MODALITY = {"CT": "ct", "MR": "mri"}
@@ -491,6 +492,8 @@ def read_dicom_series(path_or_files: str | Path | Sequence[str | Path], series_u
     files, label = _files_of(path_or_files)
     info = _select(_scan(files), series_uid, label)
     domain = _domain_for(info.modality, domain, label)
+    check_fits(decoded_bytes((info.n_frames, info.rows, info.columns), np.int32),
+               f"a volume of {info.n_frames} slices of {info.rows}x{info.columns}", label)
 
     headers: dict[Path, Dataset] = {}
     frames: list[_Frame] = []

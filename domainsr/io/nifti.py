@@ -26,6 +26,7 @@ from nibabel.spatialimages import HeaderDataError
 from domainsr.errors import InputError, OutputError, UnsupportedFormatError
 from domainsr.image import DOMAINS, MedicalGeometry, SpatialImage
 from domainsr.io.atomic import atomic_path
+from domainsr.limits import check_fits, decoded_bytes
 
 DERIVED_DESCRIP = "DomainSR AI-enhanced (derived)"
 # Deflate cannot compress better than ~1032:1, so a .nii.gz whose header claims more bytes than
@@ -121,6 +122,9 @@ def read_nifti(path: str | Path, domain: str = "mri") -> SpatialImage:
     if not shape or any(s <= 0 for s in shape):
         raise InputError(f"header has a zero-size dimension: shape {shape}", p)
     dtype = np.dtype(hdr.get_data_dtype())
+    if dtype.fields is not None or dtype.kind not in "uif":
+        raise UnsupportedFormatError(f"voxel data type {dtype} is not supported (integer or real voxels only; "
+                                     "complex and RGB NIfTI images are not intensity volumes)", p)
     need = math.prod(shape) * dtype.itemsize
     size = p.stat().st_size
     if _is_gz(p):
@@ -131,6 +135,9 @@ def read_nifti(path: str | Path, domain: str = "mri") -> SpatialImage:
         raise InputError(
             f"file truncated: header claims shape {shape} {dtype} needing "
             f"{int(nii.dataobj.offset) + need} bytes, file has {size}", p)
+    scaled = _scaling(*hdr.get_slope_inter()) is not None
+    check_fits(decoded_bytes(shape, dtype) + (decoded_bytes(shape, np.float32) if scaled else 0),
+               f"decoding shape {shape} {dtype}", p)
     try:
         raw = np.asanyarray(nii.dataobj.get_unscaled())
     except _READ_ERRORS as exc:  # truncated gzip stream, short read, corrupt deflate data

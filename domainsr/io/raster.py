@@ -37,6 +37,7 @@ from domainsr.errors import (
 )
 from domainsr.image import GeoGeometry, SpatialImage
 from domainsr.io.atomic import atomic_path
+from domainsr.limits import check_fits, decoded_bytes
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -197,6 +198,9 @@ def read_raster(
         dtype = _check_dtypes(src, path, indexes)
         win = _resolve_window(src, path, window)
         geometry = _geometry(src, path, win)
+        h, w = (int(win.height), int(win.width)) if win is not None else (src.height, src.width)
+        check_fits(decoded_bytes((len(indexes), h, w), dtype) + h * w, f"reading {len(indexes)}x{h}x{w} {dtype}",
+                   path, "`domainsr enhance` streams large single-file rasters window by window; or read a window")
         try:
             data = src.read(indexes, window=win)
             mask = _valid_mask(src, indexes, win, data)

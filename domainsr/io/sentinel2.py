@@ -30,6 +30,7 @@ from rasterio.windows import Window
 from domainsr.errors import GeometryError, InputError
 from domainsr.image import MultiResolutionImage, SpatialImage
 from domainsr.io.raster import raster_info, read_raster
+from domainsr.limits import check_fits, decoded_bytes
 
 S2_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A",
                              "B09", "B10", "B11", "B12")
@@ -172,6 +173,8 @@ def _read_band_set(folder: str | os.PathLike[str], files: dict[str, Path], order
     if worst > coarsest + 1e-6:
         raise GeometryError(f"resolution groups cover different areas: bounds differ by up to {worst:g} m, "
                             f"more than one {coarsest:g} m pixel (offsets per group {offsets})", folder)
+    check_fits(sum(decoded_bytes(i["shape"], np.dtype(i["dtype"]) if isinstance(i["dtype"], str) else np.float64)
+                   for i in infos.values()), f"a band set of {len(files)} bands", folder)
     windows = _aligned_windows(group_info, folder) if align else dict.fromkeys(groups)
     ordered = sorted(groups, key=lambda g: (g == "qa", group_info[g]["resolution"][0]))
     return MultiResolutionImage(

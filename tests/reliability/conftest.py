@@ -48,3 +48,16 @@ def small_nifti_gz(small_nifti) -> Path:
     out = small_nifti.with_name("mni_block.nii.gz")
     out.write_bytes(gzip.compress(small_nifti.read_bytes()))
     return out
+
+
+@pytest.fixture(scope="session")
+def small_jp2(small_geotiff) -> Path:
+    """The same real Sentinel-2 crop as a lossless JPEG 2000 file (OpenJPEG), as ESA ships bands."""
+    out = small_geotiff.with_name("s2_b02_crop.jp2")
+    with rasterio.open(small_geotiff) as src:
+        profile = {**src.profile, "driver": "JP2OpenJPEG", "QUALITY": 100, "REVERSIBLE": True}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
+        data = src.read()
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(data)
+    return out

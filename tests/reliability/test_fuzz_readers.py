@@ -15,7 +15,7 @@ from domainsr.errors import DomainSRError
 from domainsr.image import MultiResolutionImage, SpatialImage
 from domainsr.io import read_image
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # One mutation: ("flip", position fraction, xor mask) | ("truncate", keep fraction, _) |
@@ -66,36 +66,44 @@ def dicom_file(tmp_path_factory) -> Path:
     return out
 
 
-def _fuzz(src: Path, tmp_path: Path, mutations: list, head: int) -> None:
+def _fuzz(src: Path, tmp_path: Path, mutations: list, head: int, tally) -> None:
     path = tmp_path / f"fuzzed{''.join(src.suffixes)}"
     path.write_bytes(mutate(src.read_bytes(), mutations, head))
+    tally("bad inputs tried")
     check_read(path)
 
 
-def test_unmutated_files_read(small_geotiff, small_nifti, small_nifti_gz, dicom_file):
-    for path in (small_geotiff, small_nifti, small_nifti_gz, dicom_file):
+def test_unmutated_files_read(small_geotiff, small_jp2, small_nifti, small_nifti_gz, dicom_file):
+    for path in (small_geotiff, small_jp2, small_nifti, small_nifti_gz, dicom_file):
         assert isinstance(read_image(path), SpatialImage)
+    np.testing.assert_array_equal(read_image(small_jp2).data, read_image(small_geotiff).data)
 
 
 @FUZZ
 @given(mutations=MUTATIONS)
-def test_fuzz_geotiff(small_geotiff, tmp_path, mutations):
-    _fuzz(small_geotiff, tmp_path, mutations, head=512)  # TIFF header + IFD + GeoKeys live up front
+def test_fuzz_geotiff(small_geotiff, tmp_path, mutations, tally):
+    _fuzz(small_geotiff, tmp_path, mutations, head=512, tally=tally)  # TIFF header + IFD + GeoKeys live up front
 
 
 @FUZZ
 @given(mutations=MUTATIONS)
-def test_fuzz_nifti(small_nifti, tmp_path, mutations):
-    _fuzz(small_nifti, tmp_path, mutations, head=352)
+def test_fuzz_jp2(small_jp2, tmp_path, mutations, tally):
+    _fuzz(small_jp2, tmp_path, mutations, head=256, tally=tally)  # JP2 boxes + codestream main header
 
 
 @FUZZ
 @given(mutations=MUTATIONS)
-def test_fuzz_nifti_gz(small_nifti_gz, tmp_path, mutations):
-    _fuzz(small_nifti_gz, tmp_path, mutations, head=64)
+def test_fuzz_nifti(small_nifti, tmp_path, mutations, tally):
+    _fuzz(small_nifti, tmp_path, mutations, head=352, tally=tally)
 
 
 @FUZZ
 @given(mutations=MUTATIONS)
-def test_fuzz_dicom(dicom_file, tmp_path, mutations):
-    _fuzz(dicom_file, tmp_path, mutations, head=1024)
+def test_fuzz_nifti_gz(small_nifti_gz, tmp_path, mutations, tally):
+    _fuzz(small_nifti_gz, tmp_path, mutations, head=64, tally=tally)
+
+
+@FUZZ
+@given(mutations=MUTATIONS)
+def test_fuzz_dicom(dicom_file, tmp_path, mutations, tally):
+    _fuzz(dicom_file, tmp_path, mutations, head=1024, tally=tally)
