@@ -4,7 +4,8 @@ Readers check the decoded size from the header *before* decoding any pixel, so a
 header claims 10^6 x 10^6 pixels (or a small .nii.gz that inflates to terabytes) is refused with
 a :class:`~domainsr.errors.ResourceLimitError` naming the file, the size and the budget, instead of
 dying in the kernel's out-of-memory killer at 3 a.m. Single-file rasters above the budget are not
-refused by a batch: the pipeline sends them down the streaming path (bounded memory, any size).
+refused by a batch: the pipeline sends them down the streaming path (bounded memory, any size),
+which checks instead that the output fits on the disk (:func:`check_disk`).
 
 The budget, first that is set:
 
@@ -100,3 +101,13 @@ def check_fits(nbytes: int, what: str, path: str | PathLike[str] | None = None, 
 def fits(nbytes: int) -> bool:
     """Whether ``nbytes`` is within the budget in force."""
     return nbytes <= budget_bytes()
+
+
+def check_disk(folder: str | PathLike[str], nbytes: int, what: str, name: str | PathLike[str] | None = None) -> None:
+    """Raise ResourceLimitError when ``folder``'s file system has less than ``nbytes`` free."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise ResourceLimitError(f"{what} would need about {human_bytes(nbytes)} of disk, "
+                                 f"{human_bytes(free)} is free in {folder}", name)

@@ -42,7 +42,7 @@ from domainsr.errors import (
     StoreError,
 )
 from domainsr.image import MultiResolutionImage, SpatialImage
-from domainsr.limits import check_fits, decoded_bytes, fits, memory_budget
+from domainsr.limits import check_disk, check_fits, decoded_bytes, fits, memory_budget
 from domainsr.stores.base import Item, Store
 
 log = logging.getLogger("domainsr.pipeline")
@@ -425,6 +425,8 @@ def _enhance_in_memory(store: Store, item: Item, spec: RunSpec, progress: Callab
         img = _input_for(raw, cfg.bands, spec.model)
         if cfg.domain is not None and img.domain != cfg.domain:
             raise InputError(f"this is a {img.domain} image but task {cfg.name!r} is for {cfg.domain}", item.id)
+        if img.mask is not None and not img.mask.any():
+            raise InputError("every pixel is nodata, NaN or masked: nothing to enhance (no output written)", item.id)
         module, info = load_model(cfg.model, img)
         check_job_memory(img.channels, img.spatial_shape, module.scale, item.id)
         with torch.inference_mode():
@@ -513,10 +515,15 @@ def _enhance_streamed(store: Any, item: Item, spec: RunSpec, progress: Callable[
         raise InputError(f"this is a {probe.domain} image but task {cfg.name!r} is for {cfg.domain}", item.id)
     module, info = load_model(cfg.model, probe)
     inferer = _inferer(module, cfg, progress)
+    f = inferer.scale_for(2)
+    out_path = store.output_path(item)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # the tiled work file and the COG made from it: together about the uncompressed size
+    check_disk(out_path.parent, decoded_bytes((probe.channels, rows * f[0], cols * f[1]), probe.data.dtype),
+               f"the x{scale_text(f)} output of {probe.channels}x{rows}x{cols} pixels", path)
     out = store.open_output(item)
     with torch.inference_mode():
         enhance_raster_file(path, out, inferer, bands=bands)
-    f = inferer.scale_for(2)
     run: dict[str, Any] = {"run_key": spec.run_key, "task": cfg.name, "config": spec.source, "item": item.id,
                            "streamed": True}
     prov = {"format": "raster", "model": info, "run": run,

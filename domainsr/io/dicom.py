@@ -10,6 +10,13 @@ Reading
     Only a single-slice series has no measured step: there SpacingBetweenSlices, else
     SliceThickness, is the slice size (the one documented fallback).
 
+    Refused with a GeometryError naming the series: missing or duplicated slices, non-uniform
+    spacing, mixed orientations, modalities, matrix sizes or pixel spacings. A **gantry tilt** is
+    kept, not resampled: the slices still lie on a straight line, so the measured step leans by the
+    tilt and the affine is sheared; every voxel stays exactly where the scanner put it, the model
+    runs on the acquired grid (no interpolation before SR), and the derived series writes the same
+    tilted positions (and GantryDetectorTilt) back. NIfTI outputs store the shear in the sform.
+
     ``img.meta["dicom"]`` is a JSON-able dict: ``template`` (the patient/study/equipment/frame of
     reference tags of the first slice, as ``Dataset.to_json_dict()``; restore with
     ``pydicom.Dataset.from_json``), the source series and SOP instance UIDs in ``k`` order, the
@@ -76,7 +83,7 @@ TEMPLATE_KEYWORDS = (
     "FrameOfReferenceUID", "PositionReferenceIndicator", "BodyPartExamined", "PatientPosition",
     "Laterality",
     "Manufacturer", "InstitutionName", "StationName", "ManufacturerModelName", "DeviceSerialNumber",
-    "KVP", "ConvolutionKernel", "AcquisitionNumber",
+    "KVP", "ConvolutionKernel", "AcquisitionNumber", "GantryDetectorTilt",
     "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
     "EchoTime", "EchoTrainLength", "InversionTime", "MagneticFieldStrength", "ImagedNucleus",
     "FlipAngle",
