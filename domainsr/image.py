@@ -21,7 +21,7 @@ import copy
 import datetime as _dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 
@@ -211,7 +211,7 @@ class GeoGeometry:
         )
 
 
-Geometry = Union[MedicalGeometry, GeoGeometry]
+Geometry = MedicalGeometry | GeoGeometry
 
 
 def now_iso() -> str:

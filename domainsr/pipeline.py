@@ -205,8 +205,8 @@ def slice_axis_of(img: SpatialImage) -> int:
     spacing = np.asarray(img.geometry.spacing, float)
     axis = int(len(spacing) - 1 - np.argmax(spacing[::-1]))
     if spacing[axis] < 1.5 * np.min(spacing):
-        log.warning("%s: voxels are nearly isotropic (%s mm); a slice-wise model expects thick slices "
-                    "along one axis; using axis %d", img.source or "input", np.round(spacing, 3).tolist(), axis)
+        log.warning("voxels are nearly isotropic (%s mm); a slice-wise model expects thick slices "
+                    "along one axis; using axis %d", np.round(spacing, 3).tolist(), axis)
     return axis
 
 
@@ -400,17 +400,55 @@ def _input_for(img: SpatialImage | MultiResolutionImage, bands: Sequence[str] | 
 
 
 def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
-    """Read, enhance, audit and write one item; raises a DomainSRError (or an I/O error) on failure."""
+    """Read, enhance, audit and write one item; raises a DomainSRError (or an I/O error) on failure.
 
+    Errors of a DICOM item name the item (its series id) and never a file path: folders of DICOM
+    exports are often named after the patient, and these messages reach logs and Prefect artifacts.
+    """
     cfg = spec.config
     t0 = time.monotonic()
     limit = cfg.runner.item_timeout_s
     deadline = t0 + limit if limit else None
     progress = _tile_progress(item.id, deadline, limit)
-    with memory_budget(cfg.runner.memory_budget_gb):
+    with errors_named_by_item(item), memory_budget(cfg.runner.memory_budget_gb):
         if _streams(store, item, spec):
             return _enhance_streamed(store, item, spec, progress, t0)
         return _enhance_in_memory(store, item, spec, progress, t0)
+
+
+@contextmanager
+def errors_named_by_item(item: Item) -> Iterator[None]:
+    """For a DICOM item, re-raise any error with its file paths replaced by pseudonyms and the
+    item id as its subject, without the original chained (a logged traceback would show it).
+    DomainSRErrors keep their type; other errors become StoreError (transient: retried) or
+    InputError."""
+    if item.kind != "dicom":
+        yield
+        return
+    try:
+        yield
+    except DomainSRError as exc:
+        raise type(exc)(redact_paths(exc.message, item), item.id) from None
+    except Exception as exc:  # noqa: BLE001 - any error: its text may carry a path
+        kind = StoreError if is_transient(exc) else InputError
+        raise kind(f"{type(exc).__name__}: {redact_paths(str(exc), item)}", item.id) from None
+
+
+def redact_paths(text: str, item: Item) -> str:
+    """``text`` with the paths of ``item``'s files (and their folders and names) replaced by
+    ``<file k of item>`` / ``<folder of item>``."""
+    files = [str(f) for f in item.meta.get("files", [])] or [item.uri]
+    names: dict[str, str] = {}
+    for k, f in enumerate(files, 1):
+        names[f] = names[str(Path(f).resolve())] = f"<file {k} of {item.id}>"
+        names.setdefault(Path(f).name, f"<file {k} of {item.id}>")
+        for parent in (Path(f).parent, Path(f).resolve().parent):
+            if str(parent) not in ("/", "."):
+                names.setdefault(str(parent), f"<folder of {item.id}>")
+    names.setdefault(item.uri, f"<folder of {item.id}>")
+    for old in sorted(names, key=len, reverse=True):
+        text = text.replace(old, names[old])
+    return text
 
 
 def _enhance_in_memory(store: Store, item: Item, spec: RunSpec, progress: Callable[[int, int], None],
@@ -721,16 +759,40 @@ def heldout_audit(reference: str | Path, model: ModelRef, out_dir: str | Path, *
     result = audit_heldout(img, module, build_degradation(spec), scale=scale, consistency=consistency,
                            thresholds=th, seed=seed, model_info=info)
     out = Path(out_dir)
-    stem = Path(str(reference).rstrip("/")).name.split(".")[0] or "reference"
+    stem = public_stem(reference, img.domain)
     html, js = write_report(result, out, stem=f"{stem}.audit")
     risk = write_risk_map(result, out / f"{stem}.risk{'.tif' if img.domain == 'optical' else '.nii.gz'}")
     psnr = result.metrics["reference"]["per_metric"]["psnr"]
     ssim = result.metrics["reference"]["per_metric"].get("ssim", {})
     return {"verdict": result.verdict, "reasons": list(result.reasons), "html": str(html), "json": str(js),
-            "risk_map": str(risk), "model": info["name"], "scale": list(scale),
+            "risk_map": str(risk), "model": info["name"], "scale": list(scale), "domain": img.domain,
             "psnr": psnr.get("model_mean"), "psnr_baseline": psnr.get("baseline_mean"),
             "psnr_gain_db": psnr.get("gain_mean"), "ssim": ssim.get("model_mean"),
             "ssim_baseline": ssim.get("baseline_mean"), "regions": len(result.regions)}
+
+
+def public_stem(path: str | Path, domain: str) -> str:
+    """The file-name stem of ``path``'s reports: its own name, or for a medical image a pseudonym
+    (medical file and folder names often carry the patient's name)."""
+    stem = Path(str(path).rstrip("/")).name.split(".")[0] or "input"
+    if domain not in ("mri", "ct"):
+        return stem
+    from domainsr.audit.privacy import path_label
+
+    return path_label(str(path), medical=True).split(".")[0].split(" ")[0]
+
+
+def public_path(path: str | Path) -> str:
+    """``path`` as logs and artifacts may show it: a NIfTI, DICOM or unrecognised input's path
+    pseudonymised, a raster's as it is."""
+    from domainsr.audit.privacy import path_label
+    from domainsr.io import detect_format
+
+    try:
+        medical = detect_format(path) not in ("raster", "sentinel2", "landsat8")
+    except DomainSRError:
+        medical = True
+    return path_label(str(path), medical=medical)
 
 
 def output_audit(sr: str | Path, lr: str | Path, out_dir: str | Path, *, reference: str | Path | None = None,
@@ -746,7 +808,7 @@ def output_audit(sr: str | Path, lr: str | Path, out_dir: str | Path, *, referen
     ref_img = select_input(read_image(reference), bands) if reference is not None else None
     result = audit_output(sr_img, lr_img, ref_img, thresholds=th)
     out = Path(out_dir)
-    stem = Path(str(sr).rstrip("/")).name.split(".")[0] or "output"
+    stem = public_stem(sr, sr_img.domain)
     html, js = write_report(result, out, stem=f"{stem}.audit")
     risk = write_risk_map(result, out / f"{stem}.risk{'.tif' if sr_img.domain == 'optical' else '.nii.gz'}")
     summary = {"verdict": result.verdict, "reasons": list(result.reasons), "html": str(html), "json": str(js),

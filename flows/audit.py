@@ -14,24 +14,38 @@ from prefect.states import Completed, Failed, State
 
 from domainsr import pipeline
 from domainsr.config import ModelRef
+from domainsr.errors import DomainSRError
 from flows.common import artifact_key, link
 
 
 @task(name="heldout-audit", cache_policy=NO_CACHE, persist_result=False)
 def heldout_task(reference: str, model: str, scale: int | list[int] | None, out: str, audit: dict[str, Any],
-                 bands: list[str] | None, seed: int) -> dict[str, Any]:
-    result = pipeline.heldout_audit(reference, ModelRef(name=model, scale=scale), out, audit=audit, bands=bands,
-                                    seed=seed)
-    get_run_logger().info("%s: %s, PSNR gain over interpolation %+.2f dB -> %s", reference, result["verdict"],
+                 bands: list[str] | None, seed: int, number: int = 1) -> dict[str, Any]:
+    shown = pipeline.public_path(reference)  # medical paths pseudonymised in logs, artifacts, results
+    if shown != reference:
+        shown = f"reference #{number} ({shown})"  # the position in the given list identifies it
+    try:
+        result = pipeline.heldout_audit(reference, ModelRef(name=model, scale=scale), out, audit=audit, bands=bands,
+                                        seed=seed)
+    except DomainSRError as exc:
+        raise type(exc)(exc.message.replace(str(reference), shown), shown) from None
+    get_run_logger().info("%s: %s, PSNR gain over interpolation %+.2f dB -> %s", shown, result["verdict"],
                           result["psnr_gain_db"], result["html"])
-    return {"reference": reference, **result}
+    return {"reference": shown, **result}
 
 
 @task(name="output-audit", cache_policy=NO_CACHE, persist_result=False)
 def output_task(sr: str, lr: str, reference: str | None, out: str, audit: dict[str, Any],
                 bands: list[str] | None) -> dict[str, Any]:
-    return {"reference": reference or "", "sr": sr,
-            **pipeline.output_audit(sr, lr, out, reference=reference, audit=audit, bands=bands)}
+    shown = {str(p): pipeline.public_path(p) for p in (sr, lr, reference) if p}
+    try:
+        result = pipeline.output_audit(sr, lr, out, reference=reference, audit=audit, bands=bands)
+    except DomainSRError as exc:
+        message = exc.message
+        for path, label in shown.items():
+            message = message.replace(path, label)
+        raise type(exc)(message, shown.get(str(exc.path), exc.path) if exc.path else None) from None
+    return {"reference": shown.get(str(reference), ""), "sr": shown[str(sr)], **result}
 
 
 @flow(name="domainsr-audit")
@@ -52,7 +66,8 @@ def audit_flow(references: list[str] | None = None, model: str | None = None, sc
     else:
         if not references or model is None:
             raise ConfigError("a held-out audit needs references and a model")
-        futures = [heldout_task.submit(r, model, scale, out, audit, bands, seed) for r in references]
+        futures = [heldout_task.submit(r, model, scale, out, audit, bands, seed, k)
+                   for k, r in enumerate(references, 1)]
     rows, errors = [], []
     for f in futures:
         f.wait()

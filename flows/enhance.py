@@ -82,7 +82,7 @@ def plan_task(config: str | None, inputs: list[str] | None, out: str | None, mod
     spec, store = build_run(config, inputs=inputs, out=out, model=model, scale=scale, bands=bands, force=force,
                             task_runner=task_runner, dask_address=dask_address, run_audit=run_audit)
     get_run_logger().info("task %r, model %s, run key %s, store %s", spec.name, spec.model.get("name"),
-                          spec.run_key, store.url)
+                          spec.run_key, store.public_name)
     return spec, store
 
 
@@ -106,10 +106,31 @@ def enhance_item_task(store: Store, item: Item, spec: pipeline.RunSpec) -> pipel
     return result
 
 
+class Batch:
+    """The items of a run and their store, as the per-item subflow's one parameter.
+
+    Prefect stores a flow's parameters in its database verbatim; iterating a Batch (which is how
+    Prefect serialises an object it does not know) yields only what may be stored: the store's
+    public name, the item ids and the task name, never input paths (a medical export folder is
+    often named after the patient) or store credentials.
+    """
+
+    __slots__ = ("items", "spec", "store")
+
+    def __init__(self, store: Store, items: list[Item], spec: pipeline.RunSpec) -> None:
+        self.store, self.items, self.spec = store, items, spec
+
+    def __iter__(self) -> Any:
+        yield "store", self.store.public_name
+        yield "items", [i.id for i in self.items]
+        yield "task", self.spec.name
+
+
 @flow(name="domainsr-enhance-items", validate_parameters=False)
-def enhance_items_flow(store: Store, items: list[Item], spec: pipeline.RunSpec) -> list[pipeline.ItemResult]:
+def enhance_items_flow(batch: Batch) -> list[pipeline.ItemResult]:
     """Every item as its own task on this flow's task runner; a failed item is reported, the
     others go on."""
+    store, items, spec = batch.store, batch.items, batch.spec
     r = spec.config.runner
     task = enhance_item_task.with_options(retries=r.retries, retry_delay_seconds=r.retry_delay_s)
     pipeline.report("items", spec.name, 0, len(items))
@@ -181,7 +202,7 @@ def enhance_flow(config: str | None = None, inputs: list[str] | None = None, out
     results = list(done)
     if todo:
         runner = task_runner_for(spec.config.runner)
-        results += enhance_items_flow.with_options(task_runner=runner)(store, todo, spec)
+        results += enhance_items_flow.with_options(task_runner=runner)(Batch(store, todo, spec))
     output = str(getattr(store, "output", "") or "") or None
     summary = pipeline.summarize(results, spec, output)
     publish_task(summary, spec)

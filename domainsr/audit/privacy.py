@@ -68,7 +68,9 @@ def _dicom_value(template: dict[str, Any], tag: str) -> str:
     return str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v)
 
 
-def _path_label(path: str, medical: bool, allow: bool) -> str:
+def path_label(path: str, medical: bool, allow: bool = False) -> str:
+    """``path`` as a report, log or artifact may show it: a medical input's path is pseudonymised
+    (``anon-<hash><suffix> (path pseudonymised)``) unless ``allow``."""
     if not path or allow or not medical:
         return path
     p = Path(path)
@@ -80,7 +82,7 @@ def public_provenance(img: SpatialImage, allow_identifiers: bool = False) -> dic
     """Provenance and grid description of ``img`` safe to put in a report."""
     medical = img.domain in MEDICAL
     out: dict[str, Any] = {
-        "source": _path_label(img.source, medical, allow_identifiers),
+        "source": path_label(img.source, medical, allow_identifiers),
         "reader": img.provenance.get("reader", img.provenance.get("format", "")),
         "domain": img.domain,
         "shape": list(img.data.shape),

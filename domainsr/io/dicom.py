@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,16 +127,27 @@ class SeriesListing(list):
         self.errors = dict(errors or {})
 
 
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 @contextmanager
 def _quiet_pydicom() -> Iterator[None]:
-    """pydicom warns (and logs) invalid element values verbatim, which may be patient tags; its
-    value validation is switched off while DomainSR reads or writes DICOM."""
+    """pydicom warns (and logs) invalid element values verbatim, which may be patient tags, and its
+    debug log names every file it opens (export folders are often named after the patient) and,
+    with ``pydicom.config.debug``, every element value: while DomainSR reads or writes DICOM, value
+    validation is off and the ``pydicom`` logger passes only warnings and errors."""
     settings = pydicom.config.settings
     saved = settings.reading_validation_mode, settings.writing_validation_mode
     settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
+    logger = logging.getLogger("pydicom")
+    outermost = _below_warning not in logger.filters
+    logger.addFilter(_below_warning)
     try:
         yield
     finally:
+        if outermost:
+            logger.removeFilter(_below_warning)
         settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 

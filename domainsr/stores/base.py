@@ -41,6 +41,11 @@ class Store(ABC):
 
     url: str
 
+    @property
+    def public_name(self) -> str:
+        """What logs and artifacts may call this store (no credentials, no patient paths)."""
+        return self.url
+
     @abstractmethod
     def list_items(self, query: dict[str, Any] | None = None) -> list[Item]:
         """Items matching ``query`` (store-specific keys: modality, dates, bbox, ...)."""

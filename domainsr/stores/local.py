@@ -11,8 +11,8 @@ Listing walks the given files and folders (hidden names and the output root are 
 
 Item ids are safe file names: the input's path relative to the folder it was found in (``/``
 becomes ``_``, the image suffix dropped), with a short hash of the path appended when two would
-collide; a DICOM series is ``<modality>-<hash of its SeriesInstanceUID>``, never a patient name
-or ID. An explicitly given file of an unknown type is still an item (it fails when read).
+collide; a DICOM series is ``<modality>-<hash of its SeriesInstanceUID>`` and an unreadable DICOM
+file ``dicom-file-<hash of its path>``, never a patient name, ID or DICOM file name. An explicitly given file of an unknown type is still an item (it fails when read).
 
 Outputs keep the input's format (``output_format="same"``): NIfTI -> ``<id>.nii.gz`` (``.nii``
 stays ``.nii``), DICOM -> a derived series folder ``<id>/``, rasters and band sets -> a COG
@@ -121,6 +121,11 @@ class LocalStore(Store):
     def __repr__(self) -> str:
         return f"LocalStore({[str(p) for p in self.inputs]!r}, output={str(self.output)!r})"
 
+    @property
+    def public_name(self) -> str:
+        """The input paths are left out: medical export folders are often named after the patient."""
+        return f"local files ({len(self.inputs)} input path(s)) -> {self.output}"
+
     # ---- listing ----------------------------------------------------------------------------------
     def list_items(self, query: dict[str, Any] | None = None) -> list[Item]:
         """Items under the inputs, filtered by ``query``: ``kinds`` (list of kinds), ``glob`` (a
@@ -146,7 +151,7 @@ class LocalStore(Store):
             else:
                 self._walk(inp, inp, found, dicom_files, out_root)
         items = self._named(found)
-        items += self._dicom_items(dicom_files, {id_ for id_ in (i.id for i in items)})
+        items += self._dicom_items(dicom_files)
         return [i for i in sorted(items, key=lambda i: i.id) if self._matches(i, query)]
 
     def _walk(self, root: Path, folder: Path, found: list, dicom_files: list[Path], out_root: Path | None) -> None:
@@ -185,7 +190,7 @@ class LocalStore(Store):
             items.append(Item(id=slug, uri=str(path), kind=kind, meta={"path": str(path), **extra, **meta}))
         return items
 
-    def _dicom_items(self, files: list[Path], taken: set[str]) -> list[Item]:
+    def _dicom_items(self, files: list[Path]) -> list[Item]:
         if not files:
             return []
         from domainsr.io.dicom import list_series
@@ -198,10 +203,8 @@ class LocalStore(Store):
             items.append(Item(id=check_name(id_), uri=str(folder), kind="dicom",
                               meta={"files": [str(f) for f in s.files], "series_uid": s.series_uid,
                                     "modality": s.modality, "slices": s.n_frames}))
-        for path, problem in listing.errors.items():
-            slug = _slug(Path(path).name)
-            id_ = slug if slug not in taken else f"{slug}-{_sha(path, 6)}"
-            taken.add(id_)
+        for path, problem in listing.errors.items():  # named by a hash: DICOM file names may carry names
+            id_ = f"dicom-file-{_sha(str(Path(path).resolve()))}"
             items.append(Item(id=id_, uri=path, kind="dicom", meta={"files": [path], "error": problem}))
         return items
 
