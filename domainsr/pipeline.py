@@ -702,6 +702,9 @@ def _without_noise(spec: dict[str, Any]) -> dict[str, Any] | None:
     if spec.get("kind") == "compose":
         steps = [_without_noise(dict(st)) for st in spec.get("steps", []) if st.get("kind") not in _NOISE_KINDS]
         return None if any(st is None for st in steps) else {**spec, "steps": steps}
+    if spec.get("kind") == "one_of":  # the primary option (the first) is the consistency operator
+        options = spec.get("options") or [None]
+        return _without_noise(dict(options[0])) if options[0] else None
     return {k: (0.0 if k in _NOISE_KEYS else v) for k, v in spec.items()}
 
 

@@ -4,10 +4,11 @@ Every degradation is a small object ``deg(hr, rng) -> lr`` on ``(C, *spatial)`` 
 with per-axis integer factors, deterministic given a ``numpy.random.Generator``, and
 ``deg.describe()`` gives JSON for the model card; ``build_degradation(spec)`` builds one from
 such a dict. Kinds: ``optical``, ``gaussian_mean`` (ANCHORS.md's reference operator), ``kspace``,
-``slice_profile``, ``rician``, ``thick_slices``, ``hu_noise``, ``blind``, ``compose`` and the
+``slice_profile``, ``rician``, ``thick_slices``, ``hu_noise``, ``blind``, ``compose``, ``one_of`` (a
+random choice per pair: a mix of acquisition physics) and the
 domain presets ``mri`` (slice profile / k-space truncation / Rician) and ``ct`` (thick slices,
 noise in HU, clipping).
 """
-from domainsr.degrade.base import Compose, Degradation, build_degradation, degradation_kinds
+from domainsr.degrade.base import Compose, Degradation, OneOf, build_degradation, degradation_kinds
 
-__all__ = ["Compose", "Degradation", "build_degradation", "degradation_kinds"]
+__all__ = ["Compose", "Degradation", "OneOf", "build_degradation", "degradation_kinds"]

@@ -1,4 +1,4 @@
-"""The Degradation interface, composition and the registry behind ``build_degradation``.
+"""The Degradation interface, composition, random choice and the registry behind ``build_degradation``.
 
 A degradation maps an HR array ``(C, *spatial)`` to its LR counterpart, float32, drawing every
 random number from the ``numpy.random.Generator`` it is given (same generator state, same
@@ -80,8 +80,43 @@ class Compose(Degradation):
         return tuple(int(v) for v in out)
 
 
+@dataclasses.dataclass(frozen=True)
+class OneOf(Degradation):
+    """Each call applies one of ``options``, drawn with the generator (``weights``: relative odds,
+    default equal): training pairs from a mix of acquisition physics, e.g. block averaging and
+    k-space truncation for MRI. Without a generator (the noise-free operator of the audit's
+    LR-consistency check) it is the first option, the primary."""
+
+    kind: ClassVar[str] = "one_of"
+    options: tuple[Degradation, ...] = ()
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", tuple(self.options))
+        if not self.options or not all(isinstance(o, Degradation) for o in self.options):
+            raise ConfigError("one_of needs a non-empty list of degradation options")
+        if self.weights is not None:
+            w = tuple(float(v) for v in self.weights)
+            if len(w) != len(self.options) or any(not np.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+                raise ConfigError(f"one_of weights {list(w)} must be one non-negative number per option")
+            object.__setattr__(self, "weights", w)
+
+    def __call__(self, hr: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        if rng is None:
+            return self.options[0](hr, rng)
+        p = None if self.weights is None else np.asarray(self.weights) / sum(self.weights)
+        return self.options[int(rng.choice(len(self.options), p=p))](hr, rng)
+
+    def factors(self, spatial_dims: int) -> tuple[int, ...]:
+        found = {o.factors(spatial_dims) for o in self.options}
+        if len(found) != 1:
+            raise ConfigError(f"one_of options must share their scale factors, got {sorted(found)}")
+        return found.pop()
+
+
 _KINDS: dict[str, str] = {
     "compose": "domainsr.degrade.base:Compose",
+    "one_of": "domainsr.degrade.base:OneOf",
     "optical": "domainsr.degrade.optical:OpticalDegradation",
     "gaussian_mean": "domainsr.degrade.optical:GaussianMean",
     "kspace": "domainsr.degrade.mri:KSpaceTruncation",
@@ -122,6 +157,11 @@ def build_degradation(spec: Mapping[str, Any]) -> Degradation:
         if not isinstance(steps, Sequence) or isinstance(steps, (str, bytes)):
             raise ConfigError("compose needs 'steps': a list of degradation specs")
         params["steps"] = tuple(s if isinstance(s, Degradation) else build_degradation(s) for s in steps)
+    if cls is OneOf:
+        options = params.get("options")
+        if not isinstance(options, Sequence) or isinstance(options, (str, bytes)):
+            raise ConfigError("one_of needs 'options': a list of degradation specs")
+        params["options"] = tuple(o if isinstance(o, Degradation) else build_degradation(o) for o in options)
     try:
         return cls(**params)
     except TypeError as exc:

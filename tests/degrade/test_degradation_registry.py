@@ -22,6 +22,9 @@ SPECS = [
     ({"kind": "blind", "scale": 2}, (3, 32, 32)),
     ({"kind": "compose", "steps": [{"kind": "kspace", "scale": 2}, {"kind": "rician", "sigma": 0.01}]},
      (1, 8, 8, 8)),
+    ({"kind": "one_of", "options": [{"kind": "gaussian_mean", "scale": 2, "sigma": 0.0},
+                                    {"kind": "mri", "scale": 2, "rician_sigma": 0.01}], "weights": [1, 3]},
+     (1, 8, 8, 8)),
 ]
 
 
@@ -63,3 +66,29 @@ def test_compose_factors_multiply():
                                                           {"kind": "kspace", "scale": [1, 3]}]})
     assert isinstance(deg, Compose) and deg.factors(2) == (2, 3)
     assert deg(np.ones((1, 8, 9), np.float32), np.random.default_rng(0)).shape == (1, 4, 3)
+
+
+def test_one_of_draws_by_weight_and_its_primary_is_the_noise_free_operator():
+    from domainsr.pipeline import noise_free_operator
+
+    spec = {"kind": "one_of", "options": [{"kind": "gaussian_mean", "scale": 2, "sigma": 0.0},
+                                          {"kind": "kspace", "scale": 2}], "weights": [1, 3]}
+    deg = build_degradation(spec)
+    hr = (np.random.default_rng(0).random((1, 8, 8, 8)) * 100).astype(np.float32)
+    block = build_degradation(spec["options"][0])(hr, None)
+    kspace = build_degradation(spec["options"][1])(hr, None)
+    rng = np.random.default_rng(3)
+    picks = [np.allclose(deg(hr, rng), kspace) for _ in range(400)]
+    assert 0.68 < np.mean(picks) < 0.82  # 3 : 1 odds
+    np.testing.assert_array_equal(deg(hr, None), block)
+    np.testing.assert_allclose(noise_free_operator(spec, (2, 2, 2), 1)(hr), block)
+
+
+def test_one_of_refuses_mismatched_scales_and_weights():
+    with pytest.raises(ConfigError, match="share their scale"):
+        build_degradation({"kind": "one_of", "options": [{"kind": "kspace", "scale": 2},
+                                                         {"kind": "kspace", "scale": 4}]}).factors(3)
+    with pytest.raises(ConfigError, match="weights"):
+        build_degradation({"kind": "one_of", "options": [{"kind": "kspace", "scale": 2}], "weights": [1, 2]})
+    with pytest.raises(ConfigError, match="options"):
+        build_degradation({"kind": "one_of", "options": []})
