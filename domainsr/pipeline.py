@@ -428,27 +428,16 @@ def errors_named_by_item(item: Item) -> Iterator[None]:
     try:
         yield
     except DomainSRError as exc:
-        raise type(exc)(redact_paths(exc.message, item), item.id) from None
+        raise type(exc)(_redacted(exc.message, item), item.id) from None
     except Exception as exc:  # noqa: BLE001 - any error: its text may carry a path
         kind = StoreError if is_transient(exc) else InputError
-        raise kind(f"{type(exc).__name__}: {redact_paths(str(exc), item)}", item.id) from None
+        raise kind(f"{type(exc).__name__}: {_redacted(str(exc), item)}", item.id) from None
 
 
-def redact_paths(text: str, item: Item) -> str:
-    """``text`` with the paths of ``item``'s files (and their folders and names) replaced by
-    ``<file k of item>`` / ``<folder of item>``."""
-    files = [str(f) for f in item.meta.get("files", [])] or [item.uri]
-    names: dict[str, str] = {}
-    for k, f in enumerate(files, 1):
-        names[f] = names[str(Path(f).resolve())] = f"<file {k} of {item.id}>"
-        names.setdefault(Path(f).name, f"<file {k} of {item.id}>")
-        for parent in (Path(f).parent, Path(f).resolve().parent):
-            if str(parent) not in ("/", "."):
-                names.setdefault(str(parent), f"<folder of {item.id}>")
-    names.setdefault(item.uri, f"<folder of {item.id}>")
-    for old in sorted(names, key=len, reverse=True):
-        text = text.replace(old, names[old])
-    return text
+def _redacted(text: str, item: Item) -> str:
+    from domainsr.audit.privacy import redact_paths
+
+    return redact_paths(text, [str(f) for f in item.meta.get("files", [])] or [item.uri], item.id, item.uri)
 
 
 def _enhance_in_memory(store: Store, item: Item, spec: RunSpec, progress: Callable[[int, int], None],
@@ -666,7 +655,9 @@ def summarize(results: Sequence[ItemResult], spec: RunSpec, output: str | None) 
 
 def card_degradation(ident: dict[str, Any], scale: Sequence[int]) -> dict[str, Any] | None:
     """The degradation a checkpoint was trained to invert (its card), on ``scale``'s axes (a
-    slice-wise card's 2D factors become the volume's), or ``None``."""
+    slice-wise card's 2D factors become the volume's), or ``None``. A training mix (``one_of``)
+    is audited against its primary (first) operator: the held-out pair and the LR-consistency
+    check must use one and the same physics."""
     if ident["kind"] != "checkpoint":
         return None
     from domainsr.models.checkpoints import read_card
@@ -674,6 +665,10 @@ def card_degradation(ident: dict[str, Any], scale: Sequence[int]) -> dict[str, A
     spec = dict(read_card(ident["path"]).degradation) or None
     if spec is not None and "kind" not in spec and isinstance(spec.get("target"), dict):
         spec = dict(spec["target"])  # guided cards: {protocol, target, guide}; the output is the target bands
+    if spec is not None:
+        from domainsr.degrade import primary_spec
+
+        spec = primary_spec(spec)
     given = spec.get("scale") if spec is not None else None
     if isinstance(given, (list, tuple)) and len(given) != len(scale):
         spec["scale"] = list(scale)
@@ -690,32 +685,14 @@ def consistency_operator(ident: dict[str, Any], scale: Sequence[int], channels: 
     return None if spec is None else noise_free_operator(spec, scale, channels)
 
 
-#: Parameters of ``domainsr.degrade`` specs that draw random numbers, and kinds that are only
-#: noise. (``degrade`` has no noise-free form of its own; set these to zero / drop them.)
-_NOISE_KEYS = ("noise_sigma", "shot_noise", "mtf_jitter", "rician_sigma", "sigma_hu")
-_NOISE_KINDS = ("rician", "hu_noise")
-
-
-def _without_noise(spec: dict[str, Any]) -> dict[str, Any] | None:
-    if spec.get("kind") == "blind":
-        return None
-    if spec.get("kind") == "compose":
-        steps = [_without_noise(dict(st)) for st in spec.get("steps", []) if st.get("kind") not in _NOISE_KINDS]
-        return None if any(st is None for st in steps) else {**spec, "steps": steps}
-    if spec.get("kind") == "one_of":  # the primary option (the first) is the consistency operator
-        options = spec.get("options") or [None]
-        return _without_noise(dict(options[0])) if options[0] else None
-    return {k: (0.0 if k in _NOISE_KEYS else v) for k, v in spec.items()}
-
-
 def noise_free_operator(spec: dict[str, Any], scale: Sequence[int], channels: int
                         ) -> Callable[[np.ndarray], np.ndarray] | None:
     """``spec``'s degradation without its random parts (noise, PSF jitter) as ``x -> lr``, or ``None``
     when it has no deterministic form (random blind degradations)."""
-    from domainsr.degrade import build_degradation
+    from domainsr.degrade import build_degradation, noise_free_spec
 
-    clean = _without_noise(dict(spec))
-    if clean is None:
+    clean = noise_free_spec(spec)
+    if not clean:
         return None
     deg = build_degradation(clean)
 
@@ -742,6 +719,7 @@ def heldout_audit(reference: str | Path, model: ModelRef, out_dir: str | Path, *
     and with the interpolation baseline, compare both with the reference, and write the report
     (``<stem>.audit.html/.json``) and risk map into ``out_dir``. Returns paths and headline numbers."""
     from domainsr.audit import audit_heldout, write_report, write_risk_map
+    from domainsr.audit.privacy import public_stem
     from domainsr.degrade import build_degradation
     from domainsr.io import detect_format, read_image
 
@@ -774,35 +752,12 @@ def heldout_audit(reference: str | Path, model: ModelRef, out_dir: str | Path, *
             "ssim_baseline": ssim.get("baseline_mean"), "regions": len(result.regions)}
 
 
-def public_stem(path: str | Path, domain: str) -> str:
-    """The file-name stem of ``path``'s reports: its own name, or for a medical image a pseudonym
-    (medical file and folder names often carry the patient's name)."""
-    stem = Path(str(path).rstrip("/")).name.split(".")[0] or "input"
-    if domain not in ("mri", "ct"):
-        return stem
-    from domainsr.audit.privacy import path_label
-
-    return path_label(str(path), medical=True).split(".")[0].split(" ")[0]
-
-
-def public_path(path: str | Path) -> str:
-    """``path`` as logs and artifacts may show it: a NIfTI, DICOM or unrecognised input's path
-    pseudonymised, a raster's as it is."""
-    from domainsr.audit.privacy import path_label
-    from domainsr.io import detect_format
-
-    try:
-        medical = detect_format(path) not in ("raster", "sentinel2", "landsat8")
-    except DomainSRError:
-        medical = True
-    return path_label(str(path), medical=medical)
-
-
 def output_audit(sr: str | Path, lr: str | Path, out_dir: str | Path, *, reference: str | Path | None = None,
                  audit: dict[str, Any] | None = None, bands: Sequence[str] | None = None) -> dict[str, Any]:
     """Audit a super-resolved file made by any tool against its low-resolution input (and a
     high-resolution reference when there is one); writes the report and risk map into ``out_dir``."""
     from domainsr.audit import AuditThresholds, audit_output, write_report, write_risk_map
+    from domainsr.audit.privacy import public_stem
     from domainsr.io import read_image
 
     th = AuditThresholds.model_validate(audit or {})

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from domainsr import pipeline
+from domainsr.audit.privacy import public_path
 from domainsr.config import ModelRef
 from domainsr.errors import DomainSRError
 from flows.common import artifact_key, link
@@ -21,7 +22,7 @@ from flows.common import artifact_key, link
 @task(name="heldout-audit", cache_policy=NO_CACHE, persist_result=False)
 def heldout_task(reference: str, model: str, scale: int | list[int] | None, out: str, audit: dict[str, Any],
                  bands: list[str] | None, seed: int, number: int = 1) -> dict[str, Any]:
-    shown = pipeline.public_path(reference)  # medical paths pseudonymised in logs, artifacts, results
+    shown = public_path(reference)  # medical paths pseudonymised in logs, artifacts, results
     if shown != reference:
         shown = f"reference #{number} ({shown})"  # the position in the given list identifies it
     try:
@@ -37,7 +38,7 @@ def heldout_task(reference: str, model: str, scale: int | list[int] | None, out:
 @task(name="output-audit", cache_policy=NO_CACHE, persist_result=False)
 def output_task(sr: str, lr: str, reference: str | None, out: str, audit: dict[str, Any],
                 bands: list[str] | None) -> dict[str, Any]:
-    shown = {str(p): pipeline.public_path(p) for p in (sr, lr, reference) if p}
+    shown = {str(p): public_path(p) for p in (sr, lr, reference) if p}
     try:
         result = pipeline.output_audit(sr, lr, out, reference=reference, audit=audit, bands=bands)
     except DomainSRError as exc:

@@ -8,6 +8,9 @@ the same pseudonym on the same installation, so a site can match reports to its 
 nobody without the salt can. Birth date, sex, age, size and weight are dropped. Pass
 ``allow_identifiers=True`` to show the real values (e.g. inside a hospital's own system).
 
+The same rule covers what the flows print: :func:`public_path` (a medical input's path in logs and
+artifacts), :func:`public_stem` (report file names) and :func:`redact_paths` (error messages).
+
 The salt is ``$DOMAINSR_PSEUDONYM_SALT`` if set, else a random secret created once in
 ``$XDG_CONFIG_HOME/domainsr/pseudonym_salt`` (``~/.config/...``) with owner-only permissions.
 """
@@ -117,3 +120,42 @@ def public_provenance(img: SpatialImage, allow_identifiers: bool = False) -> dic
     if medical:
         out["identifiers"] = "shown (allow_identifiers)" if allow_identifiers else "pseudonymised"
     return out
+
+
+def public_stem(path: str | Path, domain: str) -> str:
+    """The file-name stem of ``path``'s reports: its own name, or for a medical image a pseudonym
+    (medical file and folder names often carry the patient's name)."""
+    stem = Path(str(path).rstrip("/")).name.split(".")[0] or "input"
+    if domain not in MEDICAL:
+        return stem
+    return path_label(str(path), medical=True).split(".")[0].split(" ")[0]
+
+
+def public_path(path: str | Path) -> str:
+    """``path`` as logs and artifacts may show it: a NIfTI, DICOM or unrecognised input's path
+    pseudonymised, a raster's as it is."""
+    from domainsr.errors import DomainSRError
+    from domainsr.io import detect_format
+
+    try:
+        medical = detect_format(path) not in ("raster", "sentinel2", "landsat8")
+    except DomainSRError:
+        medical = True
+    return path_label(str(path), medical=medical)
+
+
+def redact_paths(text: str, files: list[str], subject: str, folder: str | None = None) -> str:
+    """``text`` with ``files`` (as given and resolved), their names and their folders replaced by
+    ``<file k of SUBJECT>`` / ``<folder of SUBJECT>``: for error messages about medical inputs."""
+    names: dict[str, str] = {}
+    for k, f in enumerate(files, 1):
+        names[f] = names[str(Path(f).resolve())] = f"<file {k} of {subject}>"
+        names.setdefault(Path(f).name, f"<file {k} of {subject}>")
+        for parent in (Path(f).parent, Path(f).resolve().parent):
+            if str(parent) not in ("/", "."):
+                names.setdefault(str(parent), f"<folder of {subject}>")
+    if folder:
+        names.setdefault(folder, f"<folder of {subject}>")
+    for old in sorted(names, key=len, reverse=True):
+        text = text.replace(old, names[old])
+    return text

@@ -467,40 +467,15 @@ def audit_output(sr: SpatialImage, lr: SpatialImage, reference: SpatialImage | N
         warnings=warnings, timings=timings)
 
 
-_NOISE_FIELDS = {"optical": ("noise_sigma", "shot_noise"), "mri": ("rician_sigma",), "ct": ("sigma_hu",)}
-_NOISE_KINDS = ("rician", "hu_noise")
-
-
-def noiseless(spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The noise-free version of a degradation spec (``describe()`` output): noise parameters set
-    to zero and pure-noise steps dropped. None for random degradations (``blind``), whose
-    re-degradation is not defined; LR consistency then uses the area average."""
-    kind = spec.get("kind")
-    if kind == "blind":
-        return None
-    if kind in _NOISE_KINDS:
-        return {}
-    if kind == "compose":
-        steps = [noiseless(s) for s in spec.get("steps", [])]
-        if any(s is None for s in steps):
-            return None
-        steps = [s for s in steps if s]
-        return {"kind": "compose", "steps": steps} if steps else {}
-    out = {k: v for k, v in spec.items() if k != "derived"}
-    for f in _NOISE_FIELDS.get(str(kind), ()):
-        if f in out:
-            out[f] = 0.0
-    return out
-
-
 def consistency_operator(degradation: Any, scale: Sequence[int]) -> Degrader:
     """The deterministic HR -> LR operator for LR-consistency checks: a domainsr ``Degradation``
     without its noise, else the area average."""
+    from domainsr.degrade import build_degradation, noise_free_spec
+
     spec = degradation.describe() if hasattr(degradation, "describe") else None
-    clean = noiseless(spec) if isinstance(spec, dict) and "kind" in spec else None
+    clean = noise_free_spec(spec) if isinstance(spec, dict) and "kind" in spec else None
     if not clean:
         return area_average(scale)
-    from domainsr.degrade import build_degradation
 
     op = build_degradation(clean)
     rng = np.random.default_rng(0)  # unused by a noise-free operator; the interface wants one
@@ -596,7 +571,7 @@ def audit_checkpoint(reference: SpatialImage | MultiResolutionImage, checkpoint:
                      allow_identifiers: bool = False) -> AuditResult:
     """Held-out audit of a shipped or user checkpoint on a real reference image: its card gives
     the bands, the scale, the degradation and the held-out region (see :func:`heldout_region`)."""
-    from domainsr.degrade import build_degradation
+    from domainsr.degrade import build_degradation, primary_spec
     from domainsr.models.checkpoints import load_checkpoint
 
     model, card = load_checkpoint(checkpoint)
@@ -604,7 +579,7 @@ def audit_checkpoint(reference: SpatialImage | MultiResolutionImage, checkpoint:
         raise ConfigError(f"model {card.name!r} is applied {card.application}; pass its enhancer to "
                           "audit_heldout instead")
     ref = heldout_region(card, reference, region)
-    degradation = build_degradation(card.degradation)
+    degradation = build_degradation(primary_spec(card.degradation))  # a training mix: its primary
     info = {"name": card.name, "checkpoint": str(checkpoint), "card": card.model_dump(mode="json"),
             "held_out_region": region}
     return audit_heldout(ref, model, degradation, scale=card.scale, thresholds=thresholds, seed=seed,
@@ -632,4 +607,4 @@ def write_risk_map(result: AuditResult, path: Any) -> Any:
 
 __all__ = ["AuditResult", "AuditThresholds", "area_average", "as_enhancer", "audit_checkpoint", "audit_heldout",
            "audit_output", "consistency_operator", "crop_to_multiple", "heldout_region", "interpolation_enhancer",
-           "module_enhancer", "noiseless", "risk_image", "write_risk_map"]
+           "module_enhancer", "risk_image", "write_risk_map"]

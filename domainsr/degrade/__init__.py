@@ -9,6 +9,15 @@ random choice per pair: a mix of acquisition physics) and the
 domain presets ``mri`` (slice profile / k-space truncation / Rician) and ``ct`` (thick slices,
 noise in HU, clipping).
 """
-from domainsr.degrade.base import Compose, Degradation, OneOf, build_degradation, degradation_kinds
+from domainsr.degrade.base import (
+    Compose,
+    Degradation,
+    OneOf,
+    build_degradation,
+    degradation_kinds,
+    noise_free_spec,
+    primary_spec,
+)
 
-__all__ = ["Compose", "Degradation", "OneOf", "build_degradation", "degradation_kinds"]
+__all__ = ["Compose", "Degradation", "OneOf", "build_degradation", "degradation_kinds", "noise_free_spec",
+           "primary_spec"]

@@ -130,6 +130,39 @@ _KINDS: dict[str, str] = {
 }
 
 
+#: Parameters that draw random numbers (set to zero for the noise-free form) and kinds that are only noise.
+NOISE_KEYS = ("noise_sigma", "shot_noise", "mtf_jitter", "rician_sigma", "sigma_hu")
+NOISE_KINDS = ("rician", "hu_noise")
+
+
+def primary_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` itself, or for a training mix (``one_of``) its first option: the one physics an
+    audit measures against (held-out pair and LR-consistency check alike)."""
+    spec = dict(spec)
+    while spec.get("kind") == "one_of" and spec.get("options"):
+        spec = dict(spec["options"][0])
+    return spec
+
+
+def noise_free_spec(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The deterministic form of a degradation spec (``describe()`` output): noise and PSF jitter
+    set to zero, pure-noise steps dropped, a mix reduced to its primary. ``{}`` when nothing but
+    noise is left; ``None`` for random degradations (``blind``), which have no such form."""
+    spec = primary_spec(spec)
+    kind = spec.get("kind")
+    if kind == "blind":
+        return None
+    if kind in NOISE_KINDS:
+        return {}
+    if kind == "compose":
+        steps = [noise_free_spec(s) for s in spec.get("steps", [])]
+        if any(s is None for s in steps):
+            return None
+        steps = [s for s in steps if s]
+        return {"kind": "compose", "steps": steps} if steps else {}
+    return {k: (0.0 if k in NOISE_KEYS else v) for k, v in spec.items() if k != "derived"}
+
+
 def degradation_kinds() -> list[str]:
     return sorted(_KINDS)
 

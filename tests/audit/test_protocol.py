@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from domainsr.audit import AuditThresholds, audit_checkpoint, audit_output
-from domainsr.audit.protocol import heldout_region, noiseless
+from domainsr.audit.protocol import heldout_region
+from domainsr.degrade import noise_free_spec as noiseless
 from domainsr.errors import GeometryError, InputError
 
 
