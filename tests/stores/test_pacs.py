@@ -147,7 +147,7 @@ def test_query_filters_select_series(pacs_env, mri_block, tmp_path):
         store.list_items({"modalty": "MR"})
 
 
-def test_interrupted_upload_is_completed_not_duplicated(pacs_env, mr_in_pacs, flaky_proxy, caplog):
+def test_interrupted_upload_is_completed_not_duplicated(pacs_env, mr_in_pacs, flaky_proxy, caplog, tally):
     """An upload that dies half-way leaves an incomplete series that no one counts as an output;
     the next run completes it under the same UIDs."""
     caplog.set_level(logging.WARNING, logger="domainsr")
@@ -169,9 +169,11 @@ def test_interrupted_upload_is_completed_not_duplicated(pacs_env, mr_in_pacs, fl
     result = healthy.write(item, enhanced, "run-interrupted")
     check_derived_series(pacs_env, mr_in_pacs, enhanced)
     assert healthy.existing(item, "run-interrupted") == result
+    tally("faults injected")
+    tally("items checked after faults")
 
 
-def test_transient_5xx_is_retried_with_backoff(pacs_env, mr_in_pacs, flaky_proxy, caplog):
+def test_transient_5xx_is_retried_with_backoff(pacs_env, mr_in_pacs, flaky_proxy, caplog, tally):
     caplog.set_level(logging.WARNING, logger="domainsr")
     store = PacsStore.from_url(dicomweb_url(pacs_env, flaky_proxy.port), retries=3, backoff=0.1)
     flaky_proxy.failures.set(count=2, methods=("GET",))
@@ -181,9 +183,11 @@ def test_transient_5xx_is_retried_with_backoff(pacs_env, mr_in_pacs, flaky_proxy
     assert time.monotonic() - t0 >= 0.1 + 0.2  # waited base, then twice the base
     waits = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert len(waits) == 2 and "retry 1 of 2 in 0.10 s" in waits[0] and "retry 2 of 2 in 0.20 s" in waits[1]
+    tally("faults injected", 2)
 
 
-def test_store_down_fails_clearly_after_retries_and_writes_nothing(pacs_env, mr_in_pacs, caplog):
+def test_store_down_fails_clearly_after_retries_and_writes_nothing(pacs_env, mr_in_pacs, caplog, tally):
+    tally("faults injected", 2)  # DICOMweb and DIMSE down
     caplog.set_level(logging.WARNING, logger="domainsr")
     up = PacsStore.from_url(dicomweb_url(pacs_env))
     item = up.list_items({"study_uid": mr_in_pacs["study"]})[0]

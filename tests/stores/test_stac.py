@@ -184,7 +184,8 @@ def test_assets_on_different_grids_are_refused(stac_server, tmp_path):
         StacStore.from_url(stac_url(stac_server, tmp_path / "out", assets="B99")).list_items({"ids": "s2-crop-a"})
 
 
-def test_down_server_retries_then_fails_clearly(stac_server, tmp_path, caplog, monkeypatch):
+def test_down_server_retries_then_fails_clearly(stac_server, tmp_path, caplog, monkeypatch, tally):
+    tally("faults injected")
     caplog.set_level(logging.WARNING, logger="domainsr")
     port = closed_port()
     monkeypatch.setenv("TEST_STAC_PASSWORD", "pw-not-in-messages")
@@ -198,7 +199,8 @@ def test_down_server_retries_then_fails_clearly(stac_server, tmp_path, caplog, m
     assert not (tmp_path / "o").exists()
 
 
-def test_transient_errors_are_retried_and_persistent_ones_write_nothing(stac_server, tmp_path, caplog):
+def test_transient_errors_are_retried_and_persistent_ones_write_nothing(stac_server, tmp_path, caplog, tally):
+    tally("faults injected", 3)  # two 503s on the catalog, one on a COG, then a persistent outage
     caplog.set_level(logging.WARNING, logger="domainsr")
     out = tmp_path / "out"
     store = StacStore.from_url(stac_url(stac_server, out, assets=BANDS), retries=3, backoff=0.05)
@@ -217,7 +219,7 @@ def test_transient_errors_are_retried_and_persistent_ones_write_nothing(stac_ser
 
 
 def test_failed_write_leaves_nothing_and_a_stop_before_the_catalog_update_heals(stac_server, tmp_path, extras,
-                                                                             monkeypatch, offline_validation):
+                                                                             monkeypatch, offline_validation, tally):
     out = tmp_path / "out"
     store = StacStore.from_url(stac_url(stac_server, out, assets="B04,B08"))
     item = store.list_items({"ids": "s2-crop-b"})[0]
@@ -247,6 +249,8 @@ def test_failed_write_leaves_nothing_and_a_stop_before_the_catalog_update_heals(
     catalog = pystac.Catalog.from_file(str(out / "catalog.json"))
     assert catalog.validate_all() == 1 and len(list(catalog.get_items())) == 1
     assert store.write(item, enhanced, "run-crash") == result
+    tally("faults injected", 2)
+    tally("items checked after faults")
 
 
 def test_authentication_failure_is_not_retried(stac_server, tmp_path, caplog, monkeypatch):
