@@ -20,8 +20,9 @@ from pathlib import Path
 
 from domainsr.errors import OutputError
 
-#: A partial output whose writer is not a live process of this machine, or older than this, is
-#: debris of a killed run and removed when the same output is written again.
+#: A partial output written on this machine is debris once its writer process is gone; one written
+#: by another machine (a shared folder) once it is older than this. Debris is removed when the same
+#: output is written again.
 STALE_AFTER_S = 24 * 3600.0
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _OWNER = re.compile(r"(\d+)_([0-9a-f]{8})-")
@@ -44,7 +45,8 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_partials(final: str | os.PathLike[str]) -> list[Path]:
     """Remove temporary siblings of ``final`` left by a killed writer: written on this machine by
-    a process that is gone, or older than :data:`STALE_AFTER_S`. Returns what was removed."""
+    a process that is gone, or on another machine more than :data:`STALE_AFTER_S` ago. Returns
+    what was removed."""
     final = Path(final)
     if not final.parent.is_dir():
         return []
@@ -57,8 +59,11 @@ def remove_stale_partials(final: str | os.PathLike[str]) -> list[Path]:
             age = now - entry.lstat().st_mtime
         except FileNotFoundError:
             continue
-        dead = m is not None and m.group(2) == _HOST and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
-        if dead or age > STALE_AFTER_S:
+        if m is not None and m.group(2) == _HOST:  # ours: stale exactly when its writer is gone
+            stale = int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+        else:  # another machine's (a shared folder): its pid means nothing here
+            stale = age > STALE_AFTER_S
+        if stale:
             _remove(entry)
             removed.append(entry)
     return removed

@@ -242,3 +242,19 @@ def test_debris_of_a_live_writer_is_kept(tmp_path):
         tmp.write_bytes(b"half")
         assert remove_stale_partials(final) == [] and tmp.exists()
     assert final.read_bytes() == b"half"
+
+
+def test_debris_of_another_machine_is_removed_only_when_old(tmp_path):
+    """On a shared folder a pid from another host means nothing: its partial files are removed
+    only once older than STALE_AFTER_S."""
+    from domainsr.io.atomic import STALE_AFTER_S, remove_stale_partials
+
+    final = tmp_path / "scene.tif"
+    old = tmp_path / ".scene.tif.partial-4242_0badcafe-abcdefgh.tif"
+    fresh = tmp_path / ".scene.tif.partial-4243_0badcafe-ijklmnop.tif"
+    for p in (old, fresh):
+        p.write_bytes(b"half")
+    past = time.time() - STALE_AFTER_S - 60
+    os.utime(old, (past, past))
+    assert remove_stale_partials(final) == [old]
+    assert fresh.exists() and not old.exists()
