@@ -425,19 +425,16 @@ def errors_named_by_item(item: Item) -> Iterator[None]:
     if item.kind != "dicom":
         yield
         return
+    from domainsr.audit.privacy import file_labels, relabel, replace_paths
+
+    labels = file_labels([str(f) for f in item.meta.get("files", [])] or [item.uri], item.id, item.uri)
     try:
         yield
     except DomainSRError as exc:
-        raise type(exc)(_redacted(exc.message, item), item.id) from None
+        raise relabel(exc, labels, item.id) from None
     except Exception as exc:  # noqa: BLE001 - any error: its text may carry a path
         kind = StoreError if is_transient(exc) else InputError
-        raise kind(f"{type(exc).__name__}: {_redacted(str(exc), item)}", item.id) from None
-
-
-def _redacted(text: str, item: Item) -> str:
-    from domainsr.audit.privacy import redact_paths
-
-    return redact_paths(text, [str(f) for f in item.meta.get("files", [])] or [item.uri], item.id, item.uri)
+        raise kind(f"{type(exc).__name__}: {replace_paths(str(exc), labels)}", item.id) from None
 
 
 def _enhance_in_memory(store: Store, item: Item, spec: RunSpec, progress: Callable[[int, int], None],

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from domainsr import pipeline
-from domainsr.audit.privacy import public_path
+from domainsr.audit.privacy import public_path, relabel
 from domainsr.config import ModelRef
 from domainsr.errors import DomainSRError
 from flows.common import artifact_key, link
@@ -29,7 +29,7 @@ def heldout_task(reference: str, model: str, scale: int | list[int] | None, out:
         result = pipeline.heldout_audit(reference, ModelRef(name=model, scale=scale), out, audit=audit, bands=bands,
                                         seed=seed)
     except DomainSRError as exc:
-        raise type(exc)(exc.message.replace(str(reference), shown), shown) from None
+        raise relabel(exc, {str(reference): shown}, shown) from None
     get_run_logger().info("%s: %s, PSNR gain over interpolation %+.2f dB -> %s", shown, result["verdict"],
                           result["psnr_gain_db"], result["html"])
     return {"reference": shown, **result}
@@ -42,10 +42,7 @@ def output_task(sr: str, lr: str, reference: str | None, out: str, audit: dict[s
     try:
         result = pipeline.output_audit(sr, lr, out, reference=reference, audit=audit, bands=bands)
     except DomainSRError as exc:
-        message = exc.message
-        for path, label in shown.items():
-            message = message.replace(path, label)
-        raise type(exc)(message, shown.get(str(exc.path), exc.path) if exc.path else None) from None
+        raise relabel(exc, shown) from None
     return {"reference": shown.get(str(reference), ""), "sr": shown[str(sr)], **result}
 
 

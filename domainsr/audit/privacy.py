@@ -9,7 +9,7 @@ nobody without the salt can. Birth date, sex, age, size and weight are dropped. 
 ``allow_identifiers=True`` to show the real values (e.g. inside a hospital's own system).
 
 The same rule covers what the flows print: :func:`public_path` (a medical input's path in logs and
-artifacts), :func:`public_stem` (report file names) and :func:`redact_paths` (error messages).
+artifacts), :func:`public_stem` (report file names) and :func:`relabel` (error messages).
 
 The salt is ``$DOMAINSR_PSEUDONYM_SALT`` if set, else a random secret created once in
 ``$XDG_CONFIG_HOME/domainsr/pseudonym_salt`` (``~/.config/...``) with owner-only permissions.
@@ -23,6 +23,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from domainsr.errors import DomainSRError
 from domainsr.image import GeoGeometry, MedicalGeometry, SpatialImage
 
 MEDICAL = ("mri", "ct")
@@ -134,7 +135,6 @@ def public_stem(path: str | Path, domain: str) -> str:
 def public_path(path: str | Path) -> str:
     """``path`` as logs and artifacts may show it: a NIfTI, DICOM or unrecognised input's path
     pseudonymised, a raster's as it is."""
-    from domainsr.errors import DomainSRError
     from domainsr.io import detect_format
 
     try:
@@ -144,18 +144,31 @@ def public_path(path: str | Path) -> str:
     return path_label(str(path), medical=medical)
 
 
-def redact_paths(text: str, files: list[str], subject: str, folder: str | None = None) -> str:
-    """``text`` with ``files`` (as given and resolved), their names and their folders replaced by
-    ``<file k of SUBJECT>`` / ``<folder of SUBJECT>``: for error messages about medical inputs."""
-    names: dict[str, str] = {}
+def file_labels(files: list[str], subject: str, folder: str | None = None) -> dict[str, str]:
+    """What :func:`relabel` should put in place of ``files`` (as given and resolved), their names
+    and their folders: ``<file k of SUBJECT>`` / ``<folder of SUBJECT>``."""
+    labels: dict[str, str] = {}
     for k, f in enumerate(files, 1):
-        names[f] = names[str(Path(f).resolve())] = f"<file {k} of {subject}>"
-        names.setdefault(Path(f).name, f"<file {k} of {subject}>")
+        labels[f] = labels[str(Path(f).resolve())] = f"<file {k} of {subject}>"
+        labels.setdefault(Path(f).name, f"<file {k} of {subject}>")
         for parent in (Path(f).parent, Path(f).resolve().parent):
             if str(parent) not in ("/", "."):
-                names.setdefault(str(parent), f"<folder of {subject}>")
+                labels.setdefault(str(parent), f"<folder of {subject}>")
     if folder:
-        names.setdefault(folder, f"<folder of {subject}>")
-    for old in sorted(names, key=len, reverse=True):
-        text = text.replace(old, names[old])
+        labels.setdefault(folder, f"<folder of {subject}>")
+    return labels
+
+
+def replace_paths(text: str, labels: dict[str, str]) -> str:
+    """``text`` with every key of ``labels`` replaced by its value (longest first)."""
+    for old in sorted(labels, key=len, reverse=True):
+        text = text.replace(old, labels[old])
     return text
+
+
+def relabel(exc: DomainSRError, labels: dict[str, str], subject: str | None = None) -> DomainSRError:
+    """A copy of ``exc`` (same type) whose message has its paths replaced by ``labels`` and whose
+    subject is ``subject`` (default: the label of its own path). Raise it ``from None``: a chained
+    original would show the paths in a logged traceback."""
+    path = subject if subject is not None else (labels.get(exc.path, exc.path) if exc.path else None)
+    return type(exc)(replace_paths(exc.message, labels), path)
