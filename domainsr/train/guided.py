@@ -61,6 +61,7 @@ from domainsr.train.trainer import (
     score,
     source_path,
     training_settings,
+    validator,
 )
 
 log = logging.getLogger("domainsr.train")
@@ -380,17 +381,8 @@ def train_guided(config: TrainConfig, *, resume: bool = False, image: MultiResol
              list(guide.band_names), {k: (v.start, v.stop) for k, v in data.regions.items()}, data.gap,
              threads, device)
 
-    def validate(stage: str, step: int) -> RegionMetrics:
-        m = evaluate_guided(run.ema.module, data, "val", baselines["val"], config, device, amp)
-        entry = {"stage": stage, "step": step, **m.model_dump(include={"psnr", "ssim", "psnr_baseline",
-                                                                      "ssim_baseline", "gain_db"})}
-        run.val_history.append(entry)
-        log.info("%s step %d: val PSNR %.2f dB (%s %.2f, gain %+.2f), SSIM %.4f (%.4f)", stage, step,
-                 m.psnr, m.baseline, m.psnr_baseline, m.gain_db, m.ssim, m.ssim_baseline)
-        if on_step:
-            on_step({"event": "validation", **entry})
-        return m
-
+    validate = validator(run, lambda: evaluate_guided(run.ema.module, data, "val", baselines["val"], config, device,
+                                                      amp), on_step)
     _psnr_stage(run, data, config, amp, amp_dtype, state_path, validate, on_step)  # type: ignore[arg-type]
     val = evaluate_guided(run.ema.module, data, "val", baselines["val"], config, device, amp)
     test = evaluate_guided(run.ema.module, data, "test", baselines["test"], config, device, amp)

@@ -536,17 +536,8 @@ def train(config: TrainConfig, *, resume: bool = False, image: SpatialImage | No
              {k: (v.start, v.stop) for k, v in data.regions.items()}, data.gap, threads, device,
              f", autocast {amp_dtype}" if amp_dtype else "")
 
-    def validate(stage: str, step: int) -> RegionMetrics:
-        m = evaluate(run.ema.module, data.val, baselines["val"], config, "val", device, amp)
-        entry = {"stage": stage, "step": step, **m.model_dump(include={"psnr", "ssim", "psnr_baseline",
-                                                                      "ssim_baseline", "gain_db"})}
-        run.val_history.append(entry)
-        log.info("%s step %d: val PSNR %.2f dB (%s %.2f, gain %+.2f), SSIM %.4f (%.4f)", stage, step,
-                 m.psnr, m.baseline, m.psnr_baseline, m.gain_db, m.ssim, m.ssim_baseline)
-        if on_step:
-            on_step({"event": "validation", **entry})
-        return m
-
+    validate = validator(run, lambda: evaluate(run.ema.module, data.val, baselines["val"], config, "val", device,
+                                               amp), on_step)
     if run.stage == "psnr":
         _psnr_stage(run, data, config, amp, amp_dtype, state_path, validate, on_step)
         if config.gan.enabled:
@@ -642,6 +633,24 @@ def _loop(run: _Run, data: _Data, config: TrainConfig, stage: str, total: int, m
     if window:
         run.losses.append((run.step if stage == "psnr" else run.step + run.gan_step, float(np.mean(window))))
     run.save(state_path)
+
+
+def validator(run: _Run, evaluate_val: Callable[[], RegionMetrics], on_step: Callback | None
+              ) -> Callable[[str, int], RegionMetrics]:
+    """The ``validate(stage, step)`` the stages call: score the validation region with
+    ``evaluate_val``, record it in the run's history, log it and tell ``on_step``."""
+    def validate(stage: str, step: int) -> RegionMetrics:
+        m = evaluate_val()
+        entry = {"stage": stage, "step": step, **m.model_dump(include={"psnr", "ssim", "psnr_baseline",
+                                                                      "ssim_baseline", "gain_db"})}
+        run.val_history.append(entry)
+        log.info("%s step %d: val PSNR %.2f dB (%s %.2f, gain %+.2f), SSIM %.4f (%.4f)", stage, step,
+                 m.psnr, m.baseline, m.psnr_baseline, m.gain_db, m.ssim, m.ssim_baseline)
+        if on_step:
+            on_step({"event": "validation", **entry})
+        return m
+
+    return validate
 
 
 def _psnr_stage(run: _Run, data: _Data, config: TrainConfig, amp: Any, amp_dtype: torch.dtype | None,
