@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -197,15 +197,21 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def _finish_batch(state: Any, as_json: bool) -> None:
-    """Print a batch flow's summary and exit with 0 (all done), 1 (some failed) or 2/3 (no run)."""
+def _flow_data(state: Any, as_json: bool, show: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """A flow's final data, printed as JSON or by ``show``; a flow that raised exits through ``fail``."""
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
         fail(data)
     if as_json:
         print(json.dumps(data, indent=1, default=str))
     else:
-        console.print(_summary_table(data))
+        show(data)
+    return data
+
+
+def _finish_batch(state: Any, as_json: bool) -> None:
+    """Print a batch flow's summary and exit with 0 (all done), 1 (some failed) or 2/3 (no run)."""
+    data = _flow_data(state, as_json, lambda d: console.print(_summary_table(d)))
     if data["total"] == 0:
         err_console.print("[bold red]error:[/] no images found in the inputs (NIfTI, DICOM, GeoTIFF/COG/JP2, "
                           "Sentinel-2/Landsat band folders)")
@@ -338,23 +344,22 @@ def _audit_settings(config: Path | None) -> dict[str, Any]:
     return {}
 
 
+def _show_audits(data: dict[str, Any]) -> None:
+    table = Table(title="audit")
+    for col in ("input", "verdict", "PSNR gain dB", "regions", "report"):
+        table.add_column(col, overflow="fold")
+    for r in data["audits"]:
+        gain = r.get("psnr_gain_db")
+        table.add_row(r.get("reference") or r.get("sr", ""), r["verdict"],
+                      "-" if gain is None else f"{gain:+.2f}", str(r["regions"]), r["html"])
+    console.print(table)
+    for e in data["errors"]:
+        err_console.print(f"[bold red]error:[/] {e}")
+
+
 def _finish_audit(state: Any, as_json: bool) -> None:
-    data = state.result(raise_on_failure=False)
-    if isinstance(data, BaseException):
-        fail(data)
-    if as_json:
-        print(json.dumps(data, indent=1, default=str))
-    else:
-        table = Table(title="audit")
-        for col in ("input", "verdict", "PSNR gain dB", "regions", "report"):
-            table.add_column(col, overflow="fold")
-        for r in data["audits"]:
-            gain = r.get("psnr_gain_db")
-            table.add_row(r.get("reference") or r.get("sr", ""), r["verdict"],
-                          "-" if gain is None else f"{gain:+.2f}", str(r["regions"]), r["html"])
-        console.print(table)
-        for e in data["errors"]:
-            err_console.print(f"[bold red]error:[/] {e}")
+    """Print an audit flow's verdicts; exit 0 (none failed), 1 (a fail verdict or an error) or 2 (only errors)."""
+    data = _flow_data(state, as_json, _show_audits)
     if data["errors"] and not data["audits"]:
         raise typer.Exit(EXIT_INPUT)
     bad = data["errors"] or any(r["verdict"] == "fail" for r in data["audits"])
