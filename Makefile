@@ -25,7 +25,7 @@ demo: data
 	$(PY) -m domainsr.cli demo
 
 services:
-	bash tests/stores/install_services.sh || echo "services not installed: PACS tests will be skipped"
+	bash tests/stores/install_services.sh || echo "services not installed: PACS and DICOM validator tests will be skipped"
 
 test: data services
 	$(PY) -m pytest -q

@@ -2,28 +2,45 @@
 
 Batch commands (enhance, train, audit, demo) run Prefect flows: with no Prefect server configured
 they use Prefect's ephemeral mode (a local SQLite database, nothing to start); with
-``PREFECT_API_URL`` set, runs, logs and artifacts land on that server.
+``PREFECT_API_URL`` set, runs, logs and artifacts land on that server. Prefect is imported only
+when a flow starts: usage errors (an unknown model, a missing ``--scale``, a bad path or band map)
+are found before that and answered with one line in well under a second.
 
-Exit codes (stable, for scripts): 0 success; 1 the command ran but some items failed (or an audit
-verdict is 'fail'); 2 bad input, usage or config (nothing or nothing more was done); 3 internal error.
+Exit codes (stable, for scripts and schedulers; :data:`EXIT_CODES`, docs/cli.md), the same for
+``enhance`` and ``audit``: 0 success (every audit verdict pass or review); 1 some items or audits
+failed or were refused, the others are done; 2 usage, config or input error found before any work
+(nothing done; also: no images found); 3 internal error (a bug); 4 an audit verdict is FAIL (wins
+over 1: outputs were written and one of them must not be trusted); 130 interrupted.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from domainsr.errors import DomainSRError
+from domainsr.errors import ConfigError, DomainSRError, InputError
 
-EXIT_OK, EXIT_PARTIAL, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL, EXIT_AUDIT_FAIL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_INPUT = EXIT_USAGE  # the name this code had first
+#: The exit codes of every command (docs/cli.md shows this table).
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success: every item enhanced or already done (or every audit ran); verdicts pass or review",
+    EXIT_PARTIAL: "some items or audits failed, or were refused (an output that would replace an input or "
+                  "a file that is not ours); the others are done",
+    EXIT_USAGE: "usage, config or input error found before any work: nothing was done (also: no images found)",
+    EXIT_INTERNAL: "internal error (a bug): the traceback is printed",
+    EXIT_AUDIT_FAIL: "an audit verdict is FAIL: do not use that output (takes precedence over 1)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
 
 app = typer.Typer(
     help="DomainSR: domain-aware super-resolution of medical volumes (NIfTI, DICOM) and satellite rasters "
@@ -31,7 +48,8 @@ app = typer.Typer(
     "Start with `domainsr data fetch`, `domainsr info FILE`, then e.g.\n\n"
     "  domainsr enhance scan.nii.gz --model cubic --scale 2 --out out/\n\n"
     "  domainsr enhance inbox/ --config configs/sentinel2_x2.yaml --out out/\n\n"
-    "Exit codes: 0 ok, 1 some items failed, 2 bad input/usage/config, 3 internal error.",
+    "Exit codes (enhance, audit): 0 ok (verdicts pass/review), 1 some items failed or were refused, "
+    "2 bad usage/config/input (nothing done), 3 internal error, 4 an audit verdict is FAIL.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -56,28 +74,60 @@ err_console = Console(stderr=True)
 # Options several commands share.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 BandsOpt = Annotated[list[str] | None, typer.Option(
-    "--bands", help="Bands, e.g. B02,B03,B04,B08 (comma list or repeated).")]
+    "--bands", help="Bands, e.g. B02,B03,B04,B08 (comma list or repeated; B2 or b02 also name B02).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars with ETA.")]
 AuditConfigOpt = Annotated[Path | None, typer.Option(
     "--config", "-c", help="Take the audit settings (audit:) from this task config.")]
 NamesArg = Annotated[list[str] | None, typer.Argument(help="Deployment names (default: all).")]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("domainsr")
+    except PackageNotFoundError:
+        from domainsr import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"domainsr {_version()}")
+        raise typer.Exit(EXIT_OK)
+
+
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's run logs (INFO).")]
-           = False) -> None:
+           = False,
+           version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                 help="Print the version and exit.")] = False) -> None:
     """Quiet Prefect defaults for a terminal (set before Prefect is imported; env vars win)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def fail(exc: BaseException, code: int = EXIT_INPUT) -> None:
+def say_error(text: object, label: str = "error") -> None:
+    """One line on stderr (never wrapped, no markup read from ``text``)."""
+    err_console.print(f"[bold red]{label}:[/] {escape(str(text))}", soft_wrap=True, highlight=False)
+
+
+def fail(exc: BaseException, code: int = EXIT_USAGE) -> NoReturn:
     """Print an error for a person and exit with ``code`` (2 for DomainSRError, 3 otherwise)."""
     if not isinstance(exc, DomainSRError):
         code = EXIT_INTERNAL
-    err_console.print(f"[bold red]error:[/] {exc}")
+    say_error(exc)
     raise typer.Exit(code)
+
+
+def outcome_code(verdicts: Iterable[str | None], failed: int) -> int:
+    """The exit code of a batch or audit that ran: 4 if a verdict is FAIL, else 1 if anything
+    failed (or was refused), else 0 (the rule ``enhance`` and ``audit`` share)."""
+    if any(v == "fail" for v in verdicts):
+        return EXIT_AUDIT_FAIL
+    return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def _fmt(value: object) -> str:
@@ -127,6 +177,67 @@ def progress_bars(enabled: bool = True) -> Iterator[None]:
 
     with bars, pipeline.listen(on_event):
         yield
+
+
+# ---------------------------------------------------------------------------------------------
+# usage checks: before any flow (and Prefect) starts, one line and exit 2
+
+
+def _checked(check: Callable[[], Any]) -> Any:
+    """``check()``'s value; a DomainSRError it raises is a usage error (one line, exit 2)."""
+    try:
+        return check()
+    except DomainSRError as exc:
+        fail(exc)
+
+
+def _check_model(name: str, scale: str | int | list[int] | None) -> None:
+    """An unknown model (with the closest name), a discriminator, or a registered model without
+    a scale: a usage error."""
+    from domainsr.models.names import check_model
+    from domainsr.pipeline import parse_scale
+
+    _checked(lambda: check_model(name, parse_scale(scale)))
+
+
+def _check_paths(paths: Iterable[str | Path], what: str = "no such file or folder") -> None:
+    for p in paths:
+        if "://" not in str(p) and not Path(p).exists():
+            fail(InputError(what, p))
+
+
+def _check_out(out: Path | None) -> None:
+    if out is not None and out.exists() and not out.is_dir():
+        fail(ConfigError("--out must be a folder, not an existing file", out))
+
+
+def _check_enhance(inputs: list[str] | None, config: Path | None, model: str | None, scale: str | None,
+                   runner: str | None, band_map: str | None, suffix: str | None, out: Path | None) -> None:
+    """Every check of ``enhance``'s options that needs no flow (and no Prefect)."""
+    from domainsr.bands import parse_band_map
+
+    if runner not in (None, "threads", "dask"):
+        fail(ConfigError(f"--runner must be threads or dask, not {runner!r}"))
+    if (config is None) == (model is None):
+        fail(ConfigError("give either --config FILE or --model NAME (see domainsr enhance --help)"))
+    _checked(lambda: parse_band_map(band_map))
+    if suffix is not None and not _safe_suffix(suffix):
+        fail(ConfigError(f"--suffix {suffix!r} may hold only letters, digits, '.', '_' and '-' (or be empty)"))
+    if model is not None:
+        _check_model(model, scale)
+    else:
+        from domainsr.config import load_enhance_config
+
+        cfg = _checked(lambda: load_enhance_config(config))
+        _check_model(cfg.model.name, scale if scale is not None else cfg.model.scale)
+    _check_paths(inputs or [])
+    _check_out(out)
+
+
+def _safe_suffix(suffix: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9._-]{0,40}", suffix)) and ".." not in suffix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,17 +295,35 @@ def data_fetch(
 # ---------------------------------------------------------------------------------------------
 # enhance
 
+_STYLE = {"enhanced": "green", "skipped": "cyan", "failed": "red", "pass": "green", "review": "yellow",
+          "fail": "bold red"}
 
-def _summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"{summary['task']}: {summary['enhanced']} enhanced, {summary['skipped']} skipped, "
-                  f"{summary['failed']} failed (run key {summary['run_key']})")
-    for col in ("item", "status", "output", "audit", "report / error"):
-        table.add_column(col, overflow="fold")
-    style = {"enhanced": "green", "skipped": "cyan", "failed": "red"}
+
+def _line(text: str) -> None:
+    console.print(text, soft_wrap=True, highlight=False)
+
+
+def _verdict_text(verdict: str | None, reasons: list[str], report: str | None) -> str:
+    """``audit PASS: <reasons> (report <path>)``, marked up."""
+    if not verdict:
+        return "audit: off"
+    why = "; ".join(reasons) or "no reason recorded"
+    where = f" (report {escape(report)})" if report else ""
+    return f"audit [{_STYLE.get(verdict, 'bold')}]{verdict.upper()}[/]: {escape(why)}{where}"
+
+
+def _show_batch(summary: dict[str, Any]) -> None:
+    """One line per item (id, status, output or error) and one with its audit verdict, its reasons
+    and the report path; then the counts."""
+    _line(f"[bold]{escape(summary['task'])}[/]: {summary['enhanced']} enhanced, {summary['skipped']} skipped, "
+          f"{summary['failed']} failed (run key {summary['run_key']})")
     for r in summary["items"]:
-        table.add_row(r["item_id"], f"[{style[r['status']]}]{r['status']}[/]", r["output"] or "-",
-                      r["verdict"] or "-", r["extras"].get("audit.html") or r["message"] or "-")
-    return table
+        status = f"[{_STYLE[r['status']]}]{r['status']}[/]"
+        if r["status"] == "failed":
+            _line(f"  {escape(r['item_id'])}: {status} ({escape(r['error'] or 'error')}) {escape(r['message'])}")
+            continue
+        _line(f"  {escape(r['item_id'])}: {status} -> {escape(r['output'] or '-')}")
+        _line(f"    {_verdict_text(r['verdict'], r['reasons'], r['extras'].get('audit.html'))}")
 
 
 def _flow_data(state: Any, as_json: bool, show: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -209,14 +338,19 @@ def _flow_data(state: Any, as_json: bool, show: Callable[[dict[str, Any]], None]
     return data
 
 
-def _finish_batch(state: Any, as_json: bool) -> None:
-    """Print a batch flow's summary and exit with 0 (all done), 1 (some failed) or 2/3 (no run)."""
-    data = _flow_data(state, as_json, lambda d: console.print(_summary_table(d)))
+def _finish(code: int, as_json: bool) -> NoReturn:
+    if code != EXIT_OK and not as_json:
+        err_console.print(f"exit {code}: {EXIT_CODES[code]}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _finish_batch(state: Any, as_json: bool) -> NoReturn:
+    """Print a batch flow's summary and exit by :func:`outcome_code` (2 when it found no images)."""
+    data = _flow_data(state, as_json, _show_batch)
     if data["total"] == 0:
-        err_console.print("[bold red]error:[/] no images found in the inputs (NIfTI, DICOM, GeoTIFF/COG/JP2, "
-                          "Sentinel-2/Landsat band folders)")
-        raise typer.Exit(EXIT_INPUT)
-    raise typer.Exit(EXIT_PARTIAL if data["failed"] else EXIT_OK)
+        say_error("no images found in the inputs (NIfTI, DICOM, GeoTIFF/COG/JP2, Sentinel-2/Landsat band folders)")
+        raise typer.Exit(EXIT_USAGE)
+    _finish(outcome_code((r["verdict"] for r in data["items"]), data["failed"]), as_json)
 
 
 @app.command()
@@ -230,13 +364,22 @@ def enhance(
         "runner.")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Instead of --config: a checkpoint (e.g. mri_t1_x2, or a path to its .json) "
-        "or a registered model (e.g. cubic); see `domainsr models list`.")] = None,
+        "or a registered model (e.g. cubic, alias bicubic); see `domainsr models list`.")] = None,
     scale: Annotated[str | None, typer.Option(
         "--scale", "-s", help="Scale factor: 2, or one per axis (1,1,4 = 4x thinner slices). Needed for "
         "registered models.")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Output folder (default: the config's store.output or output.dir).")] = None,
+    suffix: Annotated[str | None, typer.Option(
+        "--suffix", help="Appended to each output's name: brain.nii.gz -> brain_sr.nii.gz (default _sr, or "
+        "the config's store.output_suffix; may be empty when no output would then be an input).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace existing files at the output names that are not earlier DomainSR "
+        "outputs (an input is never replaced).")] = False,
     bands: BandsOpt = None,
+    band_map: Annotated[str | None, typer.Option(
+        "--band-map", help="What an undescribed raster's bands are, by 1-based index: "
+        "1=B02,2=B03,3=B04,4=B08 (config: band_map).")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Redo items already enhanced with this model and config.")] = False,
     no_audit: Annotated[bool, typer.Option(
@@ -250,9 +393,13 @@ def enhance(
     progress: ProgressOpt = True,
 ) -> None:
     """Super-resolve images; outputs keep the input's format (NIfTI -> NIfTI, DICOM -> derived DICOM
-    series, GeoTIFF -> COG), each with an audit report (HTML + JSON) and a risk map.
+    series, GeoTIFF -> COG) under the input's name plus a suffix (brain.nii.gz -> brain_sr.nii.gz),
+    each with an audit report (HTML + JSON) and a risk map; the audit verdict of every item is
+    printed with its reasons and the report path. Inputs are never written over.
 
-    Items already enhanced with the same model and config are skipped. Examples:
+    Items already enhanced with the same model and config are skipped. Exit codes: 0 ok (verdicts
+    pass or review), 1 some items failed or were refused, 2 usage error, 3 internal error, 4 an
+    audit verdict is FAIL. Examples:
 
       domainsr enhance brain.nii.gz --model cubic --scale 2 --out out/
 
@@ -260,13 +407,7 @@ def enhance(
 
       domainsr enhance --config configs/sentinel2_x2.yaml scene_folder/ --out out/
     """
-    if runner not in (None, "threads", "dask"):
-        fail(DomainSRError(f"--runner must be threads or dask, not {runner!r}"))
-    if (config is None) == (model is None):
-        fail(DomainSRError("give either --config FILE or --model NAME (see domainsr enhance --help)"))
-    for p in inputs or []:
-        if "://" not in p and not Path(p).exists():
-            fail(DomainSRError("no such file or folder", p))
+    _check_enhance(inputs, config, model, scale, runner, band_map, suffix, out)
     from flows.enhance import enhance_flow
 
     with progress_bars(progress and not as_json):
@@ -275,7 +416,7 @@ def enhance(
                              out=None if out is None else str(out),
                              model=model, scale=scale, bands=_csv(bands), force=force, task_runner=runner,
                              dask_address=dask_address, run_audit=False if no_audit else None,
-                             return_state=True)
+                             suffix=suffix, overwrite=overwrite, band_map=band_map, return_state=True)
     _finish_batch(state, as_json)
 
 
@@ -337,33 +478,25 @@ def _audit_settings(config: Path | None) -> dict[str, Any]:
         return {}
     from domainsr.config import load_enhance_config
 
-    try:
-        return load_enhance_config(config).audit
-    except DomainSRError as exc:
-        fail(exc)
-    return {}
+    return _checked(lambda: load_enhance_config(config).audit)
 
 
 def _show_audits(data: dict[str, Any]) -> None:
-    table = Table(title="audit")
-    for col in ("input", "verdict", "PSNR gain dB", "regions", "report"):
-        table.add_column(col, overflow="fold")
+    """One line per audit: what was audited, the verdict with its reasons and the report path
+    (and the PSNR gain over interpolation of a held-out audit); then the audits that could not run."""
     for r in data["audits"]:
         gain = r.get("psnr_gain_db")
-        table.add_row(r.get("reference") or r.get("sr", ""), r["verdict"],
-                      "-" if gain is None else f"{gain:+.2f}", str(r["regions"]), r["html"])
-    console.print(table)
+        numbers = "" if gain is None else f", PSNR gain {gain:+.2f} dB"
+        _line(f"  {escape(r.get('reference') or r.get('sr', ''))}: {r['regions']} region(s){numbers}")
+        _line(f"    {_verdict_text(r['verdict'], r.get('reasons') or [], r['html'])}")
     for e in data["errors"]:
-        err_console.print(f"[bold red]error:[/] {e}")
+        say_error(e, "failed")
 
 
-def _finish_audit(state: Any, as_json: bool) -> None:
-    """Print an audit flow's verdicts; exit 0 (none failed), 1 (a fail verdict or an error) or 2 (only errors)."""
+def _finish_audit(state: Any, as_json: bool) -> NoReturn:
+    """Print an audit flow's verdicts and exit by :func:`outcome_code` (the rule of ``enhance``)."""
     data = _flow_data(state, as_json, _show_audits)
-    if data["errors"] and not data["audits"]:
-        raise typer.Exit(EXIT_INPUT)
-    bad = data["errors"] or any(r["verdict"] == "fail" for r in data["audits"])
-    raise typer.Exit(EXIT_PARTIAL if bad else EXIT_OK)
+    _finish(outcome_code((r["verdict"] for r in data["audits"]), len(data["errors"])), as_json)
 
 
 @audit_app.command("heldout")
@@ -379,16 +512,19 @@ def audit_heldout_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Held-out audit: degrade each reference as the model's card says (else a block mean), enhance
-    it, compare model and interpolation with the reference; writes HTML + JSON reports and risk maps."""
+    it, compare model and interpolation with the reference; writes HTML + JSON reports and risk maps.
+    Exit codes as for enhance (4: a verdict is FAIL)."""
     from domainsr.pipeline import parse_scale
+
+    _check_model(model, scale)
+    _check_paths(references)
+    _check_out(out)
+    settings = _audit_settings(config)
+    s = _checked(lambda: parse_scale(scale))
     from flows.audit import audit_flow
 
-    try:
-        s = parse_scale(scale)
-    except DomainSRError as exc:
-        fail(exc)
     state = audit_flow(references=[str(r) for r in references], model=model, scale=s, out=str(out),
-                       audit=_audit_settings(config), bands=_csv(bands), seed=seed, return_state=True)
+                       audit=settings, bands=_csv(bands), seed=seed, return_state=True)
     _finish_audit(state, as_json)
 
 
@@ -403,12 +539,15 @@ def audit_output_cmd(
     config: AuditConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Audit an SR output against its LR input (LR consistency; full-reference metrics with --reference)."""
+    """Audit an SR output against its LR input (LR consistency; full-reference metrics with --reference).
+    Exit codes as for enhance (4: the verdict is FAIL)."""
+    _check_paths([sr, lr, *([reference] if reference else [])])
+    _check_out(out)
+    settings = _audit_settings(config)
     from flows.audit import audit_flow
 
     state = audit_flow(references=[str(reference)] if reference else None, sr=str(sr), lr=str(lr),
-                       out=str(out),
-                       audit=_audit_settings(config), bands=_csv(bands), return_state=True)
+                       out=str(out), audit=settings, bands=_csv(bands), return_state=True)
     _finish_audit(state, as_json)
 
 
@@ -445,10 +584,11 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
 
 def _checkpoint_cards() -> list[tuple[Path, Any]]:
     """(card path, ModelCard or the error) of every checkpoint in the user and shipped folders."""
-    from domainsr.models.checkpoints import SHIPPED_DIR, read_card, user_checkpoint_dirs
+    from domainsr.models.checkpoints import read_card
+    from domainsr.models.names import checkpoint_roots
 
     found: dict[str, tuple[Path, Any]] = {}
-    for root in [*user_checkpoint_dirs(), SHIPPED_DIR]:
+    for root in checkpoint_roots():
         for js in sorted(root.glob("*/*.json")) if root.is_dir() else []:
             if js.stem != js.parent.name or js.stem in found:
                 continue
@@ -490,10 +630,11 @@ def models_list(as_json: JsonOpt = False) -> None:
         table.caption = "none installed (shipped checkpoints live in domainsr/checkpoints/<name>/)"
     console.print(table)
     reg = Table(title="registered models (use with --model NAME --scale S)")
-    for col in ("name", "family", "dims", "description"):
+    for col in ("name", "aliases", "family", "dims", "description"):
         reg.add_column(col, overflow="fold")
     for s in specs:
-        reg.add_row(s.name, s.family, ",".join(f"{d}D" for d in s.spatial_dims), s.description)
+        reg.add_row(s.name, ", ".join(s.aliases), s.family, ",".join(f"{d}D" for d in s.spatial_dims),
+                    s.description)
     console.print(reg)
 
 
@@ -504,13 +645,19 @@ def models_show(name: Annotated[str, typer.Argument(help="Checkpoint or register
     held-out metrics), or a registered model's description and options."""
     from domainsr.models import get_spec
     from domainsr.models.checkpoints import read_card
+    from domainsr.models.names import unknown_model
     from domainsr.pipeline import find_checkpoint
 
-    try:
-        path = find_checkpoint(name)
-        data = read_card(path).model_dump(mode="json") if path else {"registry": get_spec(name).summary()}
-    except DomainSRError as exc:
-        fail(exc)
+    def card_or_spec() -> dict[str, Any]:
+        if path:
+            return read_card(path).model_dump(mode="json")
+        try:
+            return {"registry": get_spec(name).summary()}
+        except DomainSRError:
+            raise unknown_model(name) from None
+
+    path = _checked(lambda: find_checkpoint(name))
+    data = _checked(card_or_spec)
     if as_json:
         print(json.dumps(data, indent=1))
         return
@@ -528,7 +675,7 @@ def models_show(name: Annotated[str, typer.Argument(help="Checkpoint or register
 
 @schedule_app.command("list")
 def schedule_list(names: NamesArg = None, as_json: JsonOpt = False) -> None:
-    """The deployments in prefect.yaml: flow, config, cron schedule and the next run times."""
+    """The deployments in prefect.yaml: flow, config, cron schedule, runs at once and the next run times."""
     from flows.deployments import describe
 
     try:
@@ -539,11 +686,13 @@ def schedule_list(names: NamesArg = None, as_json: JsonOpt = False) -> None:
         print(json.dumps(rows, indent=1))
         return
     table = Table(title="deployments (prefect.yaml)")
-    for col in ("name", "flow", "parameters", "cron", "next runs"):
+    for col in ("name", "flow", "parameters", "cron", "at once", "next runs"):
         table.add_column(col, overflow="fold")
     for r in rows:
+        limit = r["concurrency_limit"]
         table.add_row(r["name"], r["flow"], json.dumps(r["parameters"]),
                       "\n".join(f"{s['cron']} ({s['timezone']})" for s in r["schedules"]) or "-",
+                      f"{limit['limit']} ({limit['collision_strategy']})" if limit else "-",
                       "\n".join(s["next"][0][:16] for s in r["schedules"] if s["next"]) or "-")
     console.print(table)
 
@@ -587,11 +736,11 @@ def main() -> None:
     try:
         app()
     except DomainSRError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(EXIT_INPUT)
+        say_error(exc)
+        sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - a bug: say so, with the traceback, and exit 3
         err_console.print_exception()
         err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}")

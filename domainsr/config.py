@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from domainsr.errors import ConfigError
 
@@ -55,12 +55,26 @@ class StoreConfig(StrictModel):
     expanded. ``output``: the output root (default ``output.dir``). ``query``: which items
     (store-specific; the local store knows ``kinds``, ``glob`` and ``modified_within_hours``).
     ``options``: further keyword arguments of the store.
+
+    Local outputs are named ``<item id><output_suffix>`` (``brain_sr.nii.gz``; the CLI's
+    ``--suffix``). An input is never written over; an existing file that is not an earlier
+    DomainSR output is replaced only with ``overwrite: true`` (the CLI's ``--overwrite``).
     """
 
     input: str | None = None
     output: str | None = None
+    output_suffix: str = Field("_sr", max_length=40, pattern=r"^[A-Za-z0-9._-]*$",
+                               description="appended to the item id in output names; may be empty")
+    overwrite: bool = Field(False, description="replace existing files that are not earlier DomainSR outputs")
     query: dict[str, Any] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("output_suffix")
+    @classmethod
+    def _safe_suffix(cls, v: str) -> str:
+        if ".." in v:
+            raise ValueError("must not contain '..'")
+        return v
 
 
 class RunnerConfig(StrictModel):
@@ -87,8 +101,11 @@ class RunnerConfig(StrictModel):
 class EnhanceConfig(StrictModel):
     """One enhancement task (e.g. ``configs/sentinel2_x2.yaml``).
 
-    ``domain`` may be left out: each input's own domain is used (a mixed folder). ``audit`` holds
-    the audit settings (``domainsr.audit.AuditThresholds`` keys, checked when a run starts);
+    ``domain`` may be left out: each input's own domain is used (a mixed folder). ``bands``: the
+    bands to enhance (any spelling: ``B2`` is ``B02``). ``band_map``: what a single-file raster's
+    bands are when the file does not say, by 1-based index: ``{1: B02, 2: B03, 3: B04, 4: B08}``
+    or ``"1=B02,2=B03,3=B04,4=B08"`` (the CLI's ``--band-map``). ``audit`` holds the audit
+    settings (``domainsr.audit.AuditThresholds`` keys, checked when a run starts);
     ``run_audit: false`` skips the reference-free audit.
     """
 
@@ -96,12 +113,23 @@ class EnhanceConfig(StrictModel):
     domain: Literal["mri", "ct", "optical"] | None = None
     model: ModelRef
     bands: list[str] | None = None
+    band_map: dict[int, str] | None = None
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     audit: dict[str, Any] = Field(default_factory=dict)
     run_audit: bool = True
     store: StoreConfig = Field(default_factory=StoreConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @field_validator("band_map", mode="before")
+    @classmethod
+    def _band_map(cls, v: Any) -> dict[int, str] | None:
+        from domainsr.bands import parse_band_map
+
+        try:
+            return parse_band_map(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
 
 M = TypeVar("M", bound=BaseModel)

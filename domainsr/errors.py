@@ -46,4 +46,14 @@ class ResourceLimitError(DomainSRError):
 
 
 class StoreError(DomainSRError):
-    """A data store (PACS, STAC, folder) failed or refused a request."""
+    """A data store (PACS, STAC, folder) failed or refused a request; retried unless ``transient``
+    is false (see :func:`domainsr.retry.is_transient`)."""
+
+    transient = True
+
+
+class PermanentStoreError(StoreError):
+    """A store failure that retrying cannot fix: the store refused the request (HTTP 4xx, a
+    rejected association, an unsupported SOP class, an output name it will not write)."""
+
+    transient = False

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from domainsr.bands import band_key
 from domainsr.errors import GeometryError
 
 Domain = Literal["mri", "ct", "optical"]
@@ -347,16 +348,20 @@ class MultiResolutionImage:
         return tuple(b for img in self.groups.values() for b in img.band_names)
 
     def group_of(self, band: str) -> str:
+        """The group holding ``band`` (any spelling: ``B2`` finds ``B02``, see :mod:`domainsr.bands`)."""
+        key = band_key(band)
         for name, img in self.groups.items():
-            if band in img.band_names:
+            if any(band_key(b) == key for b in img.band_names):
                 return name
-        raise KeyError(f"band {band!r} not in {self.band_names}")
+        raise KeyError(band)
 
     def select(self, bands: Sequence[str]) -> SpatialImage:
-        """Stack ``bands`` (all from one resolution group) into one SpatialImage."""
+        """Stack ``bands`` (all from one resolution group, any spelling) into one SpatialImage,
+        under the band set's own names."""
         groups = {self.group_of(b) for b in bands}
         if len(groups) != 1:
             raise GeometryError(f"bands {list(bands)} span resolution groups {sorted(groups)}")
         img = self.groups[groups.pop()]
-        idx = [img.band_names.index(b) for b in bands]
-        return img.derive(img.data[idx], band_names=tuple(bands))
+        keys = [band_key(b) for b in img.band_names]
+        idx = [keys.index(band_key(b)) for b in bands]
+        return img.derive(img.data[idx], band_names=tuple(img.band_names[i] for i in idx))

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from domainsr.bands import apply_band_map, described, match_bands
 from domainsr.config import EnhanceConfig, ModelRef
 from domainsr.errors import (
     ConfigError,
@@ -37,12 +38,12 @@ from domainsr.errors import (
     InputError,
     ModelCardMismatch,
     ModelError,
-    OutputError,
     ResourceLimitError,
     StoreError,
 )
 from domainsr.image import MultiResolutionImage, SpatialImage
 from domainsr.limits import check_disk, check_fits, decoded_bytes, fits, memory_budget
+from domainsr.retry import PERMANENT_ERRORS, TRANSIENT_ERRORS, is_transient  # noqa: F401 - re-exported
 from domainsr.stores.base import Item, Store
 
 log = logging.getLogger("domainsr.pipeline")
@@ -133,19 +134,12 @@ def model_identity(ref: ModelRef) -> dict[str, Any]:
         return {"kind": "checkpoint", "name": card.name, "version": card.version, "sha256": card.weights_sha256,
                 "scale": list(card.scale), "application": card.application, "guided": is_guided(card),
                 "path": str(card_path)}
-    from domainsr.models import get_spec, list_models
+    from domainsr.models import get_spec
+    from domainsr.models.names import check_model
 
-    try:
-        spec = get_spec(ref.name)
-    except ModelError:
-        names = [s.name for s in list_models("sr")]
-        raise ModelError(f"no checkpoint or registered model of this name; registered: {names} "
-                         "(checkpoints: `domainsr models list`)", ref.name) from None
-    if spec.kind != "sr":
-        raise ModelError(f"{spec.kind} models cannot enhance images", ref.name)
-    if ref.scale is None:
-        raise ConfigError(f"model {ref.name!r} is a registry model: give a scale (e.g. --scale 2 or --scale 1,1,4)")
-    return {"kind": "registry", "name": ref.name, "family": spec.family, "scale": ref.scale,
+    check_model(ref.name, ref.scale)  # unknown (with the closest name), not an SR model, no scale
+    spec = get_spec(ref.name)
+    return {"kind": "registry", "name": spec.name, "family": spec.family, "scale": ref.scale,
             "kwargs": dict(ref.kwargs)}
 
 
@@ -201,9 +195,19 @@ def slicewise_module(module: Any, slice_axis: int) -> Any:
 
 
 def slice_axis_of(img: SpatialImage) -> int:
-    """The thick-slice axis of a volume: the one with the largest spacing (the last on a tie)."""
+    """The thick-slice axis of a volume. For a DICOM series: the axis it was stacked on (along the
+    slice normal, from the geometry; an in-plane axis never is). Otherwise the axis with the
+    largest spacing, the last of those within 0.1 % of it (rounding noise makes no slice thicker).
+    A single slice (2D) has none: InputError."""
+    from domainsr.io.dicom import stack_axis
+
     spacing = np.asarray(img.geometry.spacing, float)
-    axis = int(len(spacing) - 1 - np.argmax(spacing[::-1]))
+    axis = stack_axis(img)
+    if axis is None:
+        axis = int(np.flatnonzero(spacing >= spacing.max() * (1 - 1e-3))[-1])
+    if img.spatial_shape[axis] == 1:
+        raise InputError("a single slice is 2D: a slice-wise model has no slice axis to upsample "
+                         "(use an in-plane model or scale)")
     if spacing[axis] < 1.5 * np.min(spacing):
         log.warning("voxels are nearly isotropic (%s mm); a slice-wise model expects thick slices "
                     "along one axis; using axis %d", np.round(spacing, 3).tolist(), axis)
@@ -231,12 +235,22 @@ def load_model(ref: ModelRef, img: SpatialImage) -> tuple[Any, dict[str, Any]]:
         return module, {k: v for k, v in ident.items() if k != "path"}
     from domainsr.models import build_model
 
-    module = build_model(ref.name, spatial_dims=img.spatial_dims, in_channels=img.channels, scale=ref.scale,
+    scale = in_plane_scale(ref.scale, img)
+    module = build_model(ref.name, spatial_dims=img.spatial_dims, in_channels=img.channels, scale=scale,
                          **ref.kwargs)
+    ident = {**ident, "scale": scale}
     if ident["family"] != "baseline":
         log.warning("model %r is an untrained registry network (random weights); use a checkpoint for real work",
                     ref.name)
     return module, ident
+
+
+def in_plane_scale(scale: int | Sequence[int] | None, img: SpatialImage) -> int | list[int] | None:
+    """A single factor for a volume with one slice (a single DICOM slice, a 2D NIfTI) applies in
+    plane only: a single slice is a 2D image, and nothing is invented along its normal."""
+    if isinstance(scale, int) and img.spatial_dims == 3 and 1 in img.spatial_shape:
+        return [1 if n == 1 else scale for n in img.spatial_shape]
+    return scale
 
 
 def _same_scale(want: int | Sequence[int], have: Sequence[int]) -> bool:
@@ -292,6 +306,7 @@ def run_key(config: EnhanceConfig, model: dict[str, Any]) -> str:
     payload = {
         "model": {k: v for k, v in model.items() if k not in ("path", "version")},
         "bands": config.bands,
+        **({"band_map": {str(k): v for k, v in config.band_map.items()}} if config.band_map else {}),
         "tiling": config.tiling.model_dump(mode="json", include={"tile", "overlap", "blend", "amp", "stream_above_mpx",
                                                                  "stream_audit_window"}),
         "output_format": config.output.format,
@@ -332,9 +347,20 @@ class ItemResult:
 
 
 def split_done(store: Store, items: Sequence[Item], spec: RunSpec) -> tuple[list[Item], list[ItemResult]]:
-    """Items still to do, and results for those whose output already has this run key."""
+    """Items still to do, and results for the others: skipped (their output already has this run
+    key) or failed because their output is refused (it would write over an input, or replace a
+    file that is not ours: ``store.check_output``). Nothing is read or written; one refused item
+    does not stop the others."""
     todo, done = [], []
+    check = getattr(store, "check_output", None)
     for item in items:
+        try:
+            if check is not None:
+                check(item)
+        except DomainSRError as exc:
+            log.error("%s refused: %s", item.id, exc)
+            done.append(ItemResult(item.id, item.kind, "failed", message=str(exc), error=type(exc).__name__))
+            continue
         found = None if spec.force else store.existing(item, spec.run_key)
         if found is None:
             todo.append(item)
@@ -369,12 +395,23 @@ def select_input(img: SpatialImage | MultiResolutionImage, bands: Sequence[str] 
         return min(img.groups.values(), key=lambda g: max(g.geometry.spacing))
     if not bands or list(bands) == list(img.band_names):
         return img
-    upper = [b.upper() for b in img.band_names]
-    missing = [b for b in bands if b.upper() not in upper]
+    found, missing = match_bands(bands, img.band_names)  # any spelling: B2 is B02
     if missing:
         raise InputError(f"bands {missing} are not in the image's bands {list(img.band_names)}", img.source or None)
-    idx = [upper.index(b.upper()) for b in bands]
-    return img.derive(img.data[idx], band_names=tuple(img.band_names[i] for i in idx))
+    if found == list(img.band_names):
+        return img
+    idx = [img.band_names.index(b) for b in found]
+    return img.derive(img.data[idx], band_names=tuple(found))
+
+
+def read_item(store: Store, item: Item, config: EnhanceConfig) -> SpatialImage | MultiResolutionImage:
+    """``store.read(item)``, with the config's ``band_map`` naming the bands of a single-file raster
+    that does not describe them (files that name their bands, band sets named by their files and
+    medical images keep their names)."""
+    raw = store.read(item)
+    if config.band_map and isinstance(raw, SpatialImage) and raw.domain == "optical" and not described(raw):
+        return apply_band_map(raw, config.band_map)
+    return raw
 
 
 def _inferer(module: Any, config: EnhanceConfig, progress: Callable[[int, int], None] | None) -> Any:
@@ -442,7 +479,7 @@ def _enhance_in_memory(store: Store, item: Item, spec: RunSpec, progress: Callab
     import torch
 
     cfg = spec.config
-    raw = store.read(item)
+    raw = read_item(store, item, cfg)
     if spec.model.get("guided"):
         img, sr, module, info = _enhance_guided(raw, spec, item, progress)
     else:
@@ -524,17 +561,15 @@ def _enhance_streamed(store: Any, item: Item, spec: RunSpec, progress: Callable[
     path = item.meta.get("path", item.uri)
     header = raster_info(path)
     _, rows, cols = header["shape"]
-    bands = list(cfg.bands) if cfg.bands else None
-    if bands is None and spec.model["kind"] == "checkpoint":
-        from domainsr.models.checkpoints import read_card
-
-        card_bands = read_card(spec.model["path"]).bands
-        bands = card_bands if card_bands and set(card_bands) <= set(header["band_names"]) else None
+    bands = _streamed_bands(header, cfg, spec.model, path)
     side = cfg.tiling.stream_audit_window
     h, w = min(side, rows), min(side, cols)
     r0, c0 = (rows - h) // 2, (cols - w) // 2
     window = {"row_off": r0, "col_off": c0, "height": h, "width": w}
     probe = read_raster(path, window=((r0, r0 + h), (c0, c0 + w)), bands=bands)
+    names = _mapped_names(header, cfg.band_map, path)
+    if names != list(header["band_names"]):
+        probe = apply_band_map(probe, {k + 1: names[i - 1] for k, i in enumerate(bands or range(1, len(names) + 1))})
     if cfg.domain is not None and probe.domain != cfg.domain:
         raise InputError(f"this is a {probe.domain} image but task {cfg.name!r} is for {cfg.domain}", item.id)
     module, info = load_model(cfg.model, probe)
@@ -547,7 +582,7 @@ def _enhance_streamed(store: Any, item: Item, spec: RunSpec, progress: Callable[
                f"the x{scale_text(f)} output of {probe.channels}x{rows}x{cols} pixels", path)
     out = store.open_output(item)
     with torch.inference_mode():
-        enhance_raster_file(path, out, inferer, bands=bands)
+        enhance_raster_file(path, out, inferer, bands=bands, model_info=info, band_names=probe.band_names)
     run: dict[str, Any] = {"run_key": spec.run_key, "task": cfg.name, "config": spec.source, "item": item.id,
                            "streamed": True}
     prov = {"format": "raster", "model": info, "run": run,
@@ -573,6 +608,37 @@ def _enhance_streamed(store: Any, item: Item, spec: RunSpec, progress: Callable[
     return ItemResult(item.id, item.kind, "enhanced", output=written.uri, extras=dict(written.extras),
                       verdict=verdict, reasons=reasons, seconds=round(time.monotonic() - t0, 2),
                       message=f"{info['name']} x{scale_text(info['scale'])}{note}")
+
+
+def _mapped_names(header: dict[str, Any], band_map: dict[int, str] | None, path: str) -> list[str]:
+    """A raster's band names (its header's), with ``band_map`` applied when it has no band
+    descriptions (as :func:`read_item`)."""
+    names = list(header["band_names"])
+    if not band_map or any((d or "").strip() for d in header.get("descriptions") or []):
+        return names
+    too_far = [i for i in (band_map or {}) if i > len(names)]
+    if too_far:
+        raise InputError(f"band map names band {too_far[0]} but the file has {len(names)} band(s)", path)
+    return [(band_map or {}).get(i, n) for i, n in enumerate(names, start=1)]
+
+
+def _streamed_bands(header: dict[str, Any], cfg: EnhanceConfig, model: dict[str, Any], path: str) -> list[int] | None:
+    """The 1-based bands of a streamed raster to enhance: the config's ``bands``, else a
+    checkpoint card's bands when the file has them all (names after the band map, any spelling),
+    else all (``None``)."""
+    names = _mapped_names(header, cfg.band_map, path)
+    wanted = list(cfg.bands) if cfg.bands else None
+    if wanted is None and model["kind"] == "checkpoint":
+        from domainsr.models.checkpoints import read_card
+
+        card_bands = read_card(model["path"]).bands
+        wanted = card_bands if card_bands and not match_bands(card_bands, names)[1] else None
+    if wanted is None:
+        return None
+    found, missing = match_bands(wanted, names)
+    if missing:
+        raise InputError(f"bands {missing} are not in the image's bands {names}", path)
+    return [names.index(b) + 1 for b in found]
 
 
 def _enhance_guided(raw: SpatialImage | MultiResolutionImage, spec: RunSpec, item: Item,
@@ -623,20 +689,6 @@ def enhance_image_checked(img: SpatialImage, inferer: Any, item: Item) -> Spatia
         if exc.path:
             raise
         raise type(exc)(exc.message, item.id) from exc
-
-
-#: Errors that retrying cannot fix (bad input, config, model, time limit); others (I/O, network,
-#: a store or output failure) may be transient and are retried.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (InputError, ConfigError, ModelError, ModelCardMismatch,
-                                                     ResourceLimitError)
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreError, OutputError, OSError, ConnectionError)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether an item that failed with ``exc`` is worth retrying."""
-    if isinstance(exc, PERMANENT_ERRORS):
-        return False
-    return isinstance(exc, TRANSIENT_ERRORS) or not isinstance(exc, DomainSRError)
 
 
 def summarize(results: Sequence[ItemResult], spec: RunSpec, output: str | None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from domainsr.config import RunnerConfig
-from domainsr.pipeline import is_transient
+from domainsr.retry import is_transient
 
 
 def task_runner_for(runner: RunnerConfig) -> Any:
@@ -33,8 +33,9 @@ def local_dask_workers(runner: RunnerConfig) -> int:
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry I/O, network and store failures, not bad input,
-    bad config, model/card mismatches or a time limit (retrying cannot fix those)."""
+    """Prefect ``retry_condition_fn``: retry what :func:`domainsr.retry.is_transient` calls
+    transient (I/O, network, a store or output failure), not bad input, bad config, a model/card
+    mismatch, a time limit or a store's refusal (retrying cannot fix those)."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # noqa: BLE001 - no result to inspect: retry as Prefect would by default

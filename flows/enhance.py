@@ -20,17 +20,22 @@ from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 
 from domainsr import pipeline
+from domainsr.bands import parse_band_map
 from domainsr.config import EnhanceConfig, load_enhance_config
 from domainsr.errors import ConfigError
-from domainsr.stores import Item, Store, expand, open_store
+from domainsr.stores import SCHEMES, Item, Store, expand, open_store
 from flows.common import artifact_key, link, local_dask_workers, retry_if_transient, task_runner_for
 
 
 def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None, out: str | None = None,
               model: str | None = None, scale: str | int | Sequence[int] | None = None,
               bands: Sequence[str] | None = None, force: bool = False, task_runner: str | None = None,
-              dask_address: str | None = None, run_audit: bool | None = None) -> tuple[pipeline.RunSpec, Store]:
-    """The run and its store from a config file or a model name, with command-line overrides."""
+              dask_address: str | None = None, run_audit: bool | None = None, suffix: str | None = None,
+              overwrite: bool = False, band_map: str | dict[int, str] | None = None
+              ) -> tuple[pipeline.RunSpec, Store]:
+    """The run and its store from a config file or a model name, with command-line overrides
+    (``suffix``, ``overwrite`` and ``band_map`` override ``store.output_suffix``,
+    ``store.overwrite`` and ``band_map``)."""
     if (config is None) == (model is None):
         raise ConfigError("give either a config file (--config) or a model (--model), not both or neither")
     if config is not None:
@@ -46,6 +51,7 @@ def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None,
     else:
         cfg = pipeline.config_from_model(model, scale, bands)
         source = "command line"
+    cfg = _output_overrides(cfg, suffix, overwrite, band_map)
     runner_upd: dict[str, Any] = {}
     if task_runner:
         runner_upd["task_runner"] = task_runner
@@ -56,12 +62,45 @@ def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None,
     if run_audit is not None:
         cfg = cfg.model_copy(update={"run_audit": run_audit})
     cfg = _threads_for_local_dask(cfg)
-    spec = pipeline.plan_run(EnhanceConfig.model_validate(cfg.model_dump()), source, force=force)
-    output = out or expand(cfg.store.output or str(cfg.output.dir))
-    kwargs = {"domain": cfg.domain, "output_format": cfg.output.format}
+    spec = pipeline.plan_run(_validated(cfg, source), source, force=force)
+    output = out or (expand(cfg.store.output) if cfg.store.output else None)
+    sources = list(inputs) if inputs else [cfg.store.input or ""]
+    kwargs: dict[str, Any] = {"domain": cfg.domain, "output_format": cfg.output.format,
+                              "default_output": expand(str(cfg.output.dir))}  # a URL's ?output= wins
+    if not any(_remote(s) for s in sources):  # output naming and overwriting: the local store's
+        kwargs.update(output_suffix=cfg.store.output_suffix, overwrite=cfg.store.overwrite)
     store = open_store(list(inputs), output=output, **kwargs) if inputs else open_store(
         cfg.store, output=output, **kwargs)
     return spec, store
+
+
+def _output_overrides(cfg: EnhanceConfig, suffix: str | None, overwrite: bool,
+                      band_map: str | dict[int, str] | None) -> EnhanceConfig:
+    store: dict[str, Any] = {}
+    if suffix is not None:
+        store["output_suffix"] = suffix
+    if overwrite:
+        store["overwrite"] = True
+    upd: dict[str, Any] = {"store": cfg.store.model_copy(update=store)} if store else {}
+    if band_map:
+        upd["band_map"] = parse_band_map(band_map)
+    return cfg.model_copy(update=upd) if upd else cfg
+
+
+def _validated(cfg: EnhanceConfig, source: str) -> EnhanceConfig:
+    """``cfg`` validated again after the overrides (a bad --suffix or --band-map is a ConfigError)."""
+    from pydantic import ValidationError
+
+    try:
+        return EnhanceConfig.model_validate(cfg.model_dump())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}", source) from exc
+
+
+def _remote(source: str) -> bool:
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    return scheme in SCHEMES
 
 
 def _threads_for_local_dask(cfg: EnhanceConfig) -> EnhanceConfig:
@@ -78,9 +117,11 @@ def _threads_for_local_dask(cfg: EnhanceConfig) -> EnhanceConfig:
 @task(name="plan-run", cache_policy=NO_CACHE, persist_result=False)
 def plan_task(config: str | None, inputs: list[str] | None, out: str | None, model: str | None,
               scale: int | list[int] | str | None, bands: list[str] | None, force: bool, task_runner: str | None,
-              dask_address: str | None, run_audit: bool | None) -> tuple[pipeline.RunSpec, Store]:
+              dask_address: str | None, run_audit: bool | None, suffix: str | None = None, overwrite: bool = False,
+              band_map: str | dict[int, str] | None = None) -> tuple[pipeline.RunSpec, Store]:
     spec, store = build_run(config, inputs=inputs, out=out, model=model, scale=scale, bands=bands, force=force,
-                            task_runner=task_runner, dask_address=dask_address, run_audit=run_audit)
+                            task_runner=task_runner, dask_address=dask_address, run_audit=run_audit,
+                            suffix=suffix, overwrite=overwrite, band_map=band_map)
     get_run_logger().info("task %r, model %s, run key %s, store %s", spec.name, spec.model.get("name"),
                           spec.run_key, store.public_name)
     return spec, store
@@ -88,11 +129,13 @@ def plan_task(config: str | None, inputs: list[str] | None, out: str | None, mod
 
 @task(name="list-items", cache_policy=NO_CACHE, persist_result=False)
 def list_task(store: Store, spec: pipeline.RunSpec) -> tuple[list[Item], list[pipeline.ItemResult]]:
-    """The store's items matching the config's query, split into to-do and already done."""
+    """The store's items matching the config's query, split into to-do and settled (already done
+    with this run key, or refused: an output that would replace an input or a file not ours)."""
     items = store.list_items(spec.config.store.query or None)
     todo, done = pipeline.split_done(store, items, spec)
-    get_run_logger().info("%d item(s): %d to enhance, %d already done with run key %s",
-                          len(items), len(todo), len(done), spec.run_key)
+    refused = sum(r.status == "failed" for r in done)
+    get_run_logger().info("%d item(s): %d to enhance, %d already done with run key %s, %d refused",
+                          len(items), len(todo), len(done) - refused, spec.run_key, refused)
     return todo, done
 
 
@@ -189,15 +232,19 @@ def publish_task(summary: dict[str, Any], spec: pipeline.RunSpec) -> None:
 def enhance_flow(config: str | None = None, inputs: list[str] | None = None, out: str | None = None,
                  model: str | None = None, scale: int | list[int] | str | None = None, bands: list[str] | None = None,
                  force: bool = False, task_runner: str | None = None, dask_address: str | None = None,
-                 run_audit: bool | None = None) -> State:
+                 run_audit: bool | None = None, suffix: str | None = None, overwrite: bool = False,
+                 band_map: str | dict[int, str] | None = None) -> State:
     """Enhance every item of a store (a config's ``store`` or ``inputs``) into ``out``.
 
     ``config``: a task config (``configs/*.yaml``), or ``model`` (a checkpoint or registry name)
     with ``scale``. ``force`` redoes items already done. ``task_runner``/``dask_address``
-    override the config's runner; ``run_audit`` its audit switch. Ends Completed, or Failed when
-    any item failed; the message counts both and the state's data is the summary (one row per item).
+    override the config's runner; ``run_audit`` its audit switch; ``suffix``, ``overwrite`` and
+    ``band_map`` its ``store.output_suffix``, ``store.overwrite`` and ``band_map``. Ends Completed,
+    or Failed when any item failed (or was refused); the message counts both and the state's data
+    is the summary (one row per item).
     """
-    spec, store = plan_task(config, inputs, out, model, scale, bands, force, task_runner, dask_address, run_audit)
+    spec, store = plan_task(config, inputs, out, model, scale, bands, force, task_runner, dask_address, run_audit,
+                            suffix, overwrite, band_map)
     todo, done = list_task(store, spec)
     results = list(done)
     if todo:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -20,8 +22,6 @@ _HEAT = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 
 CLASS_COLOURS = {2: (0, 170, 80), 3: (60, 110, 255), 4: (235, 25, 25)}  # improved, omitted, hallucinated
 VERDICT_COLOURS = {"fail": (235, 25, 25), "review": (255, 165, 0), "pass": (240, 240, 240)}
 MAX_SIDE = 720  # display pixels on the longest side of an overview panel
-TRUE_COLOUR = (("B04", "B03", "B02"), ("B4", "B3", "B2"), ("RED", "GREEN", "BLUE"))
-FALSE_COLOUR = (("B08", "B04", "B03"), ("B8A", "B04", "B03"), ("B5", "B4", "B3"), ("NIR", "RED", "GREEN"))
 
 
 def heat_lut() -> np.ndarray:
@@ -66,14 +66,111 @@ def percentiles(values: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[
     return float(a), float(b if b > a else a + 1.0)
 
 
-def composite_bands(band_names: Sequence[str]) -> tuple[list[int], str] | None:
-    """Indices of an RGB composite (true colour first, else false colour) or None."""
-    upper = [b.upper() for b in band_names]
-    for table, label in ((TRUE_COLOUR, "true colour"), (FALSE_COLOUR, "false colour")):
-        for trio in table:
-            if all(t in upper for t in trio):
-                return [upper.index(t) for t in trio], f"{label} ({'/'.join(trio)})"
+@dataclass(frozen=True)
+class Sensor:
+    """A multispectral sensor's band names for red, green, blue and near infrared."""
+
+    name: str
+    red: str
+    green: str
+    blue: str
+    nir: str
+
+
+SENTINEL2 = Sensor("Sentinel-2 MSI", "B04", "B03", "B02", "B08")
+LANDSAT_OLI = Sensor("Landsat 8/9 OLI", "B4", "B3", "B2", "B5")
+LANDSAT_TM = Sensor("Landsat 4-7 TM/ETM+", "B3", "B2", "B1", "B4")
+_A, _Z, _I = r"(?<![A-Za-z0-9])", r"(?![A-Za-z0-9])", re.IGNORECASE
+# Platform tokens in file names, item ids, collections and tags (case-insensitive), checked in order.
+_PLATFORM_HINTS = (
+    (LANDSAT_TM, re.compile(rf"{_A}L[ET]0[4-7]|LANDSAT[-_ ]?0?[4-7]{_Z}|{_A}ETM\+?{_Z}", _I)),
+    (LANDSAT_OLI, re.compile(rf"{_A}L[CO]0[89]|LANDSAT[-_ ]?0?[89]{_Z}|{_A}OLI(?:[-_]TIRS)?{_Z}", _I)),
+    (SENTINEL2, re.compile(rf"{_A}S2[A-D]?_|SENTINEL[-_ ]?2", _I)),
+)
+_PREFIX = re.compile(r"^(?:SR|TOA|DN)_", _I)  # Landsat Collection 2 product prefixes
+_ROLES = {"red": "red", "green": "green", "blue": "blue", "nir": "nir", "nir08": "nir"}
+_TRUE, _FALSE = ("red", "green", "blue"), ("nir", "red", "green")
+_SENSOR_TAGS = ("SPACECRAFT_ID", "SPACECRAFT", "SENSOR_ID", "PLATFORM", "SATELLITE")
+
+
+def _key(name: str) -> str:
+    return _PREFIX.sub("", name.strip()).upper()
+
+
+def sensor_from_names(band_names: Sequence[str]) -> Sensor | None:
+    """The sensor that band names alone identify: Sentinel-2's two-digit names, Landsat 4-7's
+    split thermal band (B6_VCID_1/2), Landsat 8/9's B9-B11; None when they are ambiguous."""
+    keys = {_key(b) for b in band_names}
+    if keys & {"B02", "B03", "B04", "B08", "B8A"}:
+        return SENTINEL2
+    if keys & {"B6_VCID_1", "B6_VCID_2", "ST_B6"}:
+        return LANDSAT_TM
+    if keys & {"B9", "B10", "B11", "ST_B10"}:
+        return LANDSAT_OLI
     return None
+
+
+def sensor_from_hints(hints: Sequence[Any]) -> Sensor | None:
+    """The sensor a platform token in ``hints`` (file names, item ids, tags) names, if one does."""
+    text = " ".join(str(h) for h in hints if h)
+    return next((sensor for sensor, pattern in _PLATFORM_HINTS if pattern.search(text)), None)
+
+
+def _find(keys: Sequence[str], trio: Sequence[str]) -> list[int] | None:
+    return [list(keys).index(k) for k in trio] if all(k in keys for k in trio) else None
+
+
+def _label(kind: str, names: Sequence[str], idx: list[int], sensor: Sensor | None = None) -> tuple[list[int], str]:
+    where = f", {sensor.name}" if sensor is not None else ""
+    return idx, f"{kind} ({'/'.join(names[i] for i in idx)}){where}"
+
+
+def composite_bands(band_names: Sequence[str], sensor: Sensor | None = None,
+                    common_names: Sequence[str | None] | None = None) -> tuple[list[int], str] | None:
+    """Indices of an RGB composite and its label, from what the bands are.
+
+    ``common_names`` (STAC ``eo:common_name`` per band) decide first; then the sensor the names
+    identify (:func:`sensor_from_names`), else ``sensor`` (e.g. from the file name): red/green/blue
+    is "true colour", NIR/red/green "false colour", labelled with the actual band names. Bands
+    named RED/GREEN/BLUE (NIR/RED/GREEN) speak for themselves. Names a sensor does not settle
+    (B4/B3/B2 is true colour on Landsat 8 but NIR/red/green on Landsat 7) get a neutral "bands
+    X/Y/Z as R/G/B" label; None when nothing suggests a composite.
+    """
+    names = list(band_names)
+    if common_names is not None and len(common_names) == len(names):
+        roles = [_ROLES.get(str(c or "").lower(), "") for c in common_names]
+        for trio, kind in ((_TRUE, "true colour"), (_FALSE, "false colour NIR/red/green")):
+            if (idx := _find(roles, trio)) is not None:
+                return _label(kind, names, idx)
+    keys = [_key(b) for b in names]
+    sensor = sensor_from_names(names) or sensor
+    if sensor is not None:
+        for trio, kind in (((sensor.red, sensor.green, sensor.blue), "true colour"),
+                           ((sensor.nir, sensor.red, sensor.green), "false colour NIR/red/green")):
+            if (idx := _find(keys, trio)) is not None:
+                return _label(kind, names, idx, sensor)
+    for trio, kind in ((("RED", "GREEN", "BLUE"), "true colour"), (("NIR", "RED", "GREEN"), "false colour")):
+        if (idx := _find(keys, trio)) is not None:
+            return _label(kind, names, idx)
+    for trio in (("B4", "B3", "B2"), ("B3", "B2", "B1")):
+        if (idx := _find(keys, trio)) is not None:
+            return idx, f"bands {'/'.join(names[i] for i in idx)} as R/G/B (sensor unknown: not necessarily true colour)"
+    return None
+
+
+def composite_for(image: Any) -> tuple[list[int], str] | None:
+    """:func:`composite_bands` of a SpatialImage with what it knows of its bands: STAC common names,
+    and the sensor its reader, source, item id, collection or platform tags name."""
+    meta, prov = image.meta or {}, image.provenance or {}
+    stac = meta.get("stac") or {}
+    band_info = stac.get("bands") or {}
+    common = [(band_info.get(b) or {}).get("eo:common_name") for b in image.band_names]
+    tags = (meta.get("raster") or {}).get("tags") or {}
+    reader = str(prov.get("sensor") or prov.get("reader") or "").lower()
+    sensor = {"sentinel2": SENTINEL2, "landsat8": LANDSAT_OLI}.get(reader) or sensor_from_hints(
+        [prov.get("source"), prov.get("item_id"), stac.get("stac_id"), stac.get("collection"),
+         *(v for k, v in tags.items() if k.upper() in _SENSOR_TAGS)])
+    return composite_bands(image.band_names, sensor, common if any(common) else None)
 
 
 # ---------------------------------------------------------------------------------------------

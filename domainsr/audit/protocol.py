@@ -33,6 +33,7 @@ from domainsr.audit.uncertainty import Enhancer, tta_uncertainty
 from domainsr.audit.uncertainty import unstable as unstable_pixels
 from domainsr.errors import ConfigError, GeometryError, InputError
 from domainsr.image import MultiResolutionImage, SpatialImage, now_iso
+from domainsr.io.nifti import risk_map_meta
 
 Array = np.ndarray
 Degrader = Callable[[Array], Array]  # (C, *hr_spatial) -> (C, *lr_spatial), deterministic
@@ -595,7 +596,7 @@ def risk_image(result: AuditResult) -> SpatialImage:
     return SpatialImage(data=data, domain=result.sr.domain, geometry=result.sr.geometry,
                         band_names=("risk", "class"), units="", nodata=None, mask=None,
                         provenance={"source": "domainsr audit risk map", "history": []},
-                        meta={"storage_dtype": "float32"})
+                        meta={"storage_dtype": "float32", **risk_map_meta(result.sr)})
 
 
 def write_risk_map(result: AuditResult, path: Any) -> Any:

@@ -158,7 +158,7 @@ class Painter:
     def __init__(self, result: AuditResult, layers: Layers) -> None:
         self.r, self.L = result, layers
         bands = result.sr.band_names
-        comp = fg.composite_bands(bands) if result.sr.channels >= 3 else None
+        comp = fg.composite_for(result.sr) if result.sr.channels >= 3 else None
         self.bands, self.band_label = (comp if comp else ([0], bands[0]))
         src = layers.ref if layers.ref is not None else layers.sr
         m = layers.mask

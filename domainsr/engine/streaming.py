@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +102,30 @@ class _RowBand:
         self.top = upto
 
 
+def model_record(model: Any) -> dict[str, Any]:
+    """Provenance identity of a module: a checkpoint's card name, version and weights sha256, else
+    its ``name`` attribute (or class name)."""
+    card = getattr(model, "card", None)
+    if card is not None:
+        return {"name": card.name, "version": getattr(card, "version", None),
+                "sha256": getattr(card, "weights_sha256", None)}
+    return {"name": getattr(model, "name", None) or type(model).__name__,
+            "sha256": getattr(model, "checksum", None)}
+
+
 def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], inferer: PatchInferer, *,
                         bands: Sequence[int | str] | None = None, dtype: str | None = None,
-                        cache_mb: int = 64, blocksize: int = 512, overviews: bool = True) -> Path:
+                        cache_mb: int = 64, blocksize: int = 512, overviews: bool = True,
+                        model_info: Mapping[str, Any] | None = None,
+                        band_names: Sequence[str] | None = None) -> Path:
     """Enhance raster ``src`` into the COG ``dst`` (written atomically) and return ``dst``.
 
     ``bands`` (1-based indexes or names) selects the input bands; ``dtype`` is the storage type
     (default: the source's, rounded and clipped); nodata and masks carry over. ``cache_mb`` caps
     GDAL's block cache; GDAL compresses with all CPUs unless ``GDAL_NUM_THREADS`` says otherwise.
+    The COG is tagged as AI-derived (:func:`~domainsr.io.raster.derived_tags`) by ``model_info``
+    (the pipeline's model identity), default :func:`model_record` of the inferer's model.
+    ``band_names`` names the selected bands (e.g. from a ``--band-map``) instead of the source's.
     """
     src, dst = Path(src), Path(dst)
     with rasterio.Env(GDAL_CACHEMAX=int(cache_mb)):
@@ -132,12 +148,16 @@ def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]
             plan = inferer.plan(geometry.shape, channels=len(indexes), align=align)
             c_out = int(getattr(inferer.model, "out_channels", None) or len(indexes))
             meta = _raster_meta(ds, indexes, storage)
-            names = [_band_names(ds)[i - 1] for i in indexes] if c_out == len(indexes) else None
+            names = [_band_names(ds)[i - 1] for i in indexes] if band_names is None else list(band_names)
+            if c_out != len(indexes):
+                names = None
+            elif len(names) != len(indexes):
+                raise InputError(f"{len(band_names or [])} band names for {len(indexes)} selected bands", src)
             may_be_invalid = any(MaskFlags.all_valid not in ds.mask_flag_enums[i - 1] for i in indexes)
-            model = inferer.model
+            model = dict(model_info) if model_info else model_record(inferer.model)
             meta["tags"] = {**meta["tags"], "DOMAINSR_ENHANCE": json.dumps({
-                "time": now_iso(), "source": src.name, "model": getattr(model, "name", type(model).__name__),
-                "model_checksum": getattr(model, "checksum", None), "scale": list(plan.scale),
+                "time": now_iso(), "source": src.name, "model": model.get("name"),
+                "model_checksum": model.get("sha256"), "scale": list(plan.scale),
                 "tile": list(plan.window), "halo": list(plan.halo), "overlap": list(plan.overlap)})}
             if c_out != len(indexes):
                 meta = {k: v for k, v in meta.items() if k == "tags"}
@@ -145,7 +165,7 @@ def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]
                 dst, geometry.scaled(plan.scale), c_out, storage, nodata=ds.nodata,
                 masked=ds.nodata is None and may_be_invalid,
                 band_names=names, units=_common_units(meta.get("units", [])), raster_meta=meta,
-                blocksize=blocksize, overviews=overviews)
+                blocksize=blocksize, overviews=overviews, model=model)
             writer.__enter__()
             try:
                 if plan.blended:

@@ -2,10 +2,15 @@
 
 A process killed mid-write (SIGKILL, power loss) leaves only a hidden ``.<name>.partial-<pid>_<host>-*``
 sibling, never a file under the final name; the next write of the same output removes such debris
-once its writer is gone.
+once its writer is gone. Before the rename the file (or every file and folder of a folder output)
+is fsynced, after it the parent folder, so a completed output survives a power loss too.
+
+Outputs get the permissions a plainly created file or folder would get under the process umask
+(``0666 & ~umask``, ``0777 & ~umask``), not the private 0600/0700 of ``tempfile``'s temporaries.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
@@ -13,6 +18,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,11 +32,34 @@ from domainsr.errors import OutputError
 STALE_AFTER_S = 24 * 3600.0
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _OWNER = re.compile(r"(\d+)_([0-9a-f]{8})-")
+_UMASK_LOCK = threading.Lock()
+# fsync errors that only say "this file system cannot do that" (some network and FUSE mounts)
+_NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS}
 
 
 def partial_prefix(final: Path) -> str:
     """Name prefix of ``final``'s temporary siblings (hidden; they record the writer's pid and host)."""
     return f".{final.name}.partial-"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # no /proc: set and restore at once (briefly visible to other threads)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def output_mode(is_dir: bool) -> int:
+    """Permissions of a new output under the current umask."""
+    return (0o777 if is_dir else 0o666) & ~current_umask()
 
 
 def _alive(pid: int) -> bool:
@@ -69,10 +98,14 @@ def remove_stale_partials(final: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def _own_prefix(final: Path) -> str:
+    return f"{partial_prefix(final)}{os.getpid()}_{_HOST}-"
+
+
 def _tmp_sibling(final: Path, is_dir: bool) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(final)
-    prefix = f"{partial_prefix(final)}{os.getpid()}_{_HOST}-"
+    prefix = _own_prefix(final)
     if is_dir:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     fd, name = tempfile.mkstemp(prefix=prefix, suffix="".join(final.suffixes), dir=final.parent)
@@ -81,10 +114,50 @@ def _tmp_sibling(final: Path, is_dir: bool) -> Path:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_FSYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and folder under ``root`` (deepest first), then ``root``."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            p = Path(folder, name)
+            if p.is_file() and not p.is_symlink():
+                fsync_path(p)
+        fsync_path(Path(folder))
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` onto ``final``; an existing ``final`` is moved aside first and removed after,
+    so the final name is missing only between two renames."""
+    old = None
+    if final.exists() or final.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=_own_prefix(final) + "old-", dir=final.parent))
+        os.replace(final, old / final.name)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old is not None:  # put the previous output back
+            os.replace(old / final.name, final)
+            _remove(old)
+        raise
+    if old is not None:
+        _remove(old)
 
 
 @contextmanager
@@ -92,20 +165,21 @@ def atomic_path(final: str | os.PathLike[str], is_dir: bool = False) -> Iterator
     """Yield a temporary path in the target's folder; on success rename it to ``final``.
 
     On any exception the temporary file/folder is removed and ``final`` is left untouched, so a
-    crash mid-write never leaves a partial output under the final name.
+    crash mid-write never leaves a partial output under the final name. On success the output gets
+    the umask's permissions (:func:`output_mode`) and is fsynced, then the rename is (its folder).
     """
     final = Path(final)
     tmp = _tmp_sibling(final, is_dir)
     try:
         yield tmp
+        os.chmod(tmp, output_mode(is_dir))  # tempfile made it 0600 / 0700
         if is_dir:
-            if final.exists():
-                _remove(final)
-            os.replace(tmp, final)
+            _fsync_tree(tmp)
+            _commit_dir(tmp, final)
         else:
+            fsync_path(tmp)
             os.replace(tmp, final)
-            # mkstemp creates 0600 files; give outputs normal permissions.
-            os.chmod(final, 0o644)
+        fsync_path(final.parent)
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):

@@ -8,11 +8,15 @@ nibabel picks (sform if its code is > 0, else qform, else pixdim), converted to 
 
 ``img.meta["nifti"]`` keeps the raw header fields (sform/qform, their codes, the quaternion, pixdim,
 scaling, units, intent, description, slice timing, display range) as plain JSON-able values, so
-``write_nifti(read_nifti(f))`` reproduces the header geometry bit for bit; ``meta["storage_dtype"]``
-is the on-disk dtype. Header extensions are not carried over.
+``write_nifti(read_nifti(f))`` reproduces the header geometry bit for bit (a form left at code 0 is
+filled in from the other, "unknown" units become mm: every file written has both forms, both codes
+and mm); ``meta["storage_dtype"]`` is the on-disk dtype. Header extensions are not carried over.
+:func:`risk_map_meta` gives a map on an image's grid (the audit risk map) the same forms and codes,
+with an intent and a description of its volumes.
 """
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 from pathlib import Path
@@ -219,15 +223,85 @@ def _to_storage(arr: np.ndarray, dtype: np.dtype, scale: tuple[float, float] | N
     return np.clip(arr, info.min, info.max).astype(dtype)
 
 
+def _in_mm(affine: np.ndarray, mm: float) -> np.ndarray:
+    out = np.array(affine, dtype=np.float64)
+    out[:3, :] *= mm
+    return out
+
+
+def _time_unit(hdr: nib.Nifti1Header) -> str:
+    unit = hdr.get_xyzt_units()[1]
+    return "sec" if unit == "unknown" else unit
+
+
+def _fill_forms(hdr: nib.Nifti1Header) -> None:
+    """Unchanged geometry: keep both forms as they are; a form the source left unset (code 0) gets
+    the other one (and its code); neither set: both get the affine read, as scanner (1)."""
+    scode, qcode = int(hdr["sform_code"]), int(hdr["qform_code"])
+    if scode and qcode:
+        pass
+    elif scode:
+        hdr.set_qform(hdr.get_sform(), code=scode)
+    elif qcode:
+        hdr.set_sform(hdr.get_qform(), code=qcode)
+    else:
+        affine = hdr.get_best_affine()
+        hdr.set_qform(affine, code=1)
+        hdr.set_sform(affine, code=1)
+    if hdr.get_xyzt_units()[0] == "unknown":  # read as mm: say so
+        hdr.set_xyzt_units("mm", _time_unit(hdr))
+
+
+def _moved_qform(hdr: nib.Nifti1Header, mm: float, new: np.ndarray) -> np.ndarray:
+    """A source qform that is a frame of its own (differs from the sform) moved with the grid
+    change ``sform_old -> new``; otherwise ``new``."""
+    s_old, q_old = _in_mm(hdr.get_sform(), mm), _in_mm(hdr.get_qform(), mm)
+    if np.allclose(q_old, s_old, rtol=0, atol=1e-4):
+        return new
+    try:
+        return q_old @ np.linalg.inv(s_old) @ new
+    except np.linalg.LinAlgError:
+        return new
+
+
+def _regrid_forms(hdr: nib.Nifti1Header, mm: float, new: np.ndarray) -> None:
+    """Changed geometry ``new`` (mm): sform = ``new`` exactly, qform = ``new`` too (or the
+    source's own qform frame moved with the grid), both codes set (the source's, the other form's
+    where one was 0, scanner where both were), zooms and units mm.
+
+    A qform cannot hold a shear (a gantry-tilted CT): nibabel then stores its nearest rigid
+    transform (polar decomposition; the origin is exact) under the same code, as
+    ``set_qform(strip_shears=True)`` does; the sform keeps the sheared grid exactly and wins
+    wherever its code is read (nibabel, FSL, SPM, ITK for a non-sheared sform).
+    """
+    scode, qcode = int(hdr["sform_code"]), int(hdr["qform_code"])
+    qform = _moved_qform(hdr, mm, new) if scode and qcode else new
+    code = scode or qcode or 1
+    time_unit = _time_unit(hdr)
+    hdr.set_qform(qform, code=qcode or code)  # also sets pixdim[0] (qfac) and the zooms
+    hdr.set_sform(new, code=code)
+    hdr.set_xyzt_units("mm", time_unit)
+
+
+def _descrip(img: SpatialImage, nm: dict[str, Any]) -> bytes:
+    descrip = nm.get("descrip", "")
+    if img.provenance.get("model"):
+        model = img.provenance["model"]
+        name = model.get("name", "") if isinstance(model, dict) else str(model)
+        descrip = f"{DERIVED_DESCRIP} {name}".strip()
+    return descrip.encode("latin-1", "replace")[:80]
+
+
 def write_nifti(img: SpatialImage, path: str | Path) -> Path:
     """Write ``img`` as NIfTI (atomically) in its storage dtype; returns the path written.
 
     The storage dtype is ``meta["storage_dtype"]`` of an image read from NIfTI, else the data's
     dtype; values are rounded and clipped to it, after undoing the source's scl_slope/inter.
 
-    An unchanged geometry reproduces the source header's sform/qform fields exactly; a changed
-    one (e.g. ``geometry.scaled``) is written as both sform and qform with the source codes
-    (scanner, 1, when the source had none) and matching zooms.
+    Every file written has both sform and qform set, with codes > 0, and spatial units. An
+    unchanged geometry keeps the source's sform/qform fields bit for bit (a form the source left
+    at code 0 is filled in from the other; units "unknown", read as mm, become mm). A changed
+    one (e.g. ``geometry.scaled``) is written in mm as sform and qform, see :func:`_regrid_forms`.
     """
     p = Path(path)
     _check_suffix(p, OutputError)
@@ -250,32 +324,17 @@ def write_nifti(img: SpatialImage, path: str | Path) -> Path:
     version = 2 if nm.get("version") == 2 or max(stored.shape) > 32767 else 1
     hdr = _header_from_meta(nm, stored.shape, dtype, version)
     mm = _mm_per_unit(nm["xyzt_units"]) if nm else 1.0
-    if not nm:
-        hdr.set_xyzt_units("mm")
     unchanged = bool(nm) and tuple(src_shape[:3]) == tuple(spatial) and np.allclose(
-        hdr.get_best_affine() * np.array([[mm], [mm], [mm], [1.0]]), img.geometry.affine,
-        rtol=0, atol=1e-6)
-    if not unchanged:
-        scode, qcode = nm.get("sform_code", 0), nm.get("qform_code", 0)
-        if scode == 0 and qcode == 0:
-            scode = qcode = 1
-        aff = img.geometry.affine.copy()
-        aff[:3, :] /= mm
-        hdr.set_qform(aff, code=int(qcode))  # also sets pixdim[0] (qfac) and the zooms
-        hdr.set_sform(aff, code=int(scode))
-        zooms = list(hdr.get_zooms())
-        zooms[:3] = np.linalg.norm(aff[:3, :3], axis=0)
-        hdr.set_zooms(zooms)
+        _in_mm(hdr.get_best_affine(), mm), img.geometry.affine, rtol=0, atol=1e-6)
+    if unchanged:
+        _fill_forms(hdr)
+    else:
+        _regrid_forms(hdr, mm, img.geometry.affine)
     if nm:  # as in the source: its scaling, or its own way of saying 'none' (NaN, 0 or 1/0)
         hdr["scl_slope"], hdr["scl_inter"] = nm["scl_slope"], nm["scl_inter"]
     else:
         hdr.set_slope_inter(1.0, 0.0)
-    descrip = nm.get("descrip", "")
-    if img.provenance.get("model"):
-        model = img.provenance["model"]
-        name = model.get("name", "") if isinstance(model, dict) else str(model)
-        descrip = f"{DERIVED_DESCRIP} {name}".strip()
-    hdr["descrip"] = descrip.encode("latin-1", "replace")[:80]
+    hdr["descrip"] = _descrip(img, nm)
 
     cls = nib.Nifti2Image if version == 2 else nib.Nifti1Image
     # No affine given, so nibabel keeps our sform/qform fields untouched. Its constructor resets
@@ -285,3 +344,37 @@ def write_nifti(img: SpatialImage, path: str | Path) -> Path:
     with atomic_path(p) as tmp:
         nib.save(out, tmp)
     return p
+
+
+# --------------------------------------------------------------------------------- companion maps
+
+#: What the two volumes of an audit risk map hold (NIfTI descrip, at most 80 characters).
+RISK_DESCRIP = "DomainSR risk map: vol1 risk; vol2 class 0 n/a 1 same 2 better 3 omit 4 halluc"
+RISK_TAGS = {"DOMAINSR_PRODUCT": "audit risk map: band 1 hallucination risk (relative excess error), band 2 "
+                                 "class (0 invalid, 1 unchanged, 2 improved, 3 omitted, 4 hallucinated)"}
+
+
+def companion_meta(like: SpatialImage, *, descrip: str, intent: str = "estimate",
+                   intent_name: str = "") -> dict[str, Any]:
+    """``meta["nifti"]`` for a map on ``like``'s grid (a risk map next to an SR output): written
+    with :func:`write_nifti` it gets the same sform/qform and codes as ``like`` has when written,
+    float values without scaling, and ``intent`` / ``descrip`` saying what its volumes are."""
+    shape = tuple(like.spatial_shape)
+    nm = copy.deepcopy(like.meta.get("nifti") or _header_meta(nib.Nifti1Header(), shape))
+    code = int(nib.nifti1.intent_codes.code[intent])
+    pixdim = list(nm["pixdim"])
+    pixdim[4:] = [1.0] * (len(pixdim) - 4)  # the 4th axis holds maps, not time points
+    nm.update({
+        "shape": list(nm["shape"][:3]), "pixdim": pixdim, "scl_slope": 1.0, "scl_inter": 0.0,
+        "descrip": descrip[:80], "aux_file": "", "cal": [0.0, 0.0], "toffset": 0.0, "dim_info": 0,
+        "intent": {"code": code, "name": intent_name[:16], "params": [0.0, 0.0, 0.0]},
+        "slice": {"code": 0, "start": 0, "end": 0, "duration": 0.0},
+    })
+    return {"nifti": nm}
+
+
+def risk_map_meta(like: SpatialImage) -> dict[str, Any]:
+    """Metadata of the audit risk map of ``like`` (the SR image), for both writers: the NIfTI
+    header (:func:`companion_meta`, intent estimate "risk;class") and GeoTIFF tags."""
+    return {**companion_meta(like, descrip=RISK_DESCRIP, intent="estimate", intent_name="risk;class"),
+            "raster": {"tags": dict(RISK_TAGS)}}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +28,7 @@ from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from domainsr import __version__
 from domainsr.errors import (
     DomainSRError,
     GeometryError,
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 WRITE_SUFFIXES = (".tif", ".tiff")
+
+#: ``DOMAINSR_DERIVED`` tag of every AI-enhanced raster (see :func:`derived_tags`).
+AI_DERIVED = "AI-enhanced super-resolution: a derived image, not observed at this resolution"
 
 # Written files must be self-contained: never let GDAL put metadata into a .aux.xml sidecar
 # next to a temporary file (it would be lost on rename and left behind).
@@ -326,6 +330,21 @@ def to_storage(data: np.ndarray, dtype: str | np.dtype, nodata: float | None,
     return out
 
 
+def derived_tags(model: Mapping[str, Any] | str) -> dict[str, str]:
+    """GDAL dataset tags that mark a raster as AI-derived by ``model`` (a provenance model record:
+    ``name``, optionally ``version`` and ``sha256``, or just a name), as NIfTI's descrip and DICOM's
+    derived image type do. ``TIFFTAG_*`` items become the TIFF's own Software/ImageDescription."""
+    record: Mapping[str, Any] = model if isinstance(model, Mapping) else {"name": str(model)}
+    name = str(record.get("name") or "unknown")
+    tags = {"DOMAINSR_DERIVED": AI_DERIVED, "DOMAINSR_MODEL": name, "DOMAINSR_VERSION": __version__,
+            "TIFFTAG_SOFTWARE": f"DomainSR {__version__}",
+            "TIFFTAG_IMAGEDESCRIPTION": f"DomainSR AI-enhanced (derived) super-resolution by model {name}"}
+    for key in ("version", "sha256"):
+        if record.get(key):
+            tags[f"DOMAINSR_MODEL_{key.upper()}"] = str(record[key])
+    return tags
+
+
 class RasterWindowWriter:
     """Write a raster window by window with bounded memory; the file appears only when complete.
 
@@ -335,7 +354,8 @@ class RasterWindowWriter:
     ``masked=True`` (only meaningful without ``nodata``) stores validity in an internal mask band;
     windows never written then read back as invalid. ``raster_meta`` is ``meta["raster"]`` of a
     read image: its tags, band tags, scales/offsets, per-band units and colour interpretation are
-    reproduced when they fit ``count``.
+    reproduced when they fit ``count``. ``model`` (a provenance model record or name) marks the
+    output as AI-derived by that model (:func:`derived_tags`).
     """
 
     def __init__(
@@ -355,6 +375,7 @@ class RasterWindowWriter:
         blocksize: int = 512,
         overviews: bool = True,
         resampling: str = "average",
+        model: Mapping[str, Any] | str | None = None,
     ) -> None:
         self.path = Path(path)
         if self.path.suffix.lower() not in WRITE_SUFFIXES:
@@ -381,6 +402,7 @@ class RasterWindowWriter:
         self.units, self.raster_meta = units, raster_meta or {}
         self.cog, self.compress, self.blocksize = cog, compress, int(blocksize)
         self.overviews, self.resampling = overviews, resampling
+        self.model = model
         self._stack: ExitStack | None = None
         self._ds: Any = None
 
@@ -529,6 +551,8 @@ class RasterWindowWriter:
             except (KeyError, RasterioError):
                 pass  # an interpretation this layout cannot hold is not worth failing the write for
         tags = {k: v for k, v in self.raster_meta.get("tags", {}).items() if not k.startswith("STATISTICS_")}
+        if self.model:
+            tags.update(derived_tags(self.model))
         if tags:
             ds.update_tags(**tags)
         for i, btags in enumerate(self._per_band("band_tags") or [], start=1):
@@ -567,7 +591,8 @@ def write_raster(
     """Write ``img`` as a Cloud-Optimised GeoTIFF (``cog=False``: a tiled GeoTIFF), atomically.
 
     The storage dtype is ``dtype``, else ``img.meta["storage_dtype"]``, else the array's dtype.
-    Band names become band descriptions; tags, scales/offsets and units are kept.
+    Band names become band descriptions; tags, scales/offsets and units are kept. An image with
+    ``provenance["model"]`` is tagged as AI-derived by that model (:func:`derived_tags`).
     """
     path = Path(path)
     if not isinstance(img.geometry, GeoGeometry):
@@ -577,7 +602,7 @@ def write_raster(
         path, img.geometry, img.channels, storage, nodata=img.nodata,
         masked=img.mask is not None and not img.mask.all(), band_names=img.band_names,
         units=img.units, raster_meta=img.meta.get("raster"), cog=cog, compress=compress,
-        blocksize=blocksize, overviews=overviews, resampling=resampling,
+        blocksize=blocksize, overviews=overviews, resampling=resampling, model=img.provenance.get("model"),
     )
     with writer:
         # Whole-row strips bound the conversion's extra memory to one strip.

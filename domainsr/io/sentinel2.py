@@ -27,19 +27,17 @@ from typing import Any
 import numpy as np
 from rasterio.windows import Window
 
+from domainsr.bands import L8_BANDS, S2_BANDS, canonical_band
 from domainsr.errors import GeometryError, InputError
 from domainsr.image import MultiResolutionImage, SpatialImage
 from domainsr.io.raster import raster_info, read_raster
 from domainsr.limits import check_fits, decoded_bytes
 
-S2_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A",
-                             "B09", "B10", "B11", "B12")
 S2_NATIVE_RES: dict[str, float] = {
     **dict.fromkeys(("B02", "B03", "B04", "B08"), 10.0),
     **dict.fromkeys(("B05", "B06", "B07", "B8A", "B11", "B12"), 20.0),
     **dict.fromkeys(("B01", "B09", "B10"), 60.0),
 }
-L8_BANDS: tuple[str, ...] = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11")
 L8_QA_BANDS: tuple[str, ...] = ("BQA",)
 
 _RASTER_SUFFIXES = {".jp2", ".tif", ".tiff"}
@@ -186,7 +184,9 @@ def _read_band_set(folder: str | os.PathLike[str], files: dict[str, Path], order
 
 def _select(found: dict[str, Path], bands: Sequence[str] | None, default: Sequence[str],
             folder: Path) -> dict[str, Path]:
-    wanted = [b.upper() for b in (bands if bands is not None else default)]
+    """The files of ``bands`` (any spelling: ``B2`` or ``b02`` is ``B02`` of Sentinel-2, ``B04`` is
+    ``B4`` of Landsat 8), else those of ``default`` that are present."""
+    wanted = [canonical_band(b, default) for b in (bands if bands is not None else default)]
     missing = [b for b in wanted if b not in found]
     if bands is None:  # default: whatever of the default set is present
         wanted = [b for b in wanted if b in found]

@@ -9,6 +9,9 @@ Cubic and Lanczos are separable *polyphase* filters: per axis, output phase ``t`
 ``m`` is a fixed weighted sum of ``x[m-R .. m+R]``, computed with shifted slices (measured 4x
 faster on CPU than a 1-D conv with ``f`` output channels, and as fast as torch's bicubic).
 
+The registry also knows them as ``bicubic``/``tricubic`` (cubic) and ``bilinear``/``trilinear``
+(linear); ``method`` takes those names too.
+
 Cubic defaults to Keys' ``a = -0.5`` (the "bicubic" of MATLAB, PIL and the SR literature): it
 reproduces quadratics exactly. torch/OpenCV use ``a = -0.75``, which is only first-order accurate
 (a linear ramp comes out up to 0.047 px off at x2); ``a=-0.75`` in 2D with replicate borders
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from domainsr.errors import ModelError
 from domainsr.models.layers import _LINEAR_MODE, SRModule, chain_radius, interp, up
+from domainsr.models.registry import ALIASES
 
 METHODS = ("nearest", "linear", "cubic", "lanczos")
 _SUPPORT = {"nearest": 0, "linear": 1, "cubic": 2, "lanczos": 3}
@@ -67,11 +71,12 @@ class Interpolate(SRModule):
                  out_channels: int | None = None, method: str = "cubic", a: float = -0.5,
                  boundary: str = "replicate") -> None:
         super().__init__(spatial_dims, in_channels, out_channels, scale)
+        method = ALIASES.get(method, method)  # bicubic, trilinear, ...
         if self.out_channels != self.in_channels:
             raise ModelError(f"interpolation keeps the channels: out_channels={self.out_channels} "
                              f"differs from in_channels={self.in_channels}")
         if method not in METHODS:
-            raise ModelError(f"unknown interpolation {method!r}; use one of {METHODS}")
+            raise ModelError(f"unknown interpolation {method!r}; use one of {METHODS} (or {sorted(ALIASES)})")
         if boundary not in ("replicate", "reflect"):
             raise ModelError(f"boundary must be 'replicate' or 'reflect', got {boundary!r}")
         self.method, self.a, self.boundary = method, float(a), boundary

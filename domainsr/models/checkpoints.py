@@ -4,7 +4,8 @@ The card drives inference (DESIGN.md): architecture, domain, per-axis scale, ban
 expected input range and the intensity normalisation, plus how the weights were made (data,
 split, degradation, settings) and what they achieve against interpolation. Loading verifies the
 card's sha256 of the weights and reads them with ``torch.load(weights_only=True)`` (no pickled
-code runs), then builds the network from the registry.
+code runs), then builds the network from the registry. Where checkpoints are found by name:
+:mod:`domainsr.models.names` (``SHIPPED_DIR`` and ``user_checkpoint_dirs`` are re-exported here).
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from domainsr.bands import described, same_bands
 from domainsr.errors import ModelCardMismatch, ModelError
 from domainsr.image import SpatialImage, now_iso
 from domainsr.io.atomic import atomic_path
+from domainsr.models.names import SHIPPED_DIR, checkpoint_roots, user_checkpoint_dirs  # noqa: F401 - re-exported
 from domainsr.models.normalized import Normalized
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 _MAX_STAT_SAMPLES = 2_000_000  # per channel, for percentiles over very large images
 
 
@@ -268,8 +270,11 @@ def check_input(card: ModelCard, img: SpatialImage) -> InputNormalization:
         raise refuse(f"input has {img.channels} bands {list(img.band_names)}, "
                      f"{who} needs {card.in_channels}")
     if card.bands and not _generic_names(img.band_names):
-        got = [b.upper() for b in img.band_names]
-        if got != [b.upper() for b in card.bands]:
+        if not described(img):
+            hint = ",".join(f"{i}={b}" for i, b in enumerate(card.bands, start=1))
+            raise refuse(f"the file does not name its bands ({list(img.band_names)} are positions); "
+                         f"say what they are, e.g. --band-map {hint} (task config: band_map)")
+        if not same_bands(img.band_names, card.bands):
             raise refuse(f"input bands {list(img.band_names)} differ from the model's {card.bands}")
     want_u, got_u = canonical_units(card.units), canonical_units(img.units)
     if got_u and want_u and got_u != want_u:
@@ -390,15 +395,6 @@ def save_checkpoint(model: nn.Module, card: ModelCard, directory: str | os.PathL
     return js
 
 
-def user_checkpoint_dirs() -> list[Path]:
-    """``$DOMAINSR_CHECKPOINTS`` (path list) or ``$XDG_DATA_HOME/domainsr/checkpoints``."""
-    env = os.environ.get("DOMAINSR_CHECKPOINTS")
-    if env:
-        return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return [base / "domainsr" / "checkpoints"]
-
-
 def resolve_checkpoint(name: str | os.PathLike[str]) -> Path:
     """Path of a model card: an explicit ``.json``/``.pt`` path or folder, else ``<name>`` looked
     up in the user folders (first) and the shipped ``domainsr/checkpoints/<name>/``."""
@@ -415,7 +411,7 @@ def resolve_checkpoint(name: str | os.PathLike[str]) -> Path:
         return cards[0]
     stem = str(name)
     searched = []
-    for root in [*user_checkpoint_dirs(), SHIPPED_DIR]:
+    for root in checkpoint_roots():
         for cand in (root / stem / f"{stem}.json", root / f"{stem}.json"):
             searched.append(str(cand.parent))
             if cand.exists():

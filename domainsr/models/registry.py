@@ -28,9 +28,14 @@ class ModelSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Other names this model answers to (e.g. ``bicubic`` for ``cubic``)."""
+        return tuple(sorted(a for a, n in ALIASES.items() if n == self.name))
+
     def summary(self) -> dict[str, Any]:
         """Plain data for ``domainsr models`` and JSON."""
-        return {"name": self.name, "family": self.family, "kind": self.kind,
+        return {"name": self.name, "aliases": list(self.aliases), "family": self.family, "kind": self.kind,
                 "spatial_dims": list(self.spatial_dims), "description": self.description,
                 "defaults": dict(self.defaults)}
 
@@ -38,10 +43,14 @@ class ModelSpec:
 _M = "domainsr.models."
 _REGISTRY: dict[str, ModelSpec] = {}
 
+#: Other names of the interpolation baselines, as the SR literature and other tools call them.
+ALIASES: Mapping[str, str] = MappingProxyType({
+    "bicubic": "cubic", "tricubic": "cubic", "bilinear": "linear", "trilinear": "linear"})
+
 
 def register_model(spec: ModelSpec) -> ModelSpec:
-    """Add ``spec`` (refuses a name that is taken)."""
-    if spec.name in _REGISTRY:
+    """Add ``spec`` (refuses a name that is taken, also as an alias)."""
+    if spec.name in _REGISTRY or spec.name in ALIASES:
         raise ModelError(f"model name {spec.name!r} is already registered")
     if ":" not in spec.factory:
         raise ModelError(f"factory {spec.factory!r} must be 'module:callable'", spec.name)
@@ -106,9 +115,15 @@ def list_models(kind: str | None = None) -> list[ModelSpec]:
     return [s for n, s in sorted(_REGISTRY.items()) if kind is None or s.kind == kind]
 
 
+def canonical_name(name: str) -> str:
+    """The registered name ``name`` stands for (``bicubic`` -> ``cubic``); unknown names unchanged."""
+    return ALIASES.get(name, name)
+
+
 def get_spec(name: str) -> ModelSpec:
+    """The spec of registered model ``name`` or one of its aliases."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[canonical_name(name)]
     except KeyError:
         raise ModelError(f"unknown model; registered: {sorted(_REGISTRY)}", name) from None
 

@@ -14,6 +14,10 @@ scheme                                      module
 ==========================================  ==========================
 
 Such a module provides ``from_url(url: str, *, output: str | None = None, **options) -> Store``.
+
+Outputs: ``output`` (``--out``, ``store.output``) is where outputs go; a store URL's own
+``?output=`` option and ``output`` must then agree (a contradiction is a ConfigError naming both).
+``default_output`` (e.g. the config's ``output.dir``) applies only when neither names one.
 """
 from __future__ import annotations
 
@@ -22,13 +26,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlparse, urlsplit
 
 from domainsr.config import StoreConfig
 from domainsr.errors import ConfigError, StoreError
 from domainsr.stores.base import Item, Store, WriteResult
 
-__all__ = ["SCHEMES", "Item", "Store", "WriteResult", "expand", "open_store"]
+__all__ = ["SCHEMES", "Item", "Store", "WriteResult", "expand", "open_store", "url_option"]
 
 #: URL scheme -> module with a ``from_url`` function (imported lazily).
 SCHEMES: dict[str, str] = {
@@ -50,6 +54,12 @@ def expand(value: str) -> str:
     return out
 
 
+def url_option(url: str, key: str) -> str | None:
+    """The last value of query parameter ``key`` of ``url`` (None when absent)."""
+    values = [v for k, v in parse_qsl(urlsplit(str(url)).query, keep_blank_values=True) if k == key]
+    return values[-1] if values else None
+
+
 def _scheme(value: str) -> str:
     if "://" not in value:
         return ""
@@ -57,11 +67,12 @@ def _scheme(value: str) -> str:
 
 
 def open_store(url_or_config: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | StoreConfig, *,
-               output: str | os.PathLike[str] | None = None, domain: str | None = None,
-               output_format: str = "same", **options: Any) -> Store:
+               output: str | os.PathLike[str] | None = None, default_output: str | os.PathLike[str] | None = None,
+               domain: str | None = None, output_format: str = "same", **options: Any) -> Store:
     """Open the store a path, a list of local paths, a URL or a ``StoreConfig`` names.
 
-    ``output`` is the output root (overrides the config's); ``domain`` and ``output_format`` are
+    ``output`` is the output root (overrides the config's; must agree with a URL's ``?output=``);
+    ``default_output`` is used when nothing else names one. ``domain`` and ``output_format`` are
     passed to the local store (the domain of NIfTI inputs, and ``same``/``nifti``/``dicom``/``cog``).
     """
     if isinstance(url_or_config, StoreConfig):
@@ -69,8 +80,8 @@ def open_store(url_or_config: str | os.PathLike[str] | Sequence[str | os.PathLik
         if cfg.input is None:
             raise ConfigError("store.input is not set: give inputs on the command line or in the config")
         out = output if output is not None else (expand(cfg.output) if cfg.output else None)
-        return open_store(expand(cfg.input), output=out, domain=domain, output_format=output_format,
-                          **{**cfg.options, **options})
+        return open_store(expand(cfg.input), output=out, default_output=default_output, domain=domain,
+                          output_format=output_format, **{**cfg.options, **options})
     if isinstance(url_or_config, (str, os.PathLike)):
         sources = [url_or_config]
     else:
@@ -82,11 +93,15 @@ def open_store(url_or_config: str | os.PathLike[str] | Sequence[str | os.PathLik
     if remote:
         if len(sources) != 1:
             raise ConfigError(f"a store URL ({min(remote)}://) must be the only input")
-        return _open_remote(str(sources[0]), output=output, **options)
+        url = str(sources[0])
+        if output is None and url_option(url, "output") is None and "output" not in options:
+            output = default_output
+        return _open_remote(url, output=output, **options)
     from domainsr.stores.local import LocalStore
 
     paths = [Path(unquote(urlparse(str(s)).path)) if _scheme(str(s)) == "file" else Path(s) for s in sources]
-    return LocalStore(paths, output, domain=domain, output_format=output_format, **options)
+    return LocalStore(paths, output if output is not None else default_output, domain=domain,
+                      output_format=output_format, **options)
 
 
 def _open_remote(url: str, *, output: str | os.PathLike[str] | None, **options: Any) -> Store:

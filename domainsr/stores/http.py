@@ -12,8 +12,13 @@ clients log). Error messages name the store by :func:`redact_url` (no user info,
 query values).
 
 Transient failures (connection refused or reset, timeouts, HTTP 408/425/429/5xx, a DIMSE
-association that cannot be opened) are retried by :func:`call_with_retries` with bounded
-exponential backoff; anything else, or the last failed try, becomes a :class:`StoreError`.
+association that cannot be opened; :func:`domainsr.retry.is_transient`) are retried by
+:func:`call_with_retries`: a bounded number of tries, capped exponential backoff with jitter, and
+the ``Retry-After`` of a 429/503 answer honoured. The last failed try becomes a :class:`StoreError`
+(still transient: the flow retries the item later), a permanent failure (HTTP 4xx, a certificate
+problem) a :class:`~domainsr.retry.PermanentStoreError` at once. ``RetryPolicy``,
+``TransientError``, ``http_status`` and ``is_transient`` (:mod:`domainsr.retry`) can be imported
+from here too.
 TLS certificates are verified unless a store is told ``verify=false`` explicitly.
 """
 from __future__ import annotations
@@ -23,22 +28,31 @@ import os
 import re
 import ssl
 import time
-import urllib.error
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import tenacity
+
 from domainsr.errors import ConfigError, DomainSRError, StoreError
+from domainsr.retry import (
+    BUGS,
+    PermanentStoreError,
+    RetryPolicy,
+    TransientError,
+    exception_chain,
+    http_status,
+    is_transient,
+    retry_after,
+)
 
 log = logging.getLogger("domainsr.stores")
 T = TypeVar("T")
 
-# Bugs are not store failures: these propagate unchanged instead of becoming a StoreError.
-_PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, AssertionError, NotImplementedError)
-TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _SECRET_PARAM = re.compile(r"pass|token|secret|key|auth|sig|credential", re.IGNORECASE)
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
@@ -254,92 +268,6 @@ def extra_file_name(name: str, path: str | os.PathLike[str]) -> str:
 
 # -------------------------------------------------------------------------------------- retries
 
-class TransientError(Exception):
-    """Raised by store code for a failure worth retrying that no library exception describes
-    (e.g. a DIMSE association that was aborted or rejected transiently)."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """``tries`` attempts in all; the wait before retry ``n`` (1-based) is
-    ``min(max_delay, base_delay * factor**(n-1))`` seconds."""
-
-    tries: int = 3
-    base_delay: float = 0.5
-    factor: float = 2.0
-    max_delay: float = 8.0
-
-    def __post_init__(self) -> None:
-        if self.tries < 1 or self.base_delay < 0 or self.factor < 1 or self.max_delay < 0:
-            raise ConfigError(f"invalid retry policy {self}")
-
-    def delay(self, retry: int) -> float:
-        return min(self.max_delay, self.base_delay * self.factor ** (retry - 1))
-
-    @classmethod
-    def from_options(cls, opts: Mapping[str, Any]) -> RetryPolicy:
-        try:
-            return cls(tries=int(opts.get("retries", cls.tries)),
-                       base_delay=float(opts.get("backoff", cls.base_delay)))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"retries/backoff options must be numbers ({exc})") from None
-
-
-def http_status(exc: BaseException) -> int | None:
-    """The HTTP status carried by ``exc`` (requests, urllib or GDAL curl errors), if any."""
-    response = getattr(exc, "response", None)
-    if response is not None and getattr(response, "status_code", None) is not None:
-        return int(response.status_code)
-    if isinstance(exc, urllib.error.HTTPError):
-        return int(exc.code)
-    code = getattr(exc, "status_code", None)  # pystac-client's APIError
-    if isinstance(code, int):
-        return code
-    m = re.search(r"HTTP (?:response )?(?:code|status)[: ]+(\d{3})", str(exc), re.IGNORECASE)
-    return int(m.group(1)) if m else None
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    for e in list(seen):  # urllib3 keeps the root cause in .reason / args
-        for inner in (getattr(e, "reason", None), *getattr(e, "args", ())):
-            if isinstance(inner, BaseException) and inner not in seen:
-                seen.append(inner)
-    return seen
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth retrying (network trouble or a 408/425/429/5xx answer)."""
-    if isinstance(exc, DomainSRError):
-        return False
-    status = http_status(exc)
-    if status is not None:
-        return status in TRANSIENT_HTTP_STATUS
-    try:
-        import requests
-
-        network: tuple[type[BaseException], ...] = (requests.ConnectionError, requests.Timeout)
-    except ImportError:  # pragma: no cover - requests comes with every networked store
-        network = ()
-    chain = _chain(exc)
-    if any(isinstance(e, ssl.SSLError) or type(e).__name__ == "SSLError" or "ssl certificate problem" in
-           str(e).lower() for e in chain):
-        return False  # a certificate problem does not go away by retrying
-    for e in chain:
-        if isinstance(e, (TransientError, ConnectionError, TimeoutError, *network)):
-            return True
-        if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
-            return True
-        text = str(e).lower()
-        if "curl error" in text or "connection refused" in text or "timed out" in text:
-            return True  # GDAL's /vsicurl/ reports network failures as text only
-    return False
-
-
 def describe(exc: BaseException) -> str:
     """A short, credential-free description of ``exc``."""
     if isinstance(exc, TransientError):
@@ -354,7 +282,7 @@ def describe(exc: BaseException) -> str:
             except ValueError:
                 reason = ""
         return f"HTTP {status}{' ' + reason if reason else ''}"
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if (isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
                 or "SSL certificate problem" in str(e)):
             return "TLS certificate verification failed"
@@ -374,23 +302,40 @@ def describe(exc: BaseException) -> str:
 
 def call_with_retries(fn: Callable[[], T], *, what: str, url: str, policy: RetryPolicy,
                       sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run ``fn``; retry transient failures per ``policy``; raise :class:`StoreError` naming
-    ``what`` and the (redacted) store ``url`` when it still fails or fails permanently.
-    A :class:`DomainSRError` from ``fn`` passes through unchanged."""
+    """Run ``fn``; retry transient failures per ``policy`` (backoff with jitter, ``Retry-After``).
+
+    A failure that is still there after the last try raises a (transient) :class:`StoreError`,
+    a permanent one at once a :class:`PermanentStoreError`; both name ``what`` and the redacted
+    store ``url``. A :class:`DomainSRError` or a bug raised by ``fn`` passes through unchanged.
+    """
     safe = redact_url(url)
-    for attempt in range(1, policy.tries + 1):
-        try:
-            return fn()
-        except (DomainSRError, *_PROGRAMMING_ERRORS):
-            raise
-        except Exception as exc:
-            if not is_transient(exc):
-                raise StoreError(f"{what} failed: {describe(exc)}", safe) from exc
-            if attempt == policy.tries:
-                raise StoreError(f"{what} failed after {policy.tries} tries: {describe(exc)}; "
-                                 "the store looks unavailable", safe) from exc
-            wait = policy.delay(attempt)
-            log.warning("%s at %s: %s; retry %d of %d in %.2f s", what, safe, describe(exc),
-                        attempt, policy.tries - 1, wait)
-            sleep(wait)
-    raise AssertionError("unreachable")  # pragma: no cover
+    retrying = policy.retrying(_retry_in_store, sleep=sleep, before_sleep=partial(_log_retry, what, safe, policy))
+    try:
+        return retrying(fn)
+    except (DomainSRError, *BUGS):
+        raise
+    except Exception as exc:
+        raise _store_error(exc, what, safe, policy, retrying.statistics.get("attempt_number", 1)) from exc
+
+
+def _retry_in_store(exc: BaseException) -> bool:
+    return not isinstance(exc, DomainSRError) and is_transient(exc)
+
+
+def _log_retry(what: str, url: str, policy: RetryPolicy, state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    asked = " (Retry-After)" if exc is not None and retry_after(exc) is not None else ""
+    log.warning("%s at %s: %s; retry %d of %d in %.2f s%s", what, url, describe(exc) if exc else "?",
+                state.attempt_number, policy.tries - 1, wait, asked)
+
+
+def _store_error(exc: Exception, what: str, url: str, policy: RetryPolicy, tries: int) -> StoreError:
+    if not is_transient(exc):
+        return PermanentStoreError(f"{what} failed: {describe(exc)}", url)
+    asked = retry_after(exc)
+    if asked is not None and asked > policy.max_retry_after:
+        return StoreError(f"{what} failed: {describe(exc)}; the store asks to retry in {asked:.0f} s "
+                          f"(more than {policy.max_retry_after:.0f} s)", url)
+    return StoreError(f"{what} failed after {tries} {'try' if tries == 1 else 'tries'}: {describe(exc)}; "
+                      "the store looks unavailable", url)

@@ -14,13 +14,20 @@ becomes ``_``, the image suffix dropped), with a short hash of the path appended
 collide; a DICOM series is ``<modality>-<hash of its SeriesInstanceUID>`` and an unreadable DICOM
 file ``dicom-file-<hash of its path>``, never a patient name, ID or DICOM file name. An explicitly given file of an unknown type is still an item (it fails when read).
 
-Outputs keep the input's format (``output_format="same"``): NIfTI -> ``<id>.nii.gz`` (``.nii``
-stays ``.nii``), DICOM -> a derived series folder ``<id>/``, rasters and band sets -> a COG
-``<id>.tif``; ``"nifti"``, ``"dicom"`` or ``"cog"`` force one format. Extras (audit report, risk
-map) land beside it as ``<id>.<label>``. Every file is written atomically (temporary sibling,
-rename), and ``<output>.provenance.json`` is written last: an output without it, or whose
-``run_key`` differs, is not done, so an interrupted run is simply redone. Nothing can be written
-outside the output root.
+Outputs are named ``<id><output_suffix>`` (suffix default ``_sr``) and keep the input's format
+(``output_format="same"``): NIfTI -> ``<id>_sr.nii.gz`` (``.nii`` stays ``.nii``), DICOM -> a
+derived series folder ``<id>_sr/``, rasters and band sets -> a COG ``<id>_sr.tif``; ``"nifti"``,
+``"dicom"`` or ``"cog"`` force one format. Extras (audit report, risk map) land beside it as
+``<id>_sr.<label>``. Every file is written atomically (temporary sibling, rename), and
+``<output>.provenance.json`` is written last: an output without it, or whose ``run_key`` differs,
+is not done, so an interrupted run is simply redone. Nothing can be written outside the output root.
+
+Outputs never replace inputs. :meth:`LocalStore.check_output` (called when a run is planned,
+before any work) refuses an item whose output files would be an input (the same path, a path
+inside or above one, or the same file through a hard link), always; and one whose output files
+exist but are not an earlier DomainSR output unless ``overwrite``. An earlier output is ours when
+its provenance file names it, or when it carries our derived marker: the NIfTI description
+``DomainSR AI-enhanced``, the DICOM ImageType ``AI ENHANCED``, the GeoTIFF tag ``DOMAINSR_DERIVED``.
 
 Besides the Store interface, ``open_output(item)`` / ``commit(item, run_key, extras, provenance)``
 let a writer produce the output file in place (the streaming raster path of
@@ -37,20 +44,27 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainsr.errors import ConfigError, InputError, OutputError, StoreError, UnsupportedFormatError
+from domainsr.errors import ConfigError, InputError, OutputError, PermanentStoreError, UnsupportedFormatError
 from domainsr.image import GeoGeometry, MedicalGeometry, MultiResolutionImage, SpatialImage, now_iso
 from domainsr.io import NIFTI_SUFFIXES, RASTER_SUFFIXES, detect_format
 from domainsr.io.atomic import atomic_path
 from domainsr.stores.base import Item, Store, WriteResult
 
 PROVENANCE_SUFFIX = ".provenance.json"
+DEFAULT_SUFFIX = "_sr"
+#: Labels of the extras the enhancement pipeline attaches (checked before a run like the output).
+EXTRA_LABELS = ("audit.html", "audit.json", "risk.tif", "risk.nii.gz")
+#: GeoTIFF tags that mark a COG as a DomainSR output (``io.raster.derived_tags``; older streamed outputs).
+DERIVED_TAGS = frozenset({"DOMAINSR_DERIVED", "DOMAINSR_ENHANCE"})
 KINDS = ("nifti", "dicom", "raster", "sentinel2", "landsat8", "unknown")
 OUTPUT_FORMATS = ("same", "nifti", "dicom", "cog")
 QUERY_KEYS = ("kinds", "glob", "modified_within_hours")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_SAFE_SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
 _MEDICAL_KINDS = ("nifti", "dicom")
 
 
@@ -75,8 +89,8 @@ def _slug(rel: str) -> str:
 def check_name(name: str, what: str = "name") -> str:
     """``name`` if it is one safe path component (no separators, no ``..``), else StoreError."""
     if not _SAFE.match(name) or ".." in name:
-        raise StoreError(f"unsafe {what} {name!r}: only letters, digits, '.', '_' and '-' are allowed, "
-                         "no path separators or '..'")
+        raise PermanentStoreError(f"unsafe {what} {name!r}: only letters, digits, '.', '_' and '-' are allowed, "
+                                  "no path separators or '..'")
     return name
 
 
@@ -97,12 +111,52 @@ def _file_kind(path: Path) -> str | None:
     return "dicom" if len(head) == 132 and head[128:132] == b"DICM" else None
 
 
+class OutputRefused(ConfigError):
+    """An output would write over an input, or replace a file that is not an earlier DomainSR
+    output (a setting to change: ``--out``, ``--suffix`` or ``--overwrite``; never retried)."""
+
+
+@dataclass
+class _InputIndex:
+    """Every input path of a listing, for the never-write-over-an-input check."""
+
+    paths: set[Path] = field(default_factory=set)  # files and band-set folders (resolved)
+    parents: set[Path] = field(default_factory=set)  # every folder above them
+    folders: list[Path] = field(default_factory=list)  # band-set folders: all below is input
+    inodes: set[tuple[int, int]] = field(default_factory=set)  # (device, inode): hard links
+
+    def add(self, path: Path, folder: bool = False) -> None:
+        rp = path.resolve()
+        self.paths.add(rp)
+        self.parents.update(rp.parents)
+        if folder:
+            self.folders.append(rp)
+        try:
+            st = rp.stat()
+        except OSError:
+            return
+        self.inodes.add((st.st_dev, st.st_ino))
+
+    def holds(self, path: Path) -> bool:
+        """Whether writing ``path`` (a file, or a folder replaced whole) would replace an input."""
+        rp = path.resolve()
+        if rp in self.paths or rp in self.parents or any(rp.is_relative_to(f) for f in self.folders):
+            return True
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) in self.inodes
+
+
 class LocalStore(Store):
-    """Inputs: files and folders (see the module doc); outputs: files under ``output``."""
+    """Inputs: files and folders (see the module doc); outputs: files under ``output``, named
+    ``<item id><output_suffix>``; ``overwrite`` lets an output replace a file that is not ours."""
 
     def __init__(self, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  output: str | os.PathLike[str] | None = None, *, domain: str | None = None,
-                 output_format: str = "same", recursive: bool = True) -> None:
+                 output_format: str = "same", recursive: bool = True, output_suffix: str = DEFAULT_SUFFIX,
+                 overwrite: bool = False) -> None:
         paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         if not paths:
             raise ConfigError("no inputs given")
@@ -112,11 +166,17 @@ class LocalStore(Store):
             raise ConfigError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
         if domain not in (None, "mri", "ct", "optical"):
             raise ConfigError(f"unknown domain {domain!r}")
+        if output_suffix and (not _SAFE_SUFFIX.match(output_suffix) or ".." in output_suffix):
+            raise ConfigError(f"output suffix {output_suffix!r} may hold only letters, digits, '.', '_' and '-'")
         self.domain = domain
         self.output_format = output_format
         self.recursive = recursive
+        self.output_suffix = output_suffix
+        self.overwrite = overwrite
         self.url = self.inputs[0].resolve().as_uri()
         self.skipped: list[str] = []  # files seen by the last listing that are not images
+        self._seen: list[tuple[Path, bool]] = []  # (path, is a band-set folder) of the last listing
+        self._index: _InputIndex | None = None
 
     def __repr__(self) -> str:
         return f"LocalStore({[str(p) for p in self.inputs]!r}, output={str(self.output)!r})"
@@ -150,6 +210,9 @@ class LocalStore(Store):
                     found.append((kind or "unknown", inp.name, inp, {}))
             else:
                 self._walk(inp, inp, found, dicom_files, out_root)
+        self._seen = [(p, kind in ("sentinel2", "landsat8")) for kind, _, p, _ in found]
+        self._seen += [(p, False) for p in (*dicom_files, *map(Path, self.skipped))]
+        self._index = None
         items = self._named(found)
         items += self._dicom_items(dicom_files)
         return [i for i in sorted(items, key=lambda i: i.id) if self._matches(i, query)]
@@ -199,10 +262,12 @@ class LocalStore(Store):
         items = []
         for s in listing:
             id_ = f"{(s.modality or 'dicom').lower()}-{_sha(s.series_uid)}"
+            if s.volume is not None:  # one item per volume of a multi-volume series (b-values, time points)
+                id_ += f"-v{s.volume}"
             folder = Path(os.path.commonpath([str(f.parent) for f in s.files]))
             items.append(Item(id=check_name(id_), uri=str(folder), kind="dicom",
                               meta={"files": [str(f) for f in s.files], "series_uid": s.series_uid,
-                                    "modality": s.modality, "slices": s.n_frames}))
+                                    "modality": s.modality, "slices": s.n_frames, "volume": s.volume}))
         for path, problem in listing.errors.items():  # named by a hash: DICOM file names may carry names
             id_ = f"dicom-file-{_sha(str(Path(path).resolve()))}"
             items.append(Item(id=id_, uri=path, kind="dicom", meta={"files": [path], "error": problem}))
@@ -236,7 +301,7 @@ class LocalStore(Store):
             from domainsr.io.dicom import read_dicom_series
 
             return read_dicom_series([Path(f) for f in item.meta["files"]], series_uid=item.meta.get("series_uid"),
-                                     domain=medical)
+                                     domain=medical, volume=item.meta.get("volume"))
         if item.kind == "nifti":
             from domainsr.io.nifti import read_nifti
 
@@ -263,11 +328,16 @@ class LocalStore(Store):
             return self.output_format
         return {"nifti": "nifti", "dicom": "dicom"}.get(item.kind, "cog")
 
+    def output_stem(self, item: Item) -> str:
+        """``<item id><output suffix>``: the output's name without its extension; extras are
+        ``<stem>.<label>``."""
+        return check_name(check_name(item.id, "item id") + self.output_suffix, "output name")
+
     def output_path(self, item: Item) -> Path:
         """Where ``item``'s output goes (inside the output root)."""
         fmt = self.output_format_of(item)
-        suffix = {"nifti": item.meta.get("suffix", ".nii.gz"), "dicom": "", "cog": ".tif"}[fmt]
-        return self._inside(check_name(item.id, "item id") + suffix)
+        ext = {"nifti": item.meta.get("suffix", ".nii.gz"), "dicom": "", "cog": ".tif"}[fmt]
+        return self._inside(self.output_stem(item) + ext)
 
     def provenance_path(self, item: Item) -> Path:
         out = self.output_path(item)
@@ -280,12 +350,56 @@ class LocalStore(Store):
 
     def _inside(self, name: str) -> Path:
         if Path(name).is_absolute() or "/" in name or "\\" in name or ".." in name:
-            raise StoreError(f"refused output name {name!r}: it must stay inside the output folder")
+            raise PermanentStoreError(f"refused output name {name!r}: it must stay inside the output folder")
         root = self._root().resolve()
         path = root / name
         if not path.resolve().is_relative_to(root):
-            raise StoreError(f"refused output name {name!r}: it resolves outside the output folder", root)
+            raise PermanentStoreError(f"refused output name {name!r}: it resolves outside the output folder", root)
         return path
+
+    # ---- never over an input, never over a file that is not ours --------------------------------
+    def check_output(self, item: Item) -> None:
+        """Refuse ``item`` (:class:`OutputRefused`, naming the file) when one of its output files
+        (output, provenance, extras) would replace an input (always, even with ``overwrite``), or
+        would replace an existing file that is not an earlier DomainSR output (unless ``overwrite``)."""
+        files = self._output_files(item)
+        for path in files:
+            self._refuse_input(path)
+        present = [p for p in files if p.exists() or p.is_symlink()]
+        if present and not self.overwrite and not self._ours(item):
+            raise OutputRefused("refused to replace this existing file: it is not a DomainSR output "
+                                "(pass --overwrite or store.overwrite: true to replace it, or choose another "
+                                "--out or --suffix)", present[0])
+
+    def _output_files(self, item: Item) -> list[Path]:
+        stem = self.output_stem(item)
+        return [self.output_path(item), self.provenance_path(item),
+                *(self._inside(f"{stem}.{label}") for label in EXTRA_LABELS)]
+
+    def _refuse_input(self, path: Path) -> None:
+        if self._input_index().holds(path):
+            raise OutputRefused("refused to write over an input (choose another --out or --suffix; "
+                                "--overwrite never replaces an input)", path)
+
+    def _input_index(self) -> _InputIndex:
+        if self._index is None:
+            index = _InputIndex()
+            for path, folder in self._seen or [(p, False) for p in self.inputs]:  # not listed: as given
+                index.add(path, folder)
+            self._index = index
+        return self._index
+
+    def _ours(self, item: Item) -> bool:
+        """Whether ``item``'s existing output files are an earlier DomainSR output: named by its
+        provenance record (complete or not), or the output carries our derived marker."""
+        out = self.output_path(item)
+        try:
+            record = json.loads(self.provenance_path(item).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and record.get("output") == out.name:
+            return True
+        return out.exists() and _carries_marker(out, self.output_format_of(item))
 
     def existing(self, item: Item, run_key: str) -> WriteResult | None:
         """The finished output of ``item`` for ``run_key``: its provenance file exists, names the
@@ -326,8 +440,10 @@ class LocalStore(Store):
 
     def open_output(self, item: Item) -> Path:
         """Where to write ``item``'s output (e.g. by a streaming writer, atomically); from now on any
-        earlier output of the item is not 'done' for any run key. Finish with :meth:`commit`."""
+        earlier output of the item is not 'done' for any run key. Finish with :meth:`commit`.
+        OutputRefused when that path is an input (whatever the planning said)."""
         out = self.output_path(item)
+        self._refuse_input(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         self.provenance_path(item).unlink(missing_ok=True)
         return out
@@ -340,7 +456,8 @@ class LocalStore(Store):
             raise OutputError("output is missing; nothing to commit", out)
         placed: dict[str, str] = {}
         for label, src in (extras or {}).items():
-            dst = self._inside(f"{item.id}.{check_name(label, 'extra label')}")
+            dst = self._inside(f"{self.output_stem(item)}.{check_name(label, 'extra label')}")
+            self._refuse_input(dst)
             with atomic_path(dst) as tmp:
                 shutil.copyfile(src, tmp)
             placed[label] = str(dst)
@@ -374,6 +491,29 @@ class LocalStore(Store):
             problem = "a GeoTIFF/COG output needs a raster on a map grid"
         if problem:
             raise ConfigError(f"output format {fmt!r} does not fit this {item.kind} item: {problem}", item.id)
+
+
+def _carries_marker(path: Path, fmt: str) -> bool:
+    """Whether the file or folder at ``path`` says it is a DomainSR output (see the module doc)."""
+    try:
+        if fmt == "nifti":
+            import nibabel as nib
+
+            from domainsr.io.nifti import DERIVED_DESCRIP
+
+            return bytes(nib.load(path).header["descrip"].item()).decode("latin-1").startswith(DERIVED_DESCRIP)
+        if fmt == "dicom":
+            import pydicom
+
+            first = min(path.glob("*.dcm"), default=None)
+            ds = None if first is None else pydicom.dcmread(first, stop_before_pixels=True)
+            return ds is not None and "AI ENHANCED" in list(ds.get("ImageType", []))
+        import rasterio
+
+        with rasterio.open(path) as ds:
+            return bool(DERIVED_TAGS & set(ds.tags()))
+    except Exception:  # noqa: BLE001 - unreadable, or not what we write: not ours
+        return False
 
 
 def _public(provenance: dict[str, Any], domain: str, item: Item) -> dict[str, Any]:

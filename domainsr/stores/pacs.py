@@ -22,7 +22,10 @@ Items are image series (``list_items`` keys: ``modality``, ``study_date``, ``ser
 ``study_uid``, ``series_uid``, ``include_derived``, ``limit``). ``Item.id`` is a hash of the series
 UID, never a patient identifier; query answers are reduced to UIDs, modality, description, date and
 counts before anything else sees them, and pynetdicom's INFO/DEBUG output (which echoes AE titles
-and identifiers) is held back while DomainSR talks DIMSE.
+and identifiers) is held back while DomainSR talks DIMSE. A QIDO-RS search reads further pages
+(``offset``) only while the server answers with the ``Warning: 299`` of truncated results and a
+page brings new UIDs, and never more than ``QIDO_MAX_PAGES`` pages (a server that ignores
+``offset`` would otherwise be asked forever).
 
 Writing: the derived series (new UIDs, same study, DERIVED / AI ENHANCED, references to the
 source, see :func:`domainsr.io.dicom.write_derived_series`) is written completely to a local
@@ -38,8 +41,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -55,6 +60,7 @@ from domainsr.errors import ConfigError, InputError, StoreError
 from domainsr.image import SpatialImage
 from domainsr.io.atomic import atomic_path
 from domainsr.io.dicom import _quiet_pydicom, read_dicom_series, write_derived_series
+from domainsr.retry import PermanentStoreError
 from domainsr.stores.base import Item, Store, WriteResult
 from domainsr.stores.http import (
     HttpAuth,
@@ -207,6 +213,25 @@ _TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "Modal
          "NumberOfSeriesRelatedInstances": "00201209", "ImageType": "00080008", "SOPInstanceUID": "00080018"}
 
 
+#: Most QIDO-RS pages read for one search: a server that keeps saying "more results" is not
+#: followed further (with a warning).
+QIDO_MAX_PAGES = 100
+_TRUNCATED = re.compile(r"(?:^|,)\s*299\s")
+
+
+def truncated_results(headers: Mapping[str, str]) -> bool:
+    """Whether a QIDO-RS answer carries the ``Warning: 299`` of truncated results (DICOM PS3.18,
+    QIDO-RS: "The number of results exceeded the maximum supported by the server. Additional
+    results can be requested."). Other warnings (1xx, 199, 214) say nothing about paging."""
+    return bool(_TRUNCATED.search(headers.get("Warning") or ""))
+
+
+def _record_key(record: Mapping[str, Any], keyword: str) -> str:
+    """A record's ``keyword`` UID, or (none given) the whole record, to recognise a repeat."""
+    uid = _json_value(record, keyword)
+    return str(uid) if uid else json.dumps(record, sort_keys=True)
+
+
 def _json_value(record: Mapping[str, Any], keyword: str) -> Any:
     values = (record.get(_TAGS[keyword]) or {}).get("Value") or []
     return values if keyword == "ImageType" else (values[0] if values else None)
@@ -231,20 +256,8 @@ class DicomWebBackend:
         which percent-encodes the ``*``/``?`` wildcards; RFC 3986 allows them as they are and
         Orthanc (1.10) matches wildcards only then (it also does not decode ``%20``: match a
         description with spaces with ``?`` or ``*``)."""
-        params = [(k, v) for k, v in keys.items()] + [("includefield", f) for f in _SERIES_FIELDS]
-        records: list[dict[str, Any]] = []
-        while True:
-            query = "&".join(f"{quote(k)}={quote(str(v), safe='*?')}" for k, v in params)
-            offset = [("offset", str(len(records)))] if records else []
-            if offset:
-                query += f"&offset={len(records)}"
-            r = self.session.get(f"{self.url}/series?{query}", headers={"Accept": "application/dicom+json"},
-                                 timeout=self.timeout)
-            r.raise_for_status()
-            page = r.json() if r.status_code != 204 and r.content else []
-            records.extend(page)
-            if not page or "Warning" not in r.headers:  # 299 "remaining results": fetch the next page
-                break
+        params = [*keys.items(), *(("includefield", f) for f in _SERIES_FIELDS)]
+        records = self._search("series", params, key="SeriesInstanceUID", what="series search")
         out = []
         for rec in records:
             n = _json_value(rec, "NumberOfSeriesRelatedInstances")
@@ -258,11 +271,44 @@ class DicomWebBackend:
                 image_type=[str(v) for v in _json_value(rec, "ImageType")]))
         return out
 
+    def _search(self, path: str, params: Sequence[tuple[str, str]], *, key: str, what: str) -> list[dict[str, Any]]:
+        """A QIDO-RS search at ``path``, paged with ``offset`` only while the server answers with
+        the 299 warning of truncated results, a page brings records not seen before (by their
+        ``key`` UID: a server that ignores ``offset`` repeats itself) and fewer than
+        :data:`QIDO_MAX_PAGES` pages were read."""
+        query = "&".join(f"{quote(k)}={quote(str(v), safe='*?')}" for k, v in params)
+        records: dict[str, dict[str, Any]] = {}
+        offset = 0
+        for _ in range(QIDO_MAX_PAGES):
+            page, truncated = self._qido_page(f"{self.url}/{path}?{query}", offset)
+            new = {k: rec for rec in page if (k := _record_key(rec, key)) not in records}
+            records.update(new)
+            offset += len(page)
+            if not truncated or not page:
+                break
+            if not new:
+                log.warning("%s at %s: the server says more results remain but repeated itself at offset %d "
+                            "(does it ignore offset?); keeping the %d found", what, redact_url(self.url),
+                            offset - len(page), len(records))
+                break
+        else:
+            log.warning("%s at %s: results still truncated after %d pages; keeping the %d found", what,
+                        redact_url(self.url), QIDO_MAX_PAGES, len(records))
+        return list(records.values())
+
+    def _qido_page(self, url: str, offset: int) -> tuple[list[dict[str, Any]], bool]:
+        """One QIDO-RS answer from ``offset``: its records and whether it says it was truncated."""
+        r = self.session.get(url + (f"&offset={offset}" if offset else ""),
+                             headers={"Accept": "application/dicom+json"}, timeout=self.timeout)
+        r.raise_for_status()
+        page = r.json() if r.status_code != 204 and r.content else []
+        return ([page] if isinstance(page, dict) else list(page)), truncated_results(r.headers)
+
     def stamp(self, study_uid: str, series_uid: str) -> tuple[int, int | None, str | None]:
         """Counts the instances (QIDO) and reads the DomainSR block of one (WADO-RS metadata;
         QIDO does not return private attributes)."""
-        instances = self.client.search_for_instances(study_uid, series_uid, fields=["SOPInstanceUID"],
-                                                     get_remaining=True)
+        instances = self._search(f"studies/{study_uid}/series/{series_uid}/instances",
+                                 [("includefield", "SOPInstanceUID")], key="SOPInstanceUID", what="instance search")
         if not instances:
             return 0, None, None
         sop = _json_value(instances[0], "SOPInstanceUID")
@@ -336,8 +382,8 @@ class DimseBackend:
                     result = getattr(getattr(assoc.acceptor, "primitive", None), "result", None)
                     if result == 0x02:
                         raise TransientError("association rejected transiently (PACS busy)")
-                    raise StoreError("the PACS rejected the association: check called_aet/calling_aet "
-                                     "and that this host is allowed to connect", self.url)
+                    raise PermanentStoreError("the PACS rejected the association: check called_aet/"
+                                              "calling_aet and that this host is allowed to connect", self.url)
                 raise TransientError("cannot open a DICOM association (connection refused, aborted "
                                      "or timed out)")
             try:
@@ -352,7 +398,7 @@ class DimseBackend:
             raise TransientError(f"{what}: no answer (association aborted or timed out)")
         code = int(status.Status)
         if code not in ok and code not in (0xFF00, 0xFF01):
-            raise StoreError(f"{what} failed with DIMSE status 0x{code:04X}")
+            raise _dimse_failure(what, code)
         return code
 
     def _find(self, query: pydicom.Dataset) -> list[pydicom.Dataset]:
@@ -436,14 +482,26 @@ class DimseBackend:
             accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
             missing = [c for c in classes if c not in accepted]
             if missing:
-                raise StoreError(f"the PACS does not accept SOP class(es) {missing}", self.url)
+                raise PermanentStoreError(f"the PACS does not accept SOP class(es) {missing}", self.url)
             for path in files:
                 with _quiet_pydicom():
                     ds = pydicom.dcmread(path)
                 if ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
-                    raise StoreError(f"unexpected transfer syntax in {path.name}", self.url)
+                    raise PermanentStoreError(f"unexpected transfer syntax in {path.name}", self.url)
                 status = assoc.send_c_store(ds)
                 self._check(status, "C-STORE", ok=(0x0000, 0xB000, 0xB006, 0xB007))
+
+
+def _dimse_failure(what: str, code: int) -> Exception:
+    """The error of a failed DIMSE status: "out of resources" (0xA7xx) is retried; "does not
+    match the SOP class" (0xA9xx), "SOP class not supported" (0x0122) and "not authorized"
+    (0x0124) are permanent; any other failure is a (transient) StoreError."""
+    message = f"{what} failed with DIMSE status 0x{code:04X}"
+    if code >> 8 == 0xA7:
+        return TransientError(message + " (PACS out of resources)")
+    if code >> 8 == 0xA9 or code in (0x0122, 0x0124):
+        return PermanentStoreError(message)
+    return StoreError(message)
 
 
 def _aet(opts: Mapping[str, Any], key: str, default: str) -> str:

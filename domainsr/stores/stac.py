@@ -8,8 +8,10 @@ URL grammar (options as query parameters or keyword arguments / a config block; 
                                                 advertises it in conformsTo)
     stac+http://...                             the same over plain HTTP
 
-    options: output=PATH (the output catalog.json; default for stac+file: a "domainsr-output"
-             folder next to the input catalog; required otherwise), assets=B02,B03 (asset keys to
+    options: output=PATH (the output catalog.json or its folder; default for stac+file: a
+             "domainsr-output" folder next to the input catalog; required otherwise; an ``output``
+             keyword, e.g. ``--out``, that names another catalog is a ConfigError, not an
+             override), assets=B02,B03 (asset keys to
              read, default: every data asset), auth=none|basic|bearer, username=, password=,
              token=, verify=true|false|CA.pem, timeout=30, retries=3, backoff=0.5
 
@@ -61,12 +63,14 @@ from domainsr.errors import (
     GeometryError,
     InputError,
     OutputError,
+    PermanentStoreError,
     StoreError,
     UnsupportedFormatError,
 )
 from domainsr.image import GeoGeometry, SpatialImage, now_iso
 from domainsr.io.atomic import atomic_path
 from domainsr.io.raster import SUPPORTED_DTYPES, write_raster
+from domainsr.stores import url_option
 from domainsr.stores.base import Item, Store, WriteResult
 from domainsr.stores.http import (
     HttpAuth,
@@ -158,7 +162,7 @@ class OfflineValidator(JsonSchemaSTACValidator):
 
     def _get_schema(self, schema_uri: str) -> dict[str, Any]:
         if schema_uri not in self.schema_cache:
-            raise StoreError(f"STAC schema {schema_uri} is not available offline")
+            raise PermanentStoreError(f"STAC schema {schema_uri} is not available offline")
         return super()._get_schema(schema_uri)
 
 
@@ -269,6 +273,8 @@ class StacStore(Store):
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""
         if scheme not in ("stac+file", "stac+http", "stac+https"):
             raise ConfigError("a STAC URL starts with stac+file://, stac+http:// or stac+https://", redact_url(url))
+        _same_output(url_option(url, "output"), "?output= in the store URL", opts.get("output"),
+                     "the output option", url)
         clean, o = split_store_url(url, _OPTS, opts)
         parts = urlsplit(clean)
         if scheme == "stac+file":
@@ -284,9 +290,7 @@ class StacStore(Store):
         output = o.get("output") or default_out
         if output is None:
             raise ConfigError("a remote STAC store needs output=PATH (the local output catalog)", redact_url(url))
-        output = str(output)
-        if output.startswith("stac+file://"):
-            output = urlsplit(output).path
+        output = str(catalog_path(output))
         assets = o.get("assets")
         if isinstance(assets, str):
             assets = [a for a in assets.split(",") if a]
@@ -541,7 +545,7 @@ class StacStore(Store):
             log.info("%s: output of run %s already in %s; not written again", item.id, run_key[:12], self.output)
             return done
         if not isinstance(image.geometry, GeoGeometry):
-            raise StoreError("only map rasters (GeoGeometry) can be written to a STAC catalog", item.id)
+            raise PermanentStoreError("only map rasters (GeoGeometry) can be written to a STAC catalog", item.id)
         out_id, folder, cog, item_json = self._paths(item, run_key)
         extras = dict(extras or {})
         for name, path in extras.items():
@@ -686,8 +690,30 @@ def _time_overlaps(it: Any, interval: tuple[_dt.datetime | None, _dt.datetime | 
     return (hi is None or start <= hi) and (lo is None or end >= lo)
 
 
+def catalog_path(output: str | os.PathLike[str]) -> Path:
+    """An output option (``catalog.json``, its folder, or a ``stac+file://`` URL of either) as
+    the output catalog's path."""
+    text = str(output)
+    if text.startswith("stac+file://"):
+        text = urlsplit(text).path
+    path = Path(os.path.expanduser(text))
+    return path if path.suffix.lower() == ".json" else path / "catalog.json"
+
+
+def _same_output(a: Any, a_label: str, b: Any, b_label: str, url: str) -> None:
+    """Two places naming the output catalog must name the same one (a folder = its catalog.json)."""
+    if a is None or b is None or str(a) == "" or str(b) == "":
+        return
+    if catalog_path(a).resolve() != catalog_path(b).resolve():
+        raise ConfigError(f"two different output catalogs: {a} ({a_label}) and {b} ({b_label}); "
+                          "give the output once, or the same path in both", redact_url(url))
+
+
 def from_url(url: str, *, output: str | os.PathLike[str] | None = None, **options: Any) -> StacStore:
-    """``open_store`` entry point: ``output`` is the output catalog (its folder or catalog.json)."""
+    """``open_store`` entry point: ``output`` (``--out``, ``store.output``) is the output catalog
+    (its folder or catalog.json); it must agree with the URL's ``?output=`` when both are given."""
     if output is not None:
+        _same_output(output, "--out / store.output", options.get("output"), "the output option", url)
+        _same_output(url_option(url, "output"), "?output= in the store URL", output, "--out / store.output", url)
         options["output"] = str(output)
     return StacStore.from_url(url, **options)

@@ -101,6 +101,58 @@ def test_reference_free_report(s2_result, tmp_path):
     assert "<figcaption>HR reference</figcaption>" not in text and "LR-consistency residual" in text
 
 
+def _as_landsat7(img: SpatialImage, source: str) -> SpatialImage:
+    """The S2 crop's blue/green/red/NIR bands under Landsat 7 ETM+ names (B1/B2/B3/B4)."""
+    from dataclasses import replace
+
+    return replace(img, band_names=("B1", "B2", "B3", "B4"),
+                   provenance={"source": source, "format": "raster", "reader": "raster"})
+
+
+def test_landsat7_composite_is_labelled_from_its_bands(s2_result, tmp_path):
+    """Landsat 7's B4/B3/B2 is NIR/red/green: its true colour is B3/B2/B1, and it says so."""
+    name = "/scenes/LE07_L1TP_016041_20200101_20200201_02_T1.tif"
+    sr, lr = (_as_landsat7(i, name) for i in (s2_result.sr, s2_result.lr))
+    res = audit_output(sr, lr, thresholds=AuditThresholds(tta="off"))
+    text = write_report(res, tmp_path, stem="l7")[0].read_text(encoding="utf-8")
+    check_html(text)
+    assert "true colour (B3/B2/B1), Landsat 4-7 TM/ETM+" in text
+    assert "true colour (B4/B3/B2)" not in text
+
+
+@pytest.mark.parametrize(("names", "kw", "shown", "label"), [
+    (("B02", "B03", "B04", "B08"), {}, "B04 B03 B02", "true colour (B04/B03/B02), Sentinel-2 MSI"),
+    (("B1", "B2", "B3", "B4", "B5", "B6_VCID_1", "B6_VCID_2", "B7", "B8"), {}, "B3 B2 B1",
+     "true colour (B3/B2/B1), Landsat 4-7 TM/ETM+"),
+    (("B2", "B3", "B4"), {"hints": ["LE07_L2SP_016041_20200101"]}, "B4 B3 B2",
+     "false colour NIR/red/green (B4/B3/B2), Landsat 4-7 TM/ETM+"),
+    (("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B7"), {"hints": ["landsat-7"]}, "SR_B3 SR_B2 SR_B1",
+     "true colour (SR_B3/SR_B2/SR_B1), Landsat 4-7 TM/ETM+"),
+    (("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B9", "B10", "B11"), {}, "B4 B3 B2",
+     "true colour (B4/B3/B2), Landsat 8/9 OLI"),
+    (("B2", "B3", "B4", "B5"), {"hints": ["LC08_L1TP_042034_20200101"]}, "B4 B3 B2",
+     "true colour (B4/B3/B2), Landsat 8/9 OLI"),
+    (("B2", "B3", "B4"), {}, "B4 B3 B2", "bands B4/B3/B2 as R/G/B (sensor unknown: not necessarily true colour)"),
+    (("a", "b", "c"), {"common": ["blue", "green", "red"]}, "c b a", "true colour (c/b/a)"),
+    (("x", "y", "z"), {"common": ["green", "red", "nir"]}, "z y x", "false colour NIR/red/green (z/y/x)"),
+    (("Red", "Green", "Blue"), {}, "Red Green Blue", "true colour (Red/Green/Blue)"),
+])
+def test_composite_labels_name_the_real_bands(names, kw, shown, label):
+    from domainsr.audit import figures as fg
+
+    sensor = fg.sensor_from_hints(kw.get("hints", []))
+    idx, text = fg.composite_bands(names, sensor, kw.get("common"))
+    assert text == label
+    assert [names[i] for i in idx] == shown.split()
+
+
+def test_no_composite_without_a_clue():
+    from domainsr.audit import figures as fg
+
+    assert fg.composite_bands(("B5", "B6", "B7")) is None
+    assert fg.sensor_from_hints(["/data/tm_free/olive_groves_s2x.tif", "landsat-c2-l2"]) is None
+
+
 def _volume_with_identifiers(block, source):
     template = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Johnathan"}]},
                 "00100020": {"vr": "LO", "Value": ["PID-778899"]},
@@ -160,6 +212,24 @@ def test_risk_map_is_written_on_the_output_grid(s2_result, mni_block, tmp_path, 
     assert np.allclose(back.data[0], res.risk, atol=1e-5)
     assert set(np.unique(back.data[1])) <= {0.0, 1.0, 2.0, 3.0, 4.0}
     assert np.array_equal(back.data[1] == 4, res.classes == 4)
+    if suffix == ".nii.gz":  # its header says what it holds, with the codes of the image it belongs to
+        import nibabel as nib
+
+        from domainsr.io.nifti import write_nifti
+
+        risk_hdr = nib.load(path).header
+        image_hdr = nib.load(write_nifti(res.sr, tmp_path / "sr.nii.gz")).header
+        assert nib.nifti1.intent_codes.label[int(risk_hdr["intent_code"])] == "estimate"
+        assert risk_hdr.get_intent()[2] == "risk;class" and b"risk" in bytes(risk_hdr["descrip"])
+        for key in ("sform_code", "qform_code"):
+            assert int(risk_hdr[key]) == int(image_hdr[key]) > 0
+        np.testing.assert_allclose(risk_hdr.get_sform(), image_hdr.get_sform(), atol=1e-5)
+        assert risk_hdr.get_xyzt_units()[0] == image_hdr.get_xyzt_units()[0] == "mm"
+    else:
+        import rasterio
+
+        with rasterio.open(path) as ds:
+            assert any(k.startswith("DOMAINSR_") for k in ds.tags())
 
 
 @pytest.mark.slow

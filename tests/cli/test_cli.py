@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from domainsr.cli import EXIT_INPUT, EXIT_OK, EXIT_PARTIAL, app
+from domainsr.cli import EXIT_AUDIT_FAIL, EXIT_INPUT, EXIT_OK, EXIT_PARTIAL, app
 from domainsr.io.nifti import read_nifti
 from domainsr.io.raster import read_raster
 
@@ -28,9 +28,9 @@ def test_enhance_outputs_skips_and_exit_codes(prefect_home, small_inputs, tmp_pa
     assert res.exit_code == EXIT_OK, res.output
     summary = _json(res.stdout)
     assert (summary["enhanced"], summary["failed"]) == (2, 0)
-    head_in, head_out = read_nifti(inputs / "head.nii.gz"), read_nifti(out / "head.nii.gz")
+    head_in, head_out = read_nifti(inputs / "head.nii.gz"), read_nifti(out / "head_sr.nii.gz")
     assert head_out.geometry.almost_equal(head_in.geometry.scaled(2))
-    assert read_raster(out / "field.tif").spatial_shape == (128, 144)
+    assert read_raster(out / "field_sr.tif").spatial_shape == (128, 144)
 
     (inputs / "cut.tif").write_bytes(b"II*\x00garbage")  # a truncated TIFF
     res = runner.invoke(app, args)
@@ -46,9 +46,9 @@ def test_enhance_with_progress_bars_and_a_config(prefect_home, small_inputs, tmp
     res = runner.invoke(app, ["enhance", str(small_inputs), "--config", str(cfg), "--out", str(tmp_path / "o")])
     assert res.exit_code == EXIT_OK, res.output
     assert "head-x2" in res.output and "enhanced" in res.output and "ETA" in res.output
-    out = read_nifti(tmp_path / "o" / "head.nii.gz")
-    assert out.spatial_shape == (64, 72, 28) and (tmp_path / "o" / "head.audit.html").exists()
-    assert not (tmp_path / "o" / "field.tif").exists()  # the query kept only NIfTI items
+    out = read_nifti(tmp_path / "o" / "head_sr.nii.gz")
+    assert out.spatial_shape == (64, 72, 28) and (tmp_path / "o" / "head_sr.audit.html").exists()
+    assert not (tmp_path / "o" / "field_sr.tif").exists()  # the query kept only NIfTI items
 
 
 @pytest.mark.parametrize("args, message", [
@@ -76,12 +76,12 @@ def test_audit_output_of_a_third_party_file(prefect_home, small_inputs, tmp_path
     sr = tmp_path / "sr"
     assert runner.invoke(app, ["enhance", str(small_inputs / "field.tif"), "--model", "lanczos", "--scale", "2",
                                "--out", str(sr), "--no-audit", "--no-progress"]).exit_code == EXIT_OK
-    res = runner.invoke(app, ["audit", "output", str(sr / "field.tif"), str(small_inputs / "field.tif"),
+    res = runner.invoke(app, ["audit", "output", str(sr / "field_sr.tif"), str(small_inputs / "field.tif"),
                               "--out", str(tmp_path / "audit"), "--json"])
-    assert res.exit_code in (EXIT_OK, EXIT_PARTIAL), res.output
+    assert res.exit_code in (EXIT_OK, EXIT_AUDIT_FAIL), res.output
     (row,) = _json(res.stdout)["audits"]
     assert row["verdict"] in ("pass", "review", "fail") and Path(row["html"]).is_file()
-    assert res.exit_code == (EXIT_PARTIAL if row["verdict"] == "fail" else EXIT_OK)
+    assert res.exit_code == (EXIT_AUDIT_FAIL if row["verdict"] == "fail" else EXIT_OK)
 
 
 def test_models_and_schedules():
@@ -125,9 +125,9 @@ def _fake_checkpoint(folder: Path, name: str) -> None:
 def test_demo_uses_shipped_checkpoints_else_falls_back_with_a_warning(sample_data, tmp_path, monkeypatch):
     from domainsr import demo
     from domainsr.config import load_enhance_config
-    from domainsr.models import checkpoints
+    from domainsr.models import names
 
-    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(names, "SHIPPED_DIR", tmp_path / "shipped")
     monkeypatch.setenv("DOMAINSR_CHECKPOINTS", str(tmp_path / "user"))
     runs, warnings = demo.demo_runs(tmp_path / "demo", sample_data)
     assert len(warnings) == 2 and all("bicubic" in w for w in warnings)
@@ -153,9 +153,9 @@ def test_train_usage_and_config_errors_exit_2(prefect_home, tmp_path):
 
 
 def test_models_list_shows_installed_checkpoints(tmp_path, monkeypatch):
-    from domainsr.models import checkpoints
+    from domainsr.models import names
 
-    monkeypatch.setattr(checkpoints, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(names, "SHIPPED_DIR", tmp_path / "shipped")
     monkeypatch.setenv("DOMAINSR_CHECKPOINTS", str(tmp_path / "user"))
     _fake_checkpoint(tmp_path / "user", "my_s2_model")
     res = runner.invoke(app, ["models", "list", "--json"])

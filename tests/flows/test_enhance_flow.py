@@ -44,9 +44,9 @@ def test_mixed_folder_end_to_end(first_run, mixed_folder):
     assert bad["status"] == "failed" and bad["error"] == "InputError" and "broken.nii.gz" in bad["message"]
 
     # NIfTI -> NIfTI on the x2 grid of the same extent
-    src, dst = read_nifti(mixed_folder / "brain.nii.gz"), read_nifti(out / "brain.nii.gz")
+    src, dst = read_nifti(mixed_folder / "brain.nii.gz"), read_nifti(out / "brain_sr.nii.gz")
     assert dst.spatial_shape == (80, 88, 64) and dst.geometry.almost_equal(src.geometry.scaled(2))
-    assert nib.load(out / "brain.nii.gz").get_data_dtype() == np.uint8
+    assert nib.load(out / "brain_sr.nii.gz").get_data_dtype() == np.uint8
     # DICOM series -> derived DICOM series, new series UID, geometry of the x2 grid
     mr = next(r for k, r in rows.items() if k.startswith("mr-"))
     src_s, dst_s = read_dicom_series(mixed_folder / "series"), read_dicom_series(mr["output"])
@@ -54,10 +54,10 @@ def test_mixed_folder_end_to_end(first_run, mixed_folder):
     assert dst_s.geometry.almost_equal(src_s.geometry.scaled(2), atol=1e-3)
     assert dst_s.meta["dicom"]["series_instance_uid"] != src_s.meta["dicom"]["series_instance_uid"]
     # GeoTIFF -> COG with the CRS and the x2 geotransform, bands and dtype kept
-    src_r, dst_r = read_raster(mixed_folder / "scene.tif"), read_raster(out / "scene.tif")
+    src_r, dst_r = read_raster(mixed_folder / "scene.tif"), read_raster(out / "scene_sr.tif")
     assert dst_r.geometry.crs == src_r.geometry.crs and dst_r.geometry.almost_equal(src_r.geometry.scaled(2))
     assert dst_r.band_names == ("B02", "B03", "B04", "B08") and dst_r.data.dtype == np.uint16
-    with rasterio.open(out / "scene.tif") as ds:
+    with rasterio.open(out / "scene_sr.tif") as ds:
         assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"  # a cloud-optimised GeoTIFF
 
     # each output: an audit report (HTML + JSON), a risk map on the output grid, provenance last

@@ -39,7 +39,7 @@ def test_output_root_is_fenced(tmp_path):
         with pytest.raises(StoreError):
             store.output_path(Item(id=bad, uri="x", kind="nifti"))
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "trap.tif").symlink_to(tmp_path / "elsewhere.tif")
+    (tmp_path / "out" / "trap_sr.tif").symlink_to(tmp_path / "elsewhere.tif")
     with pytest.raises(StoreError, match="outside"):
         store.output_path(Item(id="trap", uri="x", kind="raster"))
 
@@ -52,24 +52,24 @@ def test_outputs_keep_format_and_provenance_decides_done(sample_data, tmp_path):
     store = LocalStore(src, tmp_path / "out")
     items = {i.id: i for i in store.list_items()}
     nii, tif = items["head"], items["tile"]
-    assert store.output_path(nii).name == "head.nii" and store.output_path(tif).name == "tile.tif"
+    assert store.output_path(nii).name == "head_sr.nii" and store.output_path(tif).name == "tile_sr.tif"
 
     img = store.read(tif)
     report = tmp_path / "report.html"
     report.write_text("<html>audit</html>")
     res = store.write(tif, img, "key-1", extras={"audit.html": report})
-    assert res.extras == {"audit.html": str(tmp_path / "out" / "tile.audit.html")}
+    assert res.extras == {"audit.html": str(tmp_path / "out" / "tile_sr.audit.html")}
     prov = json.loads(store.provenance_path(tif).read_text())
-    assert prov["run_key"] == "key-1" and prov["complete"] and prov["output"] == "tile.tif"
+    assert prov["run_key"] == "key-1" and prov["complete"] and prov["output"] == "tile_sr.tif"
     assert store.existing(tif, "key-1") == res and store.existing(tif, "key-2") is None
     assert store.existing(nii, "key-1") is None
 
     # an output without its provenance file (a crash before the end) is not done
     store.provenance_path(tif).unlink()
-    assert (tmp_path / "out" / "tile.tif").exists() and store.existing(tif, "key-1") is None
+    assert (tmp_path / "out" / "tile_sr.tif").exists() and store.existing(tif, "key-1") is None
     # nor is one whose extras went missing
     store.write(tif, img, "key-1", extras={"audit.html": report})
-    (tmp_path / "out" / "tile.audit.html").unlink()
+    (tmp_path / "out" / "tile_sr.audit.html").unlink()
     assert store.existing(tif, "key-1") is None
     # no temporary siblings are left behind
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
@@ -165,7 +165,7 @@ def test_a_forced_output_format_that_cannot_fit_is_refused(sample_data, tmp_path
     write_geotiff_crop(sample_data, tmp_path / "in" / "tile.tif")
     store = LocalStore(tmp_path / "in", tmp_path / "out", output_format="dicom")
     (item,) = store.list_items()
-    assert store.output_path(item).name == "tile"
+    assert store.output_path(item).name == "tile_sr"
     with pytest.raises(ConfigError, match="DICOM input"):
         store.write(item, store.read(item), "k")
     assert not (tmp_path / "out").exists()

@@ -99,7 +99,7 @@ def test_item_time_limit_stops_the_engine(sample_data, tmp_path):
     spec = pipeline.plan_run(_cfg(runner={"item_timeout_s": 1e-6}, run_audit=False))
     with pytest.raises(ResourceLimitError, match="time limit"):
         pipeline.enhance_item(store, item, spec)
-    assert not (tmp_path / "out" / "scene.tif").exists()
+    assert not (tmp_path / "out" / "scene_sr.tif").exists()
 
 
 def test_only_transient_errors_are_retried():

@@ -69,3 +69,30 @@ def test_errors_name_the_model_and_the_problem():
         build_model("rescnn", spatial_dims=2, in_channels=3, scale=2, out_channels=1)
     with pytest.raises(ModelError, match="already registered"):
         registry.register_model(get_spec("cubic"))
+
+
+def test_baselines_answer_to_their_usual_names():
+    from domainsr.config import ModelRef
+    from domainsr.pipeline import model_identity
+
+    assert get_spec("bicubic").name == "cubic" and get_spec("tricubic").name == "cubic"
+    assert get_spec("bilinear").name == "linear" and get_spec("trilinear").name == "linear"
+    assert get_spec("cubic").aliases == ("bicubic", "tricubic") and get_spec("cubic").summary()["aliases"]
+    net = build_model("trilinear", spatial_dims=3, in_channels=1, scale=2)
+    assert net.method == "linear" and net.scale == (2, 2, 2)
+    # the same model under another name is the same run: its outputs are not made twice
+    assert model_identity(ModelRef(name="bicubic", scale=2)) == model_identity(ModelRef(name="cubic", scale=2))
+    with pytest.raises(ModelError, match="already registered"):
+        registry.register_model(ModelSpec("bicubic", "baseline", "domainsr.models.baselines:cubic", (2,), "dup"))
+
+
+def test_unknown_names_get_the_closest_model_or_checkpoint():
+    from domainsr.models.names import check_model
+
+    with pytest.raises(ModelError, match="did you mean cubic"):
+        check_model("cubc", 2)
+    with pytest.raises(ModelError, match="did you mean mri-t1-x2"):
+        check_model("mri_t1_x3")
+    with pytest.raises(ModelError, match="registered: .*cubic"):
+        check_model("zzzzzz", 2)
+    assert check_model("mri_t1_x2") == "checkpoint" and check_model("bilinear", 2) == "registry"

@@ -141,8 +141,8 @@ def _visible(out: Path, pattern: str) -> list[Path]:
 
 
 def _done(out: Path) -> dict[str, Path]:
-    """Items whose provenance file (written last) exists: item id -> output."""
-    return {p.name[: -len(".tif" + PROVENANCE_SUFFIX)]: p.with_name(p.name[: -len(PROVENANCE_SUFFIX)])
+    """Items whose provenance file (written last) exists: item id -> output (``<id>_sr.tif``)."""
+    return {p.name[: -len("_sr.tif" + PROVENANCE_SUFFIX)]: p.with_name(p.name[: -len(PROVENANCE_SUFFIX)])
             for p in _visible(out, f"*.tif{PROVENANCE_SUFFIX}")}
 
 
@@ -200,7 +200,7 @@ def test_worker_killed_mid_write_and_mid_batch_then_rerun_completes_every_item_o
     tally("items checked after faults", len(reference))
     tally("items lost", len(lost))
     assert not lost
-    expected = {f"{i}{end}" for i in reference
+    expected = {f"{i}_sr{end}" for i in reference
                 for end in (".tif", f".tif{PROVENANCE_SUFFIX}", ".audit.html", ".audit.json", ".risk.tif")}
     assert {p.name for p in _visible(out, "*")} == expected  # one of each, nothing else
     for item, (ino, mtime) in stamps.items():  # not rewritten: complete exactly once

@@ -35,6 +35,23 @@ def test_a_raster_over_the_budget_is_streamed_to_the_same_pixels(small_geotiff, 
     np.testing.assert_array_equal(read_raster(streamed.output).data, read_raster(whole.output).data)
 
 
+def test_a_streamed_raster_keeps_the_band_map_names(tmp_path):
+    import rasterio
+
+    src = tmp_path / "undescribed.tif"
+    data = np.random.default_rng(0).integers(0, 4000, (2, 40, 36), dtype=np.uint16)
+    with rasterio.open(src, "w", driver="GTiff", width=36, height=40, count=2, dtype="uint16",
+                       crs="EPSG:32633", transform=rasterio.Affine(10, 0, 500000, 0, -10, 4000000)) as ds:
+        ds.write(data)
+    cfg = pipeline.config_from_model("cubic", 2).model_copy(update={"run_audit": False, "band_map": {1: "B04", 2: "B08"}})
+    budget = pipeline.job_bytes(2, (40, 36), 2) // 2
+    cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"memory_budget_gb": budget / GIB})})
+    store = LocalStore([str(src)], output=str(tmp_path / "out"))
+    result = pipeline.enhance_item(store, store.list_items()[0], pipeline.plan_run(cfg))
+    assert "streamed" in result.message
+    assert read_raster(result.output).band_names == ("B04", "B08")
+
+
 def test_a_volume_whose_output_would_not_fit_is_refused_before_any_work(small_nifti, tmp_path):
     store = LocalStore([str(small_nifti)], output=str(tmp_path / "out"))
     item = store.list_items()[0]

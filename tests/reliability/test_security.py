@@ -36,7 +36,7 @@ def test_output_names_escaping_the_root_are_refused(store, item_id):
 
 def test_safe_name_lands_inside_the_root(store, tmp_path):
     out = store.output_path(Item(id="scene_1", uri="x.tif", kind="raster"))
-    assert out == (tmp_path / "out").resolve() / "scene_1.tif"
+    assert out == (tmp_path / "out").resolve() / "scene_1_sr.tif"
 
 
 @pytest.mark.parametrize("label", ["../audit.html", "/tmp/x", "a/b"])
@@ -48,7 +48,7 @@ def test_extra_labels_escaping_the_root_are_refused(store, tmp_path, label):
     src.write_text("<html></html>")
     with pytest.raises(StoreError):
         store.commit(item, "run1", extras={label: src})
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scene_1.tif"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scene_1_sr.tif"]
     assert not (tmp_path / "audit.html").exists()
 
 
@@ -56,7 +56,7 @@ def test_symlink_in_output_root_pointing_outside_is_refused(store, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (tmp_path / "out").mkdir()
-    os.symlink(outside / "scene_1.tif", tmp_path / "out" / "scene_1.tif")
+    os.symlink(outside / "scene_1_sr.tif", tmp_path / "out" / "scene_1_sr.tif")
     with pytest.raises(StoreError, match="outside"):
         store.output_path(Item(id="scene_1", uri="x.tif", kind="raster"))
 

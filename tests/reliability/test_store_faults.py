@@ -72,9 +72,9 @@ def test_transient_store_failures_are_retried_until_complete_exactly_once(prefec
     assert store.calls["read", "broken"] == 1, "a bad input is not retried"
     assert store.calls["read", "calm"] == 1
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"{i}.tif{end}" for i in ("busy", "hiccup", "late", "calm") for end in ("", PROVENANCE_SUFFIX))
+    assert names == sorted(f"{i}_sr.tif{end}" for i in ("busy", "hiccup", "late", "calm") for end in ("", PROVENANCE_SUFFIX))
     tally("items checked after faults", 4)
     tally("items lost", 4 - sum(store.existing(i, spec.run_key) is not None for i in items))
-    expect = np.asarray(read_raster(out / "calm.tif").data)
+    expect = np.asarray(read_raster(out / "calm_sr.tif").data)
     for name in ("busy", "hiccup", "late"):  # a retried item equals one that never failed
-        np.testing.assert_array_equal(np.asarray(read_raster(out / f"{name}.tif").data), expect)
+        np.testing.assert_array_equal(np.asarray(read_raster(out / f"{name}_sr.tif").data), expect)

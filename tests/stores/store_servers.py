@@ -38,18 +38,20 @@ def closed_port() -> int:
 @dataclass
 class Failures:
     """Let ``skip`` matching requests through, then answer the next ``count`` of them with
-    ``status`` instead of serving them."""
+    ``status`` (and ``headers``, e.g. ``Retry-After``) instead of serving them."""
 
     count: int = 0
     status: int = 503
     methods: tuple[str, ...] = ("GET", "HEAD", "POST")
     skip: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set(self, count: int, methods: tuple[str, ...] = ("GET", "HEAD", "POST"), skip: int = 0,
-            status: int = 503) -> None:
+            status: int = 503, headers: dict[str, str] | None = None) -> None:
         with self.lock:
             self.count, self.methods, self.skip, self.status = count, methods, skip, status
+            self.headers = dict(headers or {})
 
     def take(self, method: str) -> int | None:
         with self.lock:
@@ -74,8 +76,15 @@ class _RangeHandler(SimpleHTTPRequestHandler):
     def _gate(self) -> bool:
         self.server.record(self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization"))
         status = self.server.failures.take(self.command)
-        if status is not None:
+        if status is not None and not self.server.failures.headers:
             self.send_error(status, "injected failure")
+            return False
+        if status is not None:
+            self.send_response(status, "injected failure")
+            for k, v in self.server.failures.headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return False
         if self.server.credentials and self.headers.get("Authorization") != self.server.credentials:
             self.send_response(401)
@@ -195,6 +204,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         status = self.server.failures.take(self.command)
         if status is not None:
             self.send_response(status)
+            for k, v in self.server.failures.headers.items():
+                self.send_header(k, v)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -320,6 +331,83 @@ class StacApiServer(ThreadingHTTPServer):
                            "method": "POST"}]}
 
     def __enter__(self) -> StacApiServer:  # noqa: PYI034
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+# ------------------------------------------------------------------------------- QIDO-RS fake
+
+MORE_RESULTS = ('299 {+service}: "The number of results exceeded the maximum supported by the server. '
+                'Additional results can be requested."')
+
+
+def qido_series(n: int, start: int = 0) -> list[dict[str, Any]]:
+    """``n`` series (or instance) records in DICOM JSON, UIDs numbered from ``start``."""
+    return [{"0020000D": {"vr": "UI", "Value": ["1.2.3.4"]},
+             "0020000E": {"vr": "UI", "Value": [f"1.2.3.4.{start + i}"]},
+             "00080018": {"vr": "UI", "Value": [f"1.2.3.4.{start + i}.1"]},
+             "00080060": {"vr": "CS", "Value": ["MR"]}, "00080020": {"vr": "DA", "Value": ["20240101"]},
+             "00201209": {"vr": "IS", "Value": [1]}, "00080008": {"vr": "CS", "Value": ["ORIGINAL"]}}
+            for i in range(n)]
+
+
+class _QidoHandler(BaseHTTPRequestHandler):
+    server: QidoServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(self.path)
+        offset = int(parse_qs(parts.query).get("offset", ["0"])[0])
+        self.server.offsets.append(offset)
+        if parts.path.endswith("/metadata"):
+            page, warning = [{}], None
+        else:
+            page, warning = self.server.page(offset)
+        body = json.dumps(page).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        if warning:
+            self.send_header("Warning", warning)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class QidoServer(ThreadingHTTPServer):
+    """A QIDO-RS server over ``total`` series (``None``: endless), ``limit`` per answer.
+
+    ``ignore_offset``: every answer is the first page; ``warning``: the ``Warning`` header of a
+    truncated answer (``always_warn``: of every answer). ``offsets`` lists each request's offset."""
+
+    daemon_threads = True
+
+    def __init__(self, total: int | None, limit: int = 100, *, ignore_offset: bool = False,
+                 warning: str = MORE_RESULTS, always_warn: bool = False) -> None:
+        super().__init__(("127.0.0.1", 0), _QidoHandler)
+        self.total, self.limit, self.ignore_offset = total, limit, ignore_offset
+        self.warning, self.always_warn = warning, always_warn
+        self.offsets: list[int] = []
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def page(self, offset: int) -> tuple[list[dict[str, Any]], str | None]:
+        start = 0 if self.ignore_offset else offset
+        left = self.limit if self.total is None else max(0, min(self.limit, self.total - start))
+        truncated = self.total is None or start + left < self.total
+        return qido_series(left, start), self.warning if truncated or self.always_warn else None
+
+    @property
+    def url(self) -> str:
+        return f"dicomweb+http://127.0.0.1:{self.server_address[1]}/dicom-web"
+
+    def __enter__(self) -> QidoServer:  # noqa: PYI034
         self.thread.start()
         return self
 

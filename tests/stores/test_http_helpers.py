@@ -1,5 +1,6 @@
 """Shared store helpers: URL options and redaction, secrets from env / Prefect blocks, retries
-with backoff, what counts as transient, credentials only for the store's own origin."""
+with backoff, what counts as transient (re-exported from domainsr.retry: the full table and the
+jitter / Retry-After checks are in test_retries.py), credentials only for the store's own origin."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ import requests
 from store_servers import RangeServer, closed_port
 
 from domainsr.errors import ConfigError, InputError, StoreError
+from domainsr.retry import PermanentStoreError
 from domainsr.stores.http import (
     HttpAuth,
     RetryPolicy,
@@ -93,14 +95,6 @@ def test_http_auth_defaults_from_environment_and_hides_secrets(monkeypatch):
     assert HttpAuth.from_options({}, "NONE").header() is None
 
 
-def test_retry_policy_backoff_is_exponential_and_bounded():
-    p = RetryPolicy(tries=6, base_delay=0.5, factor=2, max_delay=3)
-    assert [p.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-    assert RetryPolicy.from_options({"retries": "4", "backoff": "0.1"}) == RetryPolicy(tries=4, base_delay=0.1)
-    with pytest.raises(ConfigError):
-        RetryPolicy(tries=0)
-
-
 def _http_error(status: int) -> requests.HTTPError:
     response = requests.Response()
     response.status_code = status
@@ -133,7 +127,7 @@ def test_call_with_retries_backs_off_then_fails_clearly(caplog):
         return "ok"
 
     url = "dicomweb+http://h:1/dw?password=env:P"
-    policy = RetryPolicy(tries=3, base_delay=0.2)
+    policy = RetryPolicy(tries=3, base_delay=0.2, jitter=0)
     assert call_with_retries(flaky, what="query", url=url, policy=policy, sleep=waits.append) == "ok"
     assert waits == [0.2, 0.4] and len(calls) == 3
 
@@ -143,9 +137,10 @@ def test_call_with_retries_backs_off_then_fails_clearly(caplog):
                           policy=policy, sleep=waits.append)
     assert waits == [0.2, 0.4]
     assert str(err.value).startswith("dicomweb+http://h:1/dw?password=***: query failed after 3 tries")
+    assert "retry 2 of 2 in 0.40 s" in caplog.text and "env:P" not in caplog.text
 
     waits.clear()
-    with pytest.raises(StoreError, match="query failed: HTTP 403 Forbidden"):
+    with pytest.raises(PermanentStoreError, match="query failed: HTTP 403 Forbidden"):
         call_with_retries(lambda: (_ for _ in ()).throw(_http_error(403)), what="query", url=url,
                           policy=policy, sleep=waits.append)
     assert waits == []  # permanent errors are not retried

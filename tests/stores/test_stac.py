@@ -365,3 +365,66 @@ def test_enhance_flow_against_stac(stac_server, tmp_path, offline_validation, pr
     second = flows.enhance_flow(config=str(config))
     assert (second["enhanced"], second["skipped"]) == (0, 2)
     assert len(list(pystac.Catalog.from_file(str(out / "catalog.json")).get_items())) == 2
+
+
+# ------------------------------------------------------------------------ output= and --out
+
+def test_output_option_of_a_file_url_is_honoured(stac_catalog, tmp_path, offline_validation):
+    """``?output=`` is where outputs go (it used to be replaced by a keyword default); a served
+    catalog is readable by others under the usual umask."""
+    import os
+
+    from domainsr.stores import open_store
+
+    wanted = tmp_path / "served" / "catalog.json"
+    url = f"stac+file://{stac_catalog}?output={wanted}&assets=B02,B03"
+    assert open_store(url).output == wanted
+    assert open_store(url, default_output=str(tmp_path / "out")).output == wanted  # a default yields
+    assert open_store(url, output=str(wanted.parent)).output == wanted  # the same catalog given twice
+    assert open_store(f"stac+file://{stac_catalog}", default_output=str(tmp_path / "out")).output == \
+        tmp_path / "out" / "catalog.json"
+    store = open_store(url)
+    item = store.list_items({"ids": "s2-crop-b"})[0]
+    old = os.umask(0o022)
+    try:
+        result = store.write(item, enhance(store.read(item)), "run-output")
+    finally:
+        os.umask(old)
+    assert Path(result.uri).parent.parent == wanted.parent
+    assert pystac.Catalog.from_file(str(wanted)).validate_all() == 1
+    assert not (stac_catalog.parent / "domainsr-output").exists()
+    assert Path(result.uri).parent.stat().st_mode & 0o777 == 0o755
+    assert Path(result.uri).stat().st_mode & 0o777 == 0o644 and wanted.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("how", ["open_store", "from_url", "config"])
+def test_output_option_contradicting_out_is_refused(stac_catalog, tmp_path, how):
+    from domainsr.config import StoreConfig
+    from domainsr.stores import open_store
+
+    url_out, out = tmp_path / "a" / "catalog.json", tmp_path / "b"
+    url = f"stac+file://{stac_catalog}?output={url_out}"
+    with pytest.raises(ConfigError) as err:
+        if how == "open_store":
+            open_store(url, output=str(out))
+        elif how == "from_url":
+            StacStore.from_url(url, output=str(out))
+        else:
+            open_store(StoreConfig(input=url, output=str(out)))
+    text = str(err.value)
+    assert str(url_out) in text and str(out) in text and "?output=" in text
+    assert not url_out.parent.exists() and not out.exists()
+
+
+def test_output_option_reaches_the_enhance_run(stac_catalog, tmp_path, monkeypatch):
+    """Through the CLI's run builder: ``?output=`` with no ``--out`` is where outputs go (the task
+    config's default output folder used to win), and ``--out`` elsewhere is refused."""
+    from flows.enhance import build_run
+
+    monkeypatch.chdir(tmp_path)
+    wanted = tmp_path / "served" / "catalog.json"
+    url = f"stac+file://{stac_catalog}?output={wanted}"
+    _, store = build_run(inputs=[url], model="cubic", scale="2")
+    assert store.output == wanted
+    with pytest.raises(ConfigError, match=r"\?output="):
+        build_run(inputs=[url], model="cubic", scale="2", out=str(tmp_path / "elsewhere"))
