@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.domainsr-installed
 TORCH  ?= torch==2.13.0
+# spandrel (third-party SR weights) without its declared torchvision: see pyproject's `weights` extra
+SPANDREL ?= spandrel==0.4.2
 
 .PHONY: install data services demo test test-fast bench lint clean
 
@@ -16,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps $(SPANDREL)
 	touch $(STAMP)
 
 data: install

@@ -6,7 +6,7 @@ never saw, against the interpolation baselines, with its inference speed.
     .venv/bin/python benchmarks/quality.py --models mri-t1-x2 --quick
 
 Protocol (the trainer's final test evaluation, :mod:`domainsr.train.trainer`): the card's held-out
-``test`` region of its training source (``audit.protocol.heldout_region``) is degraded *as a
+``test`` region of its training source (``audit.heldout_region``) is degraded *as a
 whole* with the card's degradation, **with its noise**, seeded as the trainer seeds its test pair
 (``(card.training.seed + 2, 0x5EED)``), so direct models reproduce their card's test figures.
 The output of the patch engine (2 threads, CPU) and of each interpolation (nearest, linear =
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from domainsr.audit.protocol import crop_to_multiple, heldout_region
+from domainsr.audit import crop_to_multiple, heldout_region
 from domainsr.degrade import build_degradation, primary_spec
 from domainsr.engine import PatchInferer
 from domainsr.image import SpatialImage
@@ -56,7 +56,9 @@ from domainsr.models import build_model
 from domainsr.models.checkpoints import ModelCard, load_checkpoint, read_card, resolve_checkpoint
 from domainsr.models.guided import guided_bands, is_guided
 from domainsr.train.datasets import EvalPair
-from domainsr.train.trainer import _border, _foreground, score, source_path
+from domainsr.train.regions import foreground
+from domainsr.train.scoring import border, score
+from domainsr.train.sources import source_path
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -122,7 +124,7 @@ def evaluate(case: Case) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     lr_px = sum(int(np.prod(p.lr.shape[1:])) for p in case.pairs)
     cands = {"model": outs, **{b: [interpolate(b, p.lr, case.scale) for p in case.pairs] for b in BASELINES}}
-    masks = [_border(p, case.scale) for p in case.pairs]
+    masks = [border(p, case.scale) for p in case.pairs]
     for name, o in cands.items():
         psnr, ssim, rng, n = score(o, case.pairs, case.scale)
         ge = float(np.average([grad_energy(x, p.hr, m) for x, p, m in zip(o, case.pairs, masks)],
@@ -183,7 +185,7 @@ def direct_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: Any
     ref = crop_to_multiple(ref, scale)
     hr = np.ascontiguousarray(ref.data, np.float32)
     lr = np.asarray(degradation(hr, rng), np.float32)
-    _, fg = _foreground(ref, hr, BACKGROUND.get(card.domain))
+    _, fg = foreground(ref, hr, BACKGROUND.get(card.domain))
     with torch.inference_mode():
         module.prepare(_lr_image(ref, lr, scale))  # per-image normalisation from the input, as the pipeline
     inferer = _inferer(module)
@@ -206,7 +208,7 @@ def slicewise_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: 
     module, _ = load_checkpoint(path)
     planes = _planes(card)
     s = int(card.scale[1])
-    _, fg_all = _foreground(ref, np.asarray(ref.data, np.float32), BACKGROUND.get(card.domain))
+    _, fg_all = foreground(ref, np.asarray(ref.data, np.float32), BACKGROUND.get(card.domain))
     slice_axes = {p[1] for p in planes}
     if len(slice_axes) == 1:  # a volume: the shipped 3D application
         axis = slice_axes.pop()
@@ -216,7 +218,7 @@ def slicewise_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: 
         hr = np.ascontiguousarray(ref.data, np.float32)
         planes_hr = np.moveaxis(hr, 1 + other, 0)  # (n, C, a, b) with the plane's axes in order
         lr = np.moveaxis(np.stack([np.asarray(degradation(p, rng), np.float32) for p in planes_hr]), 0, 1 + other)
-        _, fg = _foreground(ref, hr, BACKGROUND.get(card.domain))
+        _, fg = foreground(ref, hr, BACKGROUND.get(card.domain))
         with torch.inference_mode():
             module.prepare(_lr_image(ref, lr, scale))
         inferer = _inferer(slicewise_module(module, axis))
@@ -246,7 +248,8 @@ def guided_case(card: ModelCard, path: Path, quick: bool) -> Case:
     from domainsr.engine.guided import guided_inferer, guided_inputs, run_guided
     from domainsr.models.guided import load_guided_checkpoint
     from domainsr.train.datasets import Region
-    from domainsr.train.guided import _on_lr_grid, guided_eval_pair
+    from domainsr.train.guided import guided_eval_pair
+    from domainsr.train.regions import on_lr_grid
 
     model, _ = load_guided_checkpoint(str(path))
     target, guide = guided_bands(card)
@@ -267,9 +270,9 @@ def guided_case(card: ModelCard, path: Path, quick: bool) -> Case:
         gdata = np.take(gdata, range(c0 * scale[other], (c0 + n) * scale[other]), axis=1 + other)
         t_img = t_img.derive(data, geometry=t_img.geometry.cropped([c0 if a == other else 0 for a in range(2)],
                                                                     list(data.shape[1:])), mask=None)
-    valid_t, _ = _foreground(t_img, data, None)
+    valid_t, _ = foreground(t_img, data, None)
     ok_g = np.all(np.isfinite(gdata), axis=0)
-    valid = valid_t & _on_lr_grid(ok_g, scale)
+    valid = valid_t & on_lr_grid(ok_g, scale)
     deg = card.degradation
     pair = guided_eval_pair(data, gdata, Region("test", axis, int(start), int(stop)), scale=scale,
                             degradation=build_degradation(deg["target"]),

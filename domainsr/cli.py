@@ -11,6 +11,10 @@ Exit codes (stable, for scripts and schedulers; :data:`EXIT_CODES`, docs/cli.md)
 failed or were refused, the others are done; 2 usage, config or input error found before any work
 (nothing done; also: no images found); 3 internal error (a bug); 4 an audit verdict is FAIL (wins
 over 1: outputs were written and one of them must not be trusted); 130 interrupted.
+
+Size: one Typer application. Every command is a thin wrapper (options, help, usage checks before
+any work, exit codes) over :mod:`domainsr.app` and the flows; the option types and exit-code rules
+they share would be scattered by a split per command.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,6 +32,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from domainsr.errors import ConfigError, DomainSRError, InputError
+
+if TYPE_CHECKING:
+    from domainsr.audit import AuditOutcome
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL, EXIT_AUDIT_FAIL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_INPUT = EXIT_USAGE  # the name this code had first
@@ -234,6 +241,41 @@ def _check_enhance(inputs: list[str] | None, config: Path | None, model: str | N
     _check_out(out)
 
 
+def model_reference(model: str | None, input_range: str | None) -> str | None:
+    """``--model`` as the flow takes it: third-party weights carry ``--input-range`` along
+    (``FILE.pth?input_range=LO,HI``); an untrained registry architecture gets a loud warning."""
+    from domainsr.models.names import is_weights_file
+
+    if model is None or not is_weights_file(model):
+        if input_range is not None:
+            fail(ConfigError("--input-range applies to third-party weights (--model FILE.pth) only"))
+        if model is not None:
+            warn_untrained(model)
+        return model
+    if input_range is None:
+        return model
+    from domainsr.models.weights import parse_range
+
+    lo, hi = _checked(lambda: parse_range(input_range))
+    return f"{model}?input_range={lo!r},{hi!r}"
+
+
+def warn_untrained(model: str) -> None:
+    from domainsr.models.names import is_checkpoint
+    from domainsr.models.registry import get_spec
+
+    if is_checkpoint(model):
+        return
+    try:
+        spec = get_spec(model)
+    except DomainSRError:
+        return
+    if spec.weights == "untrained":
+        say_error(f"{spec.name} is an untrained architecture (random weights): its output is not "
+                  "super-resolution. Use a trained checkpoint or your own weights (--model FILE.pth); "
+                  "see `domainsr models list`", label="warning")
+
+
 def _safe_suffix(suffix: str) -> bool:
     import re
 
@@ -363,8 +405,13 @@ def enhance(
         "--config", "-c", help="Task config (configs/*.yaml): model, bands, tiling, audit, store, "
         "runner.")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", "-m", help="Instead of --config: a checkpoint (e.g. mri_t1_x2, or a path to its .json) "
-        "or a registered model (e.g. cubic, alias bicubic); see `domainsr models list`.")] = None,
+        "--model", "-m", help="Instead of --config: a checkpoint (e.g. mri_t1_x2, or a path to its .json), "
+        "a registered model (e.g. cubic, alias bicubic; see `domainsr models list`), or third-party SR "
+        "weights (FILE.pth / .safetensors: ESRGAN, Real-ESRGAN, SwinIR, HAT, SPAN, ... via spandrel).")] = None,
+    input_range: Annotated[str | None, typer.Option(
+        "--input-range", help="With --model FILE.pth: the input values LO,HI that map to the weights' 0..1 "
+        "(needed for multispectral and medical images; 8/16-bit RGB or grey files default to their "
+        "dtype range; a FILE.pth.card.json beside the weights may give it).")] = None,
     scale: Annotated[str | None, typer.Option(
         "--scale", "-s", help="Scale factor: 2, or one per axis (1,1,4 = 4x thinner slices). Needed for "
         "registered models.")] = None,
@@ -408,6 +455,7 @@ def enhance(
       domainsr enhance --config configs/sentinel2_x2.yaml scene_folder/ --out out/
     """
     _check_enhance(inputs, config, model, scale, runner, band_map, suffix, out)
+    model = model_reference(model, input_range)
     from flows.enhance import enhance_flow
 
     with progress_bars(progress and not as_json):
@@ -481,14 +529,21 @@ def _audit_settings(config: Path | None) -> dict[str, Any]:
     return _checked(lambda: load_enhance_config(config).audit)
 
 
+def _audit_outcomes(data: dict[str, Any]) -> list[AuditOutcome]:
+    """The audit flow's rows as :class:`~domainsr.audit.AuditOutcome`."""
+    from domainsr.audit import AuditOutcome
+
+    return [AuditOutcome.model_validate(row) for row in data["audits"]]
+
+
 def _show_audits(data: dict[str, Any]) -> None:
     """One line per audit: what was audited, the verdict with its reasons and the report path
     (and the PSNR gain over interpolation of a held-out audit); then the audits that could not run."""
-    for r in data["audits"]:
-        gain = r.get("psnr_gain_db")
+    for o in _audit_outcomes(data):
+        gain = None if o.psnr is None else o.psnr.gain_mean
         numbers = "" if gain is None else f", PSNR gain {gain:+.2f} dB"
-        _line(f"  {escape(r.get('reference') or r.get('sr', ''))}: {r['regions']} region(s){numbers}")
-        _line(f"    {_verdict_text(r['verdict'], r.get('reasons') or [], r['html'])}")
+        _line(f"  {escape(o.reference or o.sr or '')}: {o.regions} region(s){numbers}")
+        _line(f"    {_verdict_text(o.verdict, o.reasons, o.html)}")
     for e in data["errors"]:
         say_error(e, "failed")
 
@@ -496,7 +551,7 @@ def _show_audits(data: dict[str, Any]) -> None:
 def _finish_audit(state: Any, as_json: bool) -> NoReturn:
     """Print an audit flow's verdicts and exit by :func:`outcome_code` (the rule of ``enhance``)."""
     data = _flow_data(state, as_json, _show_audits)
-    _finish(outcome_code((r["verdict"] for r in data["audits"]), len(data["errors"])), as_json)
+    _finish(outcome_code((o.verdict for o in _audit_outcomes(data)), len(data["errors"])), as_json)
 
 
 @audit_app.command("heldout")
@@ -601,54 +656,68 @@ def _checkpoint_cards() -> list[tuple[Path, Any]]:
 
 @models_app.command("list")
 def models_list(as_json: JsonOpt = False) -> None:
-    """Checkpoints (trained, with model cards) and registered models (untrained networks and the
-    interpolation baselines)."""
+    """Checkpoints (trained, with model cards) and registered models (untrained architectures with
+    random weights, and the interpolation baselines); the weights column says which is which.
+    Third-party weights are not listed: run them with --model FILE.pth (see `models show FILE.pth`)."""
     from domainsr.models import list_models
+    from domainsr.models.registry import WEIGHTS_TEXT
 
     cards = _checkpoint_cards()
     specs = list_models("sr")
+    trained = WEIGHTS_TEXT["trained"]
     if as_json:
         print(json.dumps({
-            "checkpoints": [{"name": p.stem, "path": str(p), **(
+            "checkpoints": [{"name": p.stem, "path": str(p), "weights": trained, **(
                 {"error": str(c)} if isinstance(c, Exception) else
                 {"domain": c.domain, "scale": list(c.scale), "bands": c.bands, "units": c.units})}
                 for p, c in cards],
             "registry": [s.summary() for s in specs]}, indent=1))
         return
     table = Table(title="checkpoints (use with --model NAME)")
-    for col in ("name", "domain", "scale", "bands / channels", "test gain dB", "path"):
+    for col in ("name", "weights", "domain", "scale", "bands / channels", "test gain dB", "path"):
         table.add_column(col, overflow="fold")
     for path, card in cards:
         if isinstance(card, Exception):
-            table.add_row(path.stem, "[red]invalid[/]", "", "", "", str(card))
+            table.add_row(path.stem, trained, "[red]invalid[/]", "", "", "", str(card))
             continue
         test = card.metrics.get("test")
         scale = "x".join(map(str, card.scale)) + (" (slice-wise)" if card.application == "slicewise" else "")
-        table.add_row(card.name, card.domain, scale, ", ".join(card.bands) or f"{card.in_channels} ch",
+        table.add_row(card.name, trained, card.domain, scale, ", ".join(card.bands) or f"{card.in_channels} ch",
                       f"{test.gain_db:+.2f} vs {test.baseline}" if test else "-", str(path.parent))
     if not cards:
         table.caption = "none installed (shipped checkpoints live in domainsr/checkpoints/<name>/)"
     console.print(table)
     reg = Table(title="registered models (use with --model NAME --scale S)")
-    for col in ("name", "aliases", "family", "dims", "description"):
+    for col in ("name", "weights", "aliases", "family", "dims", "description"):
         reg.add_column(col, overflow="fold")
     for s in specs:
-        reg.add_row(s.name, ", ".join(s.aliases), s.family, ",".join(f"{d}D" for d in s.spatial_dims),
-                    s.description)
+        weights = WEIGHTS_TEXT[s.weights]
+        reg.add_row(s.name, f"[yellow]{weights}[/]" if s.weights == "untrained" else weights, ", ".join(s.aliases),
+                    s.family, ",".join(f"{d}D" for d in s.spatial_dims), s.description)
+    reg.caption = "untrained (random) architectures produce no real super-resolution: train them or use a checkpoint"
     console.print(reg)
 
 
 @models_app.command("show")
-def models_show(name: Annotated[str, typer.Argument(help="Checkpoint or registered model name.")],
-                as_json: JsonOpt = False) -> None:
+def models_show(name: Annotated[str, typer.Argument(
+                    help="Checkpoint or registered model name, or a third-party weights file (.pth, "
+                    ".safetensors, ...).")], as_json: JsonOpt = False) -> None:
     """A checkpoint's model card (domain, scale, bands, units, normalisation, training data and
-    held-out metrics), or a registered model's description and options."""
+    held-out metrics), a registered model's description, options and weights (untrained or
+    baseline), or what a third-party weights file holds (architecture, scale, channels, sha256,
+    size rules, dtypes, its card beside it)."""
     from domainsr.models import get_spec
     from domainsr.models.checkpoints import read_card
-    from domainsr.models.names import unknown_model
+    from domainsr.models.names import is_weights_file, unknown_model
     from domainsr.pipeline import find_checkpoint
 
     def card_or_spec() -> dict[str, Any]:
+        if weights:
+            from domainsr.models.weights import inspect_weights, read_sidecar
+
+            side = read_sidecar(Path(name).expanduser())
+            return {"weights": {**inspect_weights(name), "weights": "trained (third-party weights)",
+                                "card": None if side is None else side.model_dump(mode="json")}}
         if path:
             return read_card(path).model_dump(mode="json")
         try:
@@ -656,13 +725,15 @@ def models_show(name: Annotated[str, typer.Argument(help="Checkpoint or register
         except DomainSRError:
             raise unknown_model(name) from None
 
-    path = _checked(lambda: find_checkpoint(name))
+    weights = is_weights_file(name)
+    path = None if weights else _checked(lambda: find_checkpoint(name))
     data = _checked(card_or_spec)
     if as_json:
         print(json.dumps(data, indent=1))
         return
-    table = Table(title=f"{name}" + (f" ({path})" if path else " (registered model)"), show_header=False)
-    for key, value in (data if path else data["registry"]).items():
+    what = f" ({path})" if path else " (third-party weights)" if weights else " (registered model)"
+    table = Table(title=f"{name}{what}", show_header=False)
+    for key, value in (data if path else data["weights" if weights else "registry"]).items():
         if value in (None, "", [], {}):
             continue
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))

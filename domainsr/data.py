@@ -27,6 +27,7 @@ from typing import Any
 
 from domainsr.errors import InputError
 from domainsr.io.atomic import atomic_path
+from domainsr.io.formats import FORMATS
 
 MANIFEST = "manifest.json"
 NAMES: tuple[str, ...] = ("sentinel2", "landsat8", "mni152", "ct_small", "mr_small")
@@ -122,7 +123,8 @@ def _result(root: Path, entries: list[dict[str, Any]]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for e in entries:
         p = root / e["path"]
-        out[e["name"]] = p.parent if e["name"] in ("sentinel2", "landsat8") else p
+        band_set = e["name"] in FORMATS and FORMATS[e["name"]].band_set  # a band set is its folder
+        out[e["name"]] = p.parent if band_set else p
     return out
 
 

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from domainsr.bands import band_key
-from domainsr.errors import GeometryError
+from domainsr.bands import band_key, match_bands
+from domainsr.errors import GeometryError, InputError
 
 Domain = Literal["mri", "ct", "optical"]
 DOMAINS: tuple[str, ...] = ("mri", "ct", "optical")
@@ -306,6 +306,31 @@ class SpatialImage:
             **changes,
         )
 
+    def select(self, bands: Sequence[str]) -> SpatialImage:
+        """The image of ``bands`` (any spelling: ``B2`` is ``B02``, see :mod:`domainsr.bands`), in
+        that order and under this image's own names, with its geometry, mask, nodata, units and
+        provenance; per-band metadata (``meta["raster"]`` band lists) follows the bands. The data
+        is this image's array (not copied) when ``bands`` are all its bands in order. InputError
+        naming the image's source when a band is not there."""
+        from domainsr.io.formats import PER_BAND_META  # the format table (io imports this module)
+
+        found, missing = match_bands(list(bands), self.band_names)
+        if missing or not found:
+            raise InputError(f"bands {missing or list(bands)} are not in the image's bands {list(self.band_names)}",
+                             self.source or None)
+        idx = [self.band_names.index(b) for b in found]
+        data = self.data if idx == list(range(self.channels)) else self.data[idx]
+        out = self.derive(data, band_names=tuple(found))
+        for key, fields in PER_BAND_META.items():
+            block = out.meta.get(key)
+            if not isinstance(block, dict):
+                continue
+            for name in fields:
+                values = block.get(name)
+                if isinstance(values, list) and len(values) == self.channels:
+                    block[name] = [values[i] for i in idx]
+        return out
+
     def summary(self) -> dict[str, Any]:
         """What a reader understood, as plain data (for ``domainsr info``)."""
         g = self.geometry
@@ -361,7 +386,4 @@ class MultiResolutionImage:
         groups = {self.group_of(b) for b in bands}
         if len(groups) != 1:
             raise GeometryError(f"bands {list(bands)} span resolution groups {sorted(groups)}")
-        img = self.groups[groups.pop()]
-        keys = [band_key(b) for b in img.band_names]
-        idx = [keys.index(band_key(b)) for b in bands]
-        return img.derive(img.data[idx], band_names=tuple(img.band_names[i] for i in idx))
+        return self.groups[groups.pop()].select(bands)

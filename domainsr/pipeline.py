@@ -26,12 +26,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from domainsr.bands import apply_band_map, described, match_bands
 from domainsr.config import EnhanceConfig, ModelRef
+from domainsr.degrade import NoiseFreeOperator, noise_free_operator
 from domainsr.errors import (
     ConfigError,
     DomainSRError,
@@ -42,9 +43,13 @@ from domainsr.errors import (
     StoreError,
 )
 from domainsr.image import MultiResolutionImage, SpatialImage
+from domainsr.io.formats import FORMATS, risk_label
 from domainsr.limits import check_disk, check_fits, decoded_bytes, fits, memory_budget
 from domainsr.retry import PERMANENT_ERRORS, TRANSIENT_ERRORS, is_transient  # noqa: F401 - re-exported
 from domainsr.stores.base import Item, Store
+
+if TYPE_CHECKING:
+    from domainsr.audit import AuditOutcome
 
 log = logging.getLogger("domainsr.pipeline")
 
@@ -93,9 +98,13 @@ def _tile_progress(item_id: str, deadline: float | None, limit: float | None) ->
 
 def find_checkpoint(name: str) -> Path | None:
     """The model card path of checkpoint ``name`` (a path, or a name in the user/shipped folders,
-    where ``-`` and ``_`` are interchangeable), or ``None`` when there is none."""
+    where ``-`` and ``_`` are interchangeable), or ``None`` when there is none (also for
+    third-party weights files, which have no card)."""
     from domainsr.models.checkpoints import resolve_checkpoint
+    from domainsr.models.names import is_weights_file
 
+    if is_weights_file(name):
+        return None
     for candidate in dict.fromkeys((name, name.replace("-", "_"), name.replace("_", "-"))):
         try:
             return resolve_checkpoint(candidate)
@@ -121,8 +130,15 @@ def parse_scale(text: str | int | Sequence[int] | None) -> int | list[int] | Non
 
 
 def model_identity(ref: ModelRef) -> dict[str, Any]:
-    """What identifies a model's outputs: a checkpoint's name and weights sha256, or a registry
-    model's name, scale and options. Raises ModelError/ConfigError for an unusable reference."""
+    """What identifies a model's outputs: a checkpoint's name and weights sha256, third-party
+    weights' sha256, architecture and declared input range, or a registry model's name, scale and
+    options. Raises ModelError/ConfigError for an unusable reference."""
+    from domainsr.models.names import is_weights_file
+
+    if is_weights_file(ref.name):
+        from domainsr.models.weights import weights_identity
+
+        return weights_identity(ref.name, ref.kwargs)
     card_path = find_checkpoint(ref.name)
     if card_path is not None:
         from domainsr.models.checkpoints import read_card
@@ -215,34 +231,47 @@ def slice_axis_of(img: SpatialImage) -> int:
 
 
 def load_model(ref: ModelRef, img: SpatialImage) -> tuple[Any, dict[str, Any]]:
-    """The torch module that enhances ``img`` as ``ref`` says, and its identity for provenance.
+    """The :class:`~domainsr.models.descriptor.ModelDescriptor` that enhances ``img`` as ``ref``
+    says (its ``scale``, and the module the engine runs), and its identity for provenance.
 
     A checkpoint is loaded (weights verified) and checked against ``img`` by its card
     (ModelCardMismatch on a wrong domain, band set, units or value range); its per-image
-    normalisation is set from ``img``. A registry model is built for ``img``'s channels and axes.
+    normalisation is set from ``img``. Third-party weights are loaded through spandrel with a card
+    generated for ``img`` (input range declared, from a card beside them, or a natural image's
+    dtype range) and checked the same way. A registry model is built for ``img``'s channels and
+    axes; an untrained architecture (random weights) is run only with a loud warning.
     """
+    from domainsr.models.descriptor import from_checkpoint, from_registry
+
     ident = model_identity(ref)
+    public = {k: v for k, v in ident.items() if k != "path"}
+    if ident["kind"] == "weights":
+        from domainsr.models.weights import load_weights
+
+        model = load_weights(ident["path"], img, input_range=ident.get("input_range"))
+        model.prepare(img)
+        if ref.scale is not None and not _same_scale(ref.scale, model.scale):
+            raise ConfigError(f"scale {ref.scale} differs from the weights' {list(model.scale)} ({ident['name']})")
+        return model, {**public, **model.record(), "card": model.card.model_dump(mode="json")}
     if ident["kind"] == "checkpoint":
-        from domainsr.models.checkpoints import load_checkpoint
-
-        module, card = load_checkpoint(ident["path"])
-        module.prepare(img)
-        if card.application == "slicewise":
-            module = slicewise_module(module, slice_axis_of(img))
-        if ref.scale is not None and not _same_scale(ref.scale, module.scale):
-            raise ConfigError(f"scale {ref.scale} differs from checkpoint {card.name!r}'s {list(module.scale)}")
-        ident = {**ident, "scale": list(module.scale)}
-        return module, {k: v for k, v in ident.items() if k != "path"}
-    from domainsr.models import build_model
-
+        model = from_checkpoint(ident["path"])
+        model.prepare(img)
+        if model.application == "slicewise":
+            inner = slicewise_module(model.module, slice_axis_of(img))
+            model = model.with_module(inner, spatial_dims=3, scale=inner.scale,
+                                      receptive_radius=inner.receptive_radius, prepare=inner.prepare)
+        if ref.scale is not None and not _same_scale(ref.scale, model.scale):
+            raise ConfigError(f"scale {ref.scale} differs from checkpoint {model.name!r}'s {list(model.scale)}")
+        return model, {**public, **model.record(), "scale": list(model.scale)}
     scale = in_plane_scale(ref.scale, img)
-    module = build_model(ref.name, spatial_dims=img.spatial_dims, in_channels=img.channels, scale=scale,
-                         **ref.kwargs)
-    ident = {**ident, "scale": scale}
-    if ident["family"] != "baseline":
-        log.warning("model %r is an untrained registry network (random weights); use a checkpoint for real work",
-                    ref.name)
-    return module, ident
+    model = from_registry(ref.name, spatial_dims=img.spatial_dims, in_channels=img.channels, scale=scale,
+                          **ref.kwargs)
+    if model.weights == "untrained":
+        log.warning("UNTRAINED: model %r is a registry architecture with random weights; its output is "
+                    "not super-resolution. Use a trained checkpoint or your own weights (--model FILE.pth); "
+                    "`domainsr models list` shows which is which", ref.name)
+    return model, {**ident, "scale": scale, "weights": model.record()["weights"], "sha256": None,
+                   "config_sha256": model.config_sha256}
 
 
 def in_plane_scale(scale: int | Sequence[int] | None, img: SpatialImage) -> int | list[int] | None:
@@ -373,13 +402,13 @@ def split_done(store: Store, items: Sequence[Item], spec: RunSpec) -> tuple[list
 
 
 def _recorded_verdict(report: str | None) -> tuple[str | None, list[str]]:
+    """The verdict and reasons of the audit report at ``report`` (none when it cannot be read)."""
     if not report:
         return None, []
-    try:
-        data = json.loads(Path(report).read_text(encoding="utf-8"))
-        return data.get("verdict"), list(data.get("reasons") or [])
-    except (OSError, ValueError, AttributeError):
-        return None, []
+    from domainsr.audit import AuditHeadline
+
+    headline = AuditHeadline.read(report)
+    return (None, []) if headline is None else (headline.verdict, list(headline.reasons))
 
 
 def select_input(img: SpatialImage | MultiResolutionImage, bands: Sequence[str] | None) -> SpatialImage:
@@ -395,13 +424,7 @@ def select_input(img: SpatialImage | MultiResolutionImage, bands: Sequence[str] 
         return min(img.groups.values(), key=lambda g: max(g.geometry.spacing))
     if not bands or list(bands) == list(img.band_names):
         return img
-    found, missing = match_bands(bands, img.band_names)  # any spelling: B2 is B02
-    if missing:
-        raise InputError(f"bands {missing} are not in the image's bands {list(img.band_names)}", img.source or None)
-    if found == list(img.band_names):
-        return img
-    idx = [img.band_names.index(b) for b in found]
-    return img.derive(img.data[idx], band_names=tuple(found))
+    return img.select(bands)  # any spelling: B2 is B02
 
 
 def read_item(store: Store, item: Item, config: EnhanceConfig) -> SpatialImage | MultiResolutionImage:
@@ -414,11 +437,12 @@ def read_item(store: Store, item: Item, config: EnhanceConfig) -> SpatialImage |
     return raw
 
 
-def _inferer(module: Any, config: EnhanceConfig, progress: Callable[[int, int], None] | None) -> Any:
+def _inferer(model: Any, config: EnhanceConfig, progress: Callable[[int, int], None] | None) -> Any:
+    """The patch engine for ``model`` (a ModelDescriptor from :func:`load_model`) with the config's tiling."""
     from domainsr.engine import PatchInferer
 
     t = config.tiling
-    return PatchInferer(module, tile=t.tile, overlap=t.overlap, batch_size=t.batch_size, device=t.device,
+    return PatchInferer(model, tile=t.tile, overlap=t.overlap, batch_size=t.batch_size, device=t.device,
                         amp=t.amp, blend=t.blend, threads=t.threads, progress=progress)
 
 
@@ -508,9 +532,9 @@ def _enhance_in_memory(store: Store, item: Item, spec: RunSpec, progress: Callab
                                   thresholds=th,
                                   model=tta_model, model_info={k: v for k, v in info.items() if k != "path"})
             html, js = write_report(result, tmp, stem="audit")
-            risk_ext = ".tif" if img.domain == "optical" else ".nii.gz"
-            risk = write_risk_map(result, Path(tmp) / f"risk{risk_ext}")
-            extras = {"audit.html": html, "audit.json": js, f"risk{risk_ext}": Path(risk)}
+            risk_name = risk_label(img.domain)
+            risk = write_risk_map(result, Path(tmp) / risk_name)
+            extras = {"audit.html": html, "audit.json": js, risk_name: Path(risk)}
             verdict, reasons = result.verdict, list(result.reasons)
             sr.provenance["run"]["audit"] = {"verdict": verdict, "reasons": reasons}
             del result
@@ -538,7 +562,8 @@ def _streams(store: Store, item: Item, spec: RunSpec) -> bool:
     place: ``open_output``/``commit``): one of ``tiling.stream_above_mpx`` LR megapixels or more,
     or one too large to enhance in memory within the memory budget."""
     limit = spec.config.tiling.stream_above_mpx
-    if limit is None or item.kind != "raster" or spec.model.get("guided") or not hasattr(store, "open_output"):
+    fmt = FORMATS.get(item.kind)
+    if limit is None or fmt is None or not fmt.windowed or spec.model.get("guided") or not hasattr(store, "open_output"):
         return False
     from domainsr.io.raster import raster_info
 
@@ -599,8 +624,9 @@ def _enhance_streamed(store: Any, item: Item, spec: RunSpec, progress: Callable[
                                   thresholds=th,
                                   model=module if th.tta != "off" else None, model_info=info)
             html, js = write_report(result, tmp, stem="audit")
-            risk = write_risk_map(result, Path(tmp) / "risk.tif")
-            extras = {"audit.html": html, "audit.json": js, "risk.tif": Path(risk)}
+            risk_name = risk_label(sr.domain)
+            risk = write_risk_map(result, Path(tmp) / risk_name)
+            extras = {"audit.html": html, "audit.json": js, risk_name: Path(risk)}
             verdict, reasons = result.verdict, list(result.reasons)
             run["audit"] = {"verdict": verdict, "reasons": reasons, "window": window}
         written = store.commit(item, spec.run_key, extras, prov)
@@ -724,36 +750,13 @@ def card_degradation(ident: dict[str, Any], scale: Sequence[int]) -> dict[str, A
     return spec
 
 
-def consistency_operator(ident: dict[str, Any], scale: Sequence[int], channels: int
-                         ) -> Callable[[np.ndarray], np.ndarray] | None:
+def consistency_operator(ident: dict[str, Any], scale: Sequence[int], channels: int) -> NoiseFreeOperator | None:
     """The noise-free HR -> LR operator for the reference-free audit's LR-consistency check: the
-    checkpoint's own degradation (SR re-degraded that way should give back the input), or ``None``
-    (the audit's default area average) for registry models and degradations without a noise-free
-    form."""
+    checkpoint's own degradation (SR re-degraded that way should give back the input; see
+    :func:`~domainsr.degrade.noise_free_operator`), or ``None`` (the audit's default area average)
+    for registry models and degradations without a noise-free form."""
     spec = card_degradation(ident, scale)
     return None if spec is None else noise_free_operator(spec, scale, channels)
-
-
-def noise_free_operator(spec: dict[str, Any], scale: Sequence[int], channels: int
-                        ) -> Callable[[np.ndarray], np.ndarray] | None:
-    """``spec``'s degradation without its random parts (noise, PSF jitter) as ``x -> lr``, or ``None``
-    when it has no deterministic form (random blind degradations)."""
-    from domainsr.degrade import build_degradation, noise_free_spec
-
-    clean = noise_free_spec(spec)
-    if not clean:
-        return None
-    deg = build_degradation(clean)
-
-    def down(x: np.ndarray) -> np.ndarray:
-        return np.asarray(deg(x, None), np.float32)
-
-    try:  # rng=None is the noise-free form; a degradation that needs random numbers has none
-        down(np.zeros((channels, *(4 * int(f) for f in scale)), np.float32))
-    except (AttributeError, TypeError):
-        return None
-    down.describe = deg.describe  # type: ignore[attr-defined]
-    return down
 
 
 def _default_degradation(scale: Sequence[int]) -> dict[str, Any]:
@@ -762,12 +765,13 @@ def _default_degradation(scale: Sequence[int]) -> dict[str, Any]:
 
 def heldout_audit(reference: str | Path, model: ModelRef, out_dir: str | Path, *, audit: dict[str, Any] | None = None,
                   bands: Sequence[str] | None = None, degradation: dict[str, Any] | None = None, seed: int = 0,
-                  domain: str | None = None) -> dict[str, Any]:
+                  domain: str | None = None) -> AuditOutcome:
     """Held-out audit: degrade the real high-resolution ``reference`` (the checkpoint's own
     degradation from its card, else a block mean at the model's scale), enhance it with ``model``
     and with the interpolation baseline, compare both with the reference, and write the report
-    (``<stem>.audit.html/.json``) and risk map into ``out_dir``. Returns paths and headline numbers."""
-    from domainsr.audit import audit_heldout, write_report, write_risk_map
+    (``<stem>.audit.html/.json``) and risk map into ``out_dir``. Returns the paths and headline
+    numbers (:class:`~domainsr.audit.AuditOutcome`)."""
+    from domainsr.audit import AuditOutcome, area_average, audit_heldout, write_report, write_risk_map
     from domainsr.audit.privacy import public_stem
     from domainsr.degrade import build_degradation
     from domainsr.io import detect_format, read_image
@@ -783,29 +787,25 @@ def heldout_audit(reference: str | Path, model: ModelRef, out_dir: str | Path, *
     module, info = load_model(model, img)
     scale = tuple(int(s) for s in np.broadcast_to(np.asarray(module.scale), (img.spatial_dims,)))
     spec = degradation or card_degradation(ident, scale) or _default_degradation(scale)
-    from domainsr.audit.protocol import area_average
-
     consistency = noise_free_operator(spec, scale, img.channels) or area_average(scale)
     result = audit_heldout(img, module, build_degradation(spec), scale=scale, consistency=consistency,
                            thresholds=th, seed=seed, model_info=info)
     out = Path(out_dir)
     stem = public_stem(reference, img.domain)
     html, js = write_report(result, out, stem=f"{stem}.audit")
-    risk = write_risk_map(result, out / f"{stem}.risk{'.tif' if img.domain == 'optical' else '.nii.gz'}")
-    psnr = result.metrics["reference"]["per_metric"]["psnr"]
-    ssim = result.metrics["reference"]["per_metric"].get("ssim", {})
-    return {"verdict": result.verdict, "reasons": list(result.reasons), "html": str(html), "json": str(js),
-            "risk_map": str(risk), "model": info["name"], "scale": list(scale), "domain": img.domain,
-            "psnr": psnr.get("model_mean"), "psnr_baseline": psnr.get("baseline_mean"),
-            "psnr_gain_db": psnr.get("gain_mean"), "ssim": ssim.get("model_mean"),
-            "ssim_baseline": ssim.get("baseline_mean"), "regions": len(result.regions)}
+    risk = write_risk_map(result, out / f"{stem}.{risk_label(img.domain)}")
+    table = None if result.metrics.reference is None else result.metrics.reference.per_metric
+    return AuditOutcome(verdict=result.verdict, reasons=list(result.reasons), html=str(html), json_path=str(js),
+                        risk_map=str(risk), model=info["name"], scale=list(scale), domain=img.domain,
+                        psnr=None if table is None else table.psnr.means(),
+                        ssim=None if table is None else table.ssim.means(), regions=len(result.regions))
 
 
 def output_audit(sr: str | Path, lr: str | Path, out_dir: str | Path, *, reference: str | Path | None = None,
-                 audit: dict[str, Any] | None = None, bands: Sequence[str] | None = None) -> dict[str, Any]:
+                 audit: dict[str, Any] | None = None, bands: Sequence[str] | None = None) -> AuditOutcome:
     """Audit a super-resolved file made by any tool against its low-resolution input (and a
     high-resolution reference when there is one); writes the report and risk map into ``out_dir``."""
-    from domainsr.audit import AuditThresholds, audit_output, write_report, write_risk_map
+    from domainsr.audit import AuditOutcome, AuditThresholds, audit_output, write_report, write_risk_map
     from domainsr.audit.privacy import public_stem
     from domainsr.io import read_image
 
@@ -817,12 +817,9 @@ def output_audit(sr: str | Path, lr: str | Path, out_dir: str | Path, *, referen
     out = Path(out_dir)
     stem = public_stem(sr, sr_img.domain)
     html, js = write_report(result, out, stem=f"{stem}.audit")
-    risk = write_risk_map(result, out / f"{stem}.risk{'.tif' if sr_img.domain == 'optical' else '.nii.gz'}")
-    summary = {"verdict": result.verdict, "reasons": list(result.reasons), "html": str(html), "json": str(js),
-               "risk_map": str(risk), "regions": len(result.regions)}
-    if ref_img is not None:
-        psnr = result.metrics["reference"]["per_metric"]["psnr"]
-        summary.update(psnr=psnr.get("model_mean"), psnr_baseline=psnr.get("baseline_mean"),
-                       psnr_gain_db=psnr.get("gain_mean"))
-    return summary
+    risk = write_risk_map(result, out / f"{stem}.{risk_label(sr_img.domain)}")
+    reference_metrics = result.metrics.reference
+    return AuditOutcome(verdict=result.verdict, reasons=list(result.reasons), html=str(html), json_path=str(js),
+                        risk_map=str(risk), regions=len(result.regions),
+                        psnr=None if reference_metrics is None else reference_metrics.per_metric.psnr.means())
 

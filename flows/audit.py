@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from domainsr import pipeline
+from domainsr.audit import AuditOutcome, MetricMeans
 from domainsr.audit.privacy import public_path, relabel
 from domainsr.config import ModelRef
 from domainsr.errors import DomainSRError
@@ -21,7 +22,7 @@ from flows.common import artifact_key, link
 
 @task(name="heldout-audit", cache_policy=NO_CACHE, persist_result=False)
 def heldout_task(reference: str, model: str, scale: int | list[int] | None, out: str, audit: dict[str, Any],
-                 bands: list[str] | None, seed: int, number: int = 1) -> dict[str, Any]:
+                 bands: list[str] | None, seed: int, number: int = 1) -> AuditOutcome:
     shown = public_path(reference)  # medical paths pseudonymised in logs, artifacts, results
     if shown != reference:
         shown = f"reference #{number} ({shown})"  # the position in the given list identifies it
@@ -30,20 +31,29 @@ def heldout_task(reference: str, model: str, scale: int | list[int] | None, out:
                                         seed=seed)
     except DomainSRError as exc:
         raise relabel(exc, {str(reference): shown}, shown) from None
-    get_run_logger().info("%s: %s, PSNR gain over interpolation %+.2f dB -> %s", shown, result["verdict"],
-                          result["psnr_gain_db"], result["html"])
-    return {"reference": shown, **result}
+    gain = (result.psnr or MetricMeans()).gain_mean
+    get_run_logger().info("%s: %s, PSNR gain over interpolation %+.2f dB -> %s", shown, result.verdict,
+                          float("nan") if gain is None else gain, result.html)
+    return result.model_copy(update={"reference": shown})
 
 
 @task(name="output-audit", cache_policy=NO_CACHE, persist_result=False)
 def output_task(sr: str, lr: str, reference: str | None, out: str, audit: dict[str, Any],
-                bands: list[str] | None) -> dict[str, Any]:
+                bands: list[str] | None) -> AuditOutcome:
     shown = {str(p): public_path(p) for p in (sr, lr, reference) if p}
     try:
         result = pipeline.output_audit(sr, lr, out, reference=reference, audit=audit, bands=bands)
     except DomainSRError as exc:
         raise relabel(exc, shown) from None
-    return {"reference": shown.get(str(reference), ""), "sr": shown[str(sr)], **result}
+    return result.model_copy(update={"reference": shown.get(str(reference), ""), "sr": shown[str(sr)]})
+
+
+def table_row(outcome: AuditOutcome) -> dict[str, Any]:
+    """One row of the audit flow's table artifact."""
+    psnr, ssim = outcome.psnr or MetricMeans(), outcome.ssim or MetricMeans()
+    return {"reference": outcome.reference, "verdict": outcome.verdict, "psnr": psnr.model_mean,
+            "psnr_baseline": psnr.baseline_mean, "psnr_gain_db": psnr.gain_mean, "ssim": ssim.model_mean,
+            "ssim_baseline": ssim.baseline_mean, "regions": outcome.regions, "html": outcome.html}
 
 
 @flow(name="domainsr-audit")
@@ -66,25 +76,25 @@ def audit_flow(references: list[str] | None = None, model: str | None = None, sc
             raise ConfigError("a held-out audit needs references and a model")
         futures = [heldout_task.submit(r, model, scale, out, audit, bands, seed, k)
                    for k, r in enumerate(references, 1)]
-    rows, errors = [], []
+    done: list[AuditOutcome] = []
+    errors: list[str] = []
     for f in futures:
         f.wait()
         if f.state.is_completed():
-            rows.append(f.result())
+            done.append(f.result())
         else:
             exc = f.state.result(raise_on_failure=False)
             errors.append(str(exc) if isinstance(exc, BaseException) else f.state.message)
-    table = [{k: r.get(k) for k in ("reference", "verdict", "psnr", "psnr_baseline", "psnr_gain_db", "ssim",
-                                    "ssim_baseline", "regions", "html")} for r in rows]
     key = artifact_key("domainsr-audit", model or "output")
-    verdicts = [r["verdict"] for r in rows]
-    desc = f"{len(rows)} audit(s): {', '.join(verdicts) or 'none'}; {len(errors)} error(s)"
-    create_table_artifact(table=table or [{"reference": "", "verdict": "no audit"}], key=key, description=desc)
+    verdicts = [o.verdict for o in done]
+    desc = f"{len(done)} audit(s): {', '.join(verdicts) or 'none'}; {len(errors)} error(s)"
+    create_table_artifact(table=[table_row(o) for o in done] or [{"reference": "", "verdict": "no audit"}], key=key,
+                          description=desc)
     create_markdown_artifact(key=f"{key}-reports", description=desc, markdown="# DomainSR audit\n\n" + "\n".join(
-        f"- {r['reference'] or r.get('sr')}: **{r['verdict']}** ({'; '.join(r['reasons'])}) "
-        f"{link(r['html'], 'report')} {link(r['risk_map'], 'risk map')}" for r in rows)
+        f"- {o.reference or o.sr}: **{o.verdict}** ({'; '.join(o.reasons)}) "
+        f"{link(o.html, 'report')} {link(o.risk_map, 'risk map')}" for o in done)
         + "".join(f"\n- error: {e}" for e in errors) + "\n")
-    data = {"audits": rows, "errors": errors}
+    data = {"audits": [o.to_row() for o in done], "errors": errors}
     if errors or "fail" in verdicts:
         return Failed(message=desc, data=data)
     return Completed(message=desc, data=data)

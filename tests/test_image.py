@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from domainsr.errors import GeometryError
+from domainsr.errors import GeometryError, InputError
 from domainsr.image import GeoGeometry, MedicalGeometry, SpatialImage
 
 
@@ -79,3 +79,36 @@ def test_derive_keeps_metadata_and_records_history():
     assert out.units == "HU" and out.meta["storage_dtype"] == "int16"
     assert out.provenance["history"][-1]["op"] == "enhance"
     assert img.provenance["history"] == []
+
+
+def _four_bands() -> SpatialImage:
+    g = GeoGeometry("EPSG:32618", Affine(10, 0, 400000, 0, -10, 4500000), (4, 5))
+    data = np.stack([np.full((4, 5), v, np.uint16) for v in (2, 3, 4, 8)])
+    mask = np.ones((4, 5), bool)
+    mask[0, 0] = False
+    raster = {"descriptions": ["B02", "B03", "B04", "B08"], "scales": [1.0, 2.0, 3.0, 4.0], "tags": {"a": "1"},
+              "indexes": [1, 2, 3, 4]}
+    return SpatialImage(data, "optical", g, band_names=("B02", "B03", "B04", "B08"), units="DN", nodata=0,
+                        mask=mask, provenance={"source": "s2.tif", "format": "raster"},
+                        meta={"raster": raster, "storage_dtype": "uint16"})
+
+
+def test_select_takes_bands_by_any_spelling_and_keeps_the_rest():
+    img = _four_bands()
+    out = img.select(["b8", "B2"])
+    assert out.band_names == ("B08", "B02") and out.data[:, 1, 1].tolist() == [8, 2]
+    assert out.geometry is img.geometry and out.nodata == 0 and out.units == "DN"
+    np.testing.assert_array_equal(out.mask, img.mask)
+    assert out.provenance["source"] == "s2.tif" and out.provenance is not img.provenance
+    assert out.meta["raster"]["descriptions"] == ["B08", "B02"] and out.meta["raster"]["scales"] == [4.0, 1.0]
+    assert out.meta["raster"]["indexes"] == [4, 1] and out.meta["raster"]["tags"] == {"a": "1"}
+    assert img.meta["raster"]["scales"] == [1.0, 2.0, 3.0, 4.0]  # the source is untouched
+
+
+def test_select_of_every_band_shares_the_pixels_and_a_missing_band_names_the_source():
+    img = _four_bands()
+    same = img.select(["B2", "B3", "B4", "B8"])
+    assert same.data is img.data and same is not img
+    with pytest.raises(InputError, match=r"bands \['B05'\] are not in the image's bands") as err:
+        img.select(["B02", "B05"])
+    assert err.value.path is not None and "s2.tif" in str(err.value.path)

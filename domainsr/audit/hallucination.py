@@ -44,7 +44,7 @@ construction (``d = 0``), and so is noise-level texture (tested).
 The continuous **risk** of a hallucinated pixel is the relative excess error
 ``(sqrt(E2) - sqrt(R2)) / max(sqrt(R2), 1)``: how much larger the candidate's local error is than
 the baseline's (or than the noise, where the baseline is within noise). Region verdicts compare
-it to the thresholds of :class:`~domainsr.audit.protocol.AuditThresholds`.
+it to the thresholds of :class:`~domainsr.audit.settings.AuditThresholds`.
 
 The same rule runs in two places: against the high-resolution reference on the SR grid (held-out
 audit), and without a reference on the LR grid, where the truth is the LR input and candidate and
@@ -53,14 +53,22 @@ support shows up there too.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import norm
 
+from domainsr.audit.results import (
+    VERDICT_ORDER,
+    ClassFractions,
+    MapBox,
+    MedicalBox,
+    Region,
+    RegionKind,
+    verdict_for,
+)
 from domainsr.image import GeoGeometry, Geometry, MedicalGeometry
 
 INVALID, UNCHANGED, IMPROVED, OMITTED, HALLUCINATED = 0, 1, 2, 3, 4
@@ -103,17 +111,15 @@ class CorrectnessMaps:
     window: tuple[float, ...]
     z: float
 
-    def fractions(self) -> dict[str, float]:
+    def fractions(self) -> ClassFractions:
         """Share of valid pixels in each class, and of the baseline-error ("detail") pixels."""
         valid = self.classes != INVALID
         n = max(int(valid.sum()), 1)
-        out = {CLASS_NAMES[k]: float(np.sum(self.classes == k)) / n
-               for k in (UNCHANGED, IMPROVED, OMITTED, HALLUCINATED)}
-        needs = np.isin(self.classes, (IMPROVED, OMITTED))
-        m = max(int(needs.sum()), 1)
-        out["improved_of_detail"] = float(np.sum(self.classes == IMPROVED)) / m
-        out["omitted_of_detail"] = float(np.sum(self.classes == OMITTED)) / m
-        return out
+        share = {CLASS_NAMES[k]: float(np.sum(self.classes == k)) / n
+                 for k in (UNCHANGED, IMPROVED, OMITTED, HALLUCINATED)}
+        m = max(int(np.isin(self.classes, (IMPROVED, OMITTED)).sum()), 1)
+        return ClassFractions(**share, improved_of_detail=float(np.sum(self.classes == IMPROVED)) / m,
+                              omitted_of_detail=float(np.sum(self.classes == OMITTED)) / m)
 
 
 def correctness_maps(candidate: np.ndarray, baseline: np.ndarray, truth: np.ndarray,
@@ -204,42 +210,6 @@ def upsample_nearest(arr: np.ndarray, scale: Sequence[int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # regions
 
-Verdict = str  # "pass" | "review" | "fail"
-_ORDER = {"pass": 0, "review": 1, "fail": 2}
-
-
-def worst(verdicts: Sequence[Verdict]) -> Verdict:
-    return max(verdicts, key=_ORDER.__getitem__, default="pass")
-
-
-def verdict_for(peak_risk: float, review: float, fail: float) -> Verdict:
-    return "fail" if peak_risk >= fail else "review" if peak_risk >= review else "pass"
-
-
-@dataclass
-class RegionFlag:
-    """One connected region of risk, located in index and world coordinates."""
-
-    id: int
-    kind: str  # "hallucination" (vs reference) | "lr-inconsistency" | "uncertainty"
-    size: int  # pixels / voxels
-    physical_size: float  # mm^2 / mm^3 or map units^2
-    physical_unit: str
-    bbox_index: list[list[int]]  # [[start, stop_inclusive] per spatial axis]
-    centroid_index: list[float]
-    peak_risk: float
-    mean_risk: float
-    verdict: Verdict
-    world: dict[str, Any] = field(default_factory=dict)
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def slices(self) -> tuple[slice, ...]:
-        return tuple(slice(a, b + 1) for a, b in self.bbox_index)
-
-
 def box_iou(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
     """IoU of two inclusive index boxes ``[[start, stop] per axis]``."""
     inter, va, vb = 1, 1, 1
@@ -264,7 +234,7 @@ def pixel_volume(geometry: Geometry | None, ndim: int) -> tuple[float, str]:
 
 
 def world_box(geometry: Geometry | None, bbox: Sequence[Sequence[int]],
-              centroid: Sequence[float]) -> dict[str, Any]:
+              centroid: Sequence[float]) -> MedicalBox | MapBox | None:
     """World coordinates of an index box (outer voxel edges) and its centroid.
 
     Medical: RAS+ mm (``min``/``max`` over the box corners, ``centroid``). Map: CRS coordinates of
@@ -272,7 +242,7 @@ def world_box(geometry: Geometry | None, bbox: Sequence[Sequence[int]],
     the corners.
     """
     if geometry is None:
-        return {}
+        return None
     lo = [b[0] - 0.5 for b in bbox]
     hi = [b[1] + 0.5 for b in bbox]
     corners = np.array(np.meshgrid(*[[a, b] for a, b in zip(lo, hi)], indexing="ij")).reshape(len(bbox), -1).T
@@ -280,38 +250,39 @@ def world_box(geometry: Geometry | None, bbox: Sequence[Sequence[int]],
         pad = lambda p: np.concatenate([p, np.zeros(p.shape[:-1] + (3 - p.shape[-1],))], -1)
         w = geometry.index_to_world(pad(corners))
         c = geometry.index_to_world(pad(np.asarray(centroid, float)[None]))[0]
-        return {"space": "RAS+ mm", "min": np.round(w.min(0), 3).tolist(), "max": np.round(w.max(0), 3).tolist(),
-                "centroid": np.round(c, 3).tolist()}
+        return MedicalBox(min=np.round(w.min(0), 3).tolist(), max=np.round(w.max(0), 3).tolist(),
+                          centroid=np.round(c, 3).tolist())
     if isinstance(geometry, GeoGeometry):
         xs, ys = geometry.index_to_world(corners[:, 0], corners[:, 1])
         cx, cy = geometry.index_to_world(np.asarray([centroid[0]]), np.asarray([centroid[1]]))
-        out: dict[str, Any] = {"space": geometry.crs.to_string(),
-                               "min": [round(float(xs.min()), 3), round(float(ys.min()), 3)],
-                               "max": [round(float(xs.max()), 3), round(float(ys.max()), 3)],
-                               "centroid": [round(float(cx[0]), 3), round(float(cy[0]), 3)]}
+        box = MapBox(space=geometry.crs.to_string(), min=[round(float(xs.min()), 3), round(float(ys.min()), 3)],
+                     max=[round(float(xs.max()), 3), round(float(ys.max()), 3)],
+                     centroid=[round(float(cx[0]), 3), round(float(cy[0]), 3)], lonlat_centroid=None)
         from pyproj import Transformer
         from pyproj.exceptions import CRSError, ProjError
 
         try:
             tr = Transformer.from_crs(geometry.crs.to_wkt(), "EPSG:4326", always_xy=True)
             lon, lat = tr.transform(np.append(xs, cx), np.append(ys, cy))
-            out["lonlat_centroid"] = [round(float(lon[-1]), 7), round(float(lat[-1]), 7)]
-            out["lonlat_min"] = [round(float(np.min(lon[:-1])), 7), round(float(np.min(lat[:-1])), 7)]
-            out["lonlat_max"] = [round(float(np.max(lon[:-1])), 7), round(float(np.max(lat[:-1])), 7)]
         except (CRSError, ProjError):  # a local/engineering CRS has no geographic position
-            out["lonlat_centroid"] = None
-        return out
-    return {}
+            return box
+        return box.model_copy(update={
+            "lonlat_centroid": [round(float(lon[-1]), 7), round(float(lat[-1]), 7)],
+            "lonlat_min": [round(float(np.min(lon[:-1])), 7), round(float(np.min(lat[:-1])), 7)],
+            "lonlat_max": [round(float(np.max(lon[:-1])), 7), round(float(np.max(lat[:-1])), 7)]})
+    return None
 
 
-def find_regions(flagged: np.ndarray, risk: np.ndarray, *, kind: str, min_size: int,
+def find_regions(flagged: np.ndarray, risk: np.ndarray, *, kind: RegionKind, min_size: int,
                  review: float, fail: float, geometry: Geometry | None = None,
-                 evidence_maps: dict[str, np.ndarray] | None = None, start_id: int = 1) -> list[RegionFlag]:
+                 evidence_maps: Mapping[str, np.ndarray] | None = None, start_id: int = 1) -> list[Region]:
     """Connected regions (full connectivity) of ``flagged`` with at least ``min_size`` pixels.
 
     Each gets its bounding box (inclusive index ranges), centroid, world coordinates, size, peak
     and mean ``risk``, the mean of each ``evidence_maps`` entry inside it, and a verdict from the
-    peak risk. Regions are returned worst first (verdict, then peak risk).
+    peak risk. ``evidence_maps`` are named as the fields of
+    :class:`~domainsr.audit.results.RegionEvidence`. Regions are returned worst first (verdict,
+    then peak risk).
     """
     structure = ndi.generate_binary_structure(flagged.ndim, flagged.ndim)
     labels, n = ndi.label(flagged, structure=structure)
@@ -320,7 +291,7 @@ def find_regions(flagged: np.ndarray, risk: np.ndarray, *, kind: str, min_size: 
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     objects = ndi.find_objects(labels)
     unit_size, unit = pixel_volume(geometry, flagged.ndim)
-    regions: list[RegionFlag] = []
+    regions: list[Region] = []
     for lab in range(1, n + 1):
         if sizes[lab] < min_size:
             continue
@@ -332,12 +303,12 @@ def find_regions(flagged: np.ndarray, risk: np.ndarray, *, kind: str, min_size: 
         centroid = idx.mean(0).round(2).tolist()
         peak, mean = float(vals.max()), float(vals.mean())
         ev = {k: round(float(v[sl][inside].mean()), 4) for k, v in (evidence_maps or {}).items()}
-        regions.append(RegionFlag(
+        regions.append(Region(
             id=0, kind=kind, size=int(sizes[lab]), physical_size=round(float(sizes[lab]) * unit_size, 4),
             physical_unit=unit, bbox_index=bbox, centroid_index=centroid, peak_risk=round(peak, 4),
             mean_risk=round(mean, 4), verdict=verdict_for(peak, review, fail),
             world=world_box(geometry, bbox, centroid), evidence=ev))
-    regions.sort(key=lambda r: (-_ORDER[r.verdict], -r.peak_risk))
+    regions.sort(key=lambda r: (-VERDICT_ORDER[r.verdict], -r.peak_risk))
     for i, r in enumerate(regions):
         r.id = start_id + i
     return regions

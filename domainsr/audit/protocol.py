@@ -1,9 +1,11 @@
-"""The audit protocols: held-out (degrade a real reference, enhance, compare) and third-party
-output (audit an SR file made elsewhere, given its LR input and optionally a reference).
+"""The audit of an SR image against its LR input (and a reference when there is one): the
+third-party output protocol, which the held-out protocol (``heldout``: degrade a real reference,
+enhance, compare) ends in.
 
 Both end in :class:`AuditResult`: metrics of the model and of the interpolation baseline (and the
 gain), per-pixel class and risk maps, region flags with world coordinates, and an overall verdict.
-``report.write_report(result, out_dir)`` turns it into one HTML file and one JSON file.
+``AuditResult.summary()`` is the typed JSON report (:class:`~domainsr.audit.results.AuditSummary`);
+``report.write_report(result, out_dir)`` writes it with one HTML file.
 
 Reference-based risk (held-out): :func:`~domainsr.audit.hallucination.correctness_maps` of SR vs
 the baseline and the reference on the SR grid. Reference-free risk (production): the same rule on
@@ -17,57 +19,44 @@ is only unstable is a ``review``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from domainsr.audit import hallucination as hal
 from domainsr.audit import metrics as mt
 from domainsr.audit.noise import RULE as NOISE_RULE
 from domainsr.audit.noise import estimate_noise
+from domainsr.audit.operators import Degrader, area_average, as_enhancer, interpolation_enhancer
 from domainsr.audit.privacy import public_provenance
-from domainsr.audit.uncertainty import Enhancer, tta_uncertainty
+from domainsr.audit.results import (
+    VERDICT_ORDER,
+    AuditMetrics,
+    AuditSummary,
+    Fractions,
+    Grid,
+    LRConsistencyMetrics,
+    MetricGain,
+    NoiseReport,
+    ReferenceMetrics,
+    ReferenceTable,
+    Region,
+    UncertaintyReport,
+    Verdict,
+    escalate,
+    worst,
+)
+from domainsr.audit.settings import RULE_TEXT, AuditThresholds
+from domainsr.audit.uncertainty import Enhancer, ensemble_uncertainty, tta_uncertainty
 from domainsr.audit.uncertainty import unstable as unstable_pixels
 from domainsr.errors import ConfigError, GeometryError, InputError
-from domainsr.image import MultiResolutionImage, SpatialImage, now_iso
+from domainsr.image import Geometry, SpatialImage, now_iso
 from domainsr.io.nifti import risk_map_meta
 
 Array = np.ndarray
-Degrader = Callable[[Array], Array]  # (C, *hr_spatial) -> (C, *lr_spatial), deterministic
-
-
-class AuditThresholds(BaseModel):
-    """Audit settings (``audit:`` in a task config). Unknown keys are errors.
-
-    Pixel decisions use only the data's noise (see ``hallucination``); these numbers set the
-    false-alarm rate, what counts as a region, and how bad a region must be to need review or fail.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    alpha: float = Field(1e-3, gt=0.0, lt=0.5, description="per-pixel false-alarm rate of the significance tests")
-    min_region_size: int | None = Field(
-        None, ge=1, description="pixels/voxels on the SR grid; default: 2 LR pixels along every axis")
-    review_risk: float = Field(1.0, gt=0.0, description="peak relative excess error that needs review")
-    fail_risk: float = Field(4.0, gt=0.0, description="peak relative excess error that fails")
-    min_gain_db: float = Field(0.0, description="held-out: mean PSNR gain over the baseline below this is 'review'")
-    noise_method: Literal["mad-haar", "fixed"] = "mad-haar"
-    noise_sigma: list[float] | None = Field(None, description="per-band noise sigma (data units) for 'fixed'")
-    tta: Literal["off", "flips", "dihedral"] = "flips"
-    tta_max: int = Field(4, ge=2, le=48, description="augmentations including the identity")
-    baseline: Literal["cubic", "linear", "lanczos"] = "cubic"
-    max_figure_regions: int = Field(6, ge=0, le=50)
-
-    @model_validator(mode="after")
-    def _check(self) -> AuditThresholds:
-        if self.fail_risk < self.review_risk:
-            raise ValueError("fail_risk must be >= review_risk")
-        if self.noise_method == "fixed" and not self.noise_sigma:
-            raise ValueError("noise_method 'fixed' needs noise_sigma (one value per band)")
-        return self
 
 
 @dataclass
@@ -86,11 +75,11 @@ class AuditResult:
     lr_residual: Array  # |D(SR) - LR| / sigma_lr, max over bands, on the SR grid
     lr_classes: Array  # LR-consistency class map, upsampled to the SR grid
     uncertainty: Array | None  # local RMS TTA spread / sigma_lr, max over bands
-    regions: list[hal.RegionFlag]
-    metrics: dict[str, Any]
-    noise: dict[str, Any]
-    fractions: dict[str, Any]
-    verdict: str
+    regions: list[Region]
+    metrics: AuditMetrics
+    noise: NoiseReport
+    fractions: Fractions
+    verdict: Verdict
     reasons: list[str]
     thresholds: AuditThresholds
     min_region_size: int
@@ -99,51 +88,21 @@ class AuditResult:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> AuditSummary:
         """The machine-readable report (the JSON file): every number the HTML shows."""
-        return {
-            "domainsr_audit": 1,
-            "created": now_iso(),
-            "mode": self.mode,
-            "verdict": self.verdict,
-            "reasons": self.reasons,
-            "domain": self.sr.domain,
-            "bands": list(self.sr.band_names),
-            "units": self.sr.units,
-            "scale": list(self.scale),
-            "grid": {"lr_shape": list(self.lr.spatial_shape), "sr_shape": list(self.sr.spatial_shape),
-                     "valid_fraction": float(self.mask.mean())},
-            "metrics": self.metrics,
-            "fractions": self.fractions,
-            "noise": self.noise,
-            "regions": [r.to_dict() for r in self.regions],
-            "thresholds": self.thresholds.model_dump(),
-            "min_region_size": self.min_region_size,
-            "rule": RULE_TEXT,
-            "model": self.model,
-            "provenance": self.provenance,
-            "warnings": self.warnings,
-            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
-        }
-
-
-RULE_TEXT = (
-    "Per band, in units of the noise sigma: d = SR - baseline (what the model added), r = baseline - truth. "
-    "Over a Gaussian window about one LR pixel wide, excess = mean((d + r)^2) - mean(r^2): the extra error "
-    "energy of SR over the baseline. Noise-level texture costs about 1, so a pixel is hallucinated when "
-    "excess - 1 > z(alpha) s, s = 2 sqrt(sum w^2 (0.5 + mean_w2(d^2) + mean_w2(r^2))) being the spread of "
-    "the excess that noise causes, and the addition is not a smoothing of the baseline towards its local "
-    "level mu (mean_w(d (d + baseline - mu)) > 0); improved when -excess > z 2 sqrt(sum w^2 mean_w2(d^2)); omitted when "
-    "the baseline's error is significantly above "
-    "noise and was not reduced. Flags are then shrunk to the pixels that carry the excess. "
-    "Risk = (RMS error of SR - RMS error of baseline) / max(RMS error of baseline, noise). Truth = the HR "
-    "reference (held-out) or the LR input after re-degrading SR and baseline (LR consistency). Regions: "
-    "connected flagged pixels >= min_region_size; verdict from the peak risk (review_risk, fail_risk)."
-)
+        return AuditSummary(
+            created=now_iso(), mode=self.mode, verdict=self.verdict, reasons=self.reasons, domain=self.sr.domain,
+            bands=list(self.sr.band_names), units=self.sr.units, scale=list(self.scale),
+            grid=Grid(lr_shape=list(self.lr.spatial_shape), sr_shape=list(self.sr.spatial_shape),
+                      valid_fraction=float(self.mask.mean())),
+            metrics=self.metrics, fractions=self.fractions, noise=self.noise, regions=self.regions,
+            thresholds=self.thresholds, min_region_size=self.min_region_size, rule=RULE_TEXT, model=self.model,
+            provenance=self.provenance, warnings=self.warnings,
+            timings_s={k: round(v, 3) for k, v in self.timings.items()})
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
+# steps
 
 
 def _scale_of(lr_shape: Sequence[int], sr_shape: Sequence[int], label: str | None) -> tuple[int, ...]:
@@ -158,69 +117,27 @@ def _scale_of(lr_shape: Sequence[int], sr_shape: Sequence[int], label: str | Non
     return tuple(scale)
 
 
-def area_average(scale: Sequence[int]) -> Degrader:
-    """The generic degradation: each LR pixel is the mean of the SR pixels it covers."""
-    f = tuple(int(s) for s in scale)
-
-    def down(x: Array) -> Array:
-        c, *sp = x.shape
-        shape = [c] + [v for s, k in zip(sp, f) for v in (s // k, k)]
-        return np.asarray(x, np.float32).reshape(shape).mean(axis=tuple(range(2, 2 + 2 * len(f), 2)))
-
-    return down
-
-
-def module_enhancer(module: Any) -> Enhancer:
-    """Run a torch SR module (registry model or checkpoint ``CardModel``) on a whole image.
-
-    The module's ``scale`` gives the output grid (``geometry.scaled``); a ``prepare`` method (a
-    card's per-image normalisation and input checks) is called first.
-    """
-    import torch
-
-    from domainsr.engine import PatchInferer, enhance_image
-
-    def run(img: SpatialImage) -> SpatialImage:
-        # inference mode also for prepare(): after a first run the engine leaves the module's
-        # buffers as inference tensors, which may only be updated in inference mode
-        with torch.inference_mode():
-            if hasattr(module, "prepare"):
-                module.prepare(img)
-            return enhance_image(img, PatchInferer(module))
-
-    return run
-
-
-def as_enhancer(model: Any) -> Enhancer:
-    """A callable ``SpatialImage -> SpatialImage`` for a torch module or such a callable."""
-    try:
-        import torch
-
-        if isinstance(model, torch.nn.Module):
-            return module_enhancer(model)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    if callable(model):
-        return model
-    raise ConfigError(f"cannot run {type(model).__name__} as a super-resolution model")
-
-
-def interpolation_enhancer(method: str, channels: int, scale: Sequence[int]) -> Enhancer:
-    """The parameter-free baseline, run on the whole image (no tiling needed)."""
-    import torch
-
-    from domainsr.models import build_model
-
-    net = build_model(method, spatial_dims=len(scale), in_channels=channels, scale=tuple(scale))
-
-    def run(img: SpatialImage) -> SpatialImage:
-        with torch.no_grad():
-            out = net(torch.from_numpy(np.asarray(img.data, np.float32))[None])[0].numpy()
-        mask = None if img.mask is None else hal.upsample_nearest(img.mask, scale)
-        return img.derive(out, geometry=img.geometry.scaled(scale), mask=mask,
-                          step={"step": "baseline", "method": method, "scale": list(scale)})
-
-    return run
+def _check_inputs(sr: SpatialImage, lr: SpatialImage, reference: SpatialImage | None
+                  ) -> tuple[tuple[int, ...], Geometry, list[str]]:
+    """The scale and the SR grid (LR-derived), with warnings; InputError/GeometryError on a mismatch."""
+    warnings: list[str] = []
+    label = sr.source or None
+    if sr.domain != lr.domain:
+        raise InputError(f"SR is a {sr.domain} image but LR is {lr.domain}", label)
+    if sr.channels != lr.channels:
+        raise InputError(f"SR has {sr.channels} bands but LR has {lr.channels}", label)
+    scale = _scale_of(lr.spatial_shape, sr.spatial_shape, label)
+    grid = lr.geometry.scaled(scale)
+    if not grid.almost_equal(sr.geometry, atol=1e-3 * float(min(grid.spacing))):
+        warnings.append("the SR file's geometry differs from the LR grid scaled by "
+                        f"{list(scale)}; the audit uses the LR-derived grid")
+    if reference is not None:
+        if reference.spatial_shape != sr.spatial_shape or reference.channels != sr.channels:
+            raise InputError(f"reference {reference.data.shape} does not match SR {sr.data.shape}",
+                             reference.source or None)
+        if not reference.geometry.almost_equal(grid, atol=1e-3 * float(min(grid.spacing))):
+            warnings.append("the reference's geometry differs from the SR grid")
+    return scale, grid, warnings
 
 
 def _valid(img: SpatialImage) -> Array:
@@ -239,50 +156,82 @@ def _noise(img: SpatialImage, mask: Array, th: AuditThresholds) -> Array:
     return estimate_noise(img.data, mask)
 
 
-def _mean(values: Any) -> float:
-    arr = np.asarray(values, np.float64)
-    arr = arr[~np.isnan(arr)]  # an exact band (PSNR = inf) keeps the mean infinite
-    return float(arr.mean()) if arr.size else float("nan")
-
-
-def _gain(name: str, model: Any, base: Any) -> Any:
-    sign = 1.0 if mt.HIGHER_IS_BETTER[name] else -1.0
-    if isinstance(model, list):
-        return [sign * (m - b) for m, b in zip(model, base)]
-    return sign * (model - base)
-
-
-def _metric_table(sr: Array, base: Array, ref: Array, mask: Array, scale: Sequence[int],
-                  spacing: Sequence[float] | None, bands: Sequence[str]) -> dict[str, Any]:
+def _reference_metrics(sr: Array, base: Array, ref: Array, mask: Array, scale: Sequence[int],
+                       spacing: Sequence[float], bands: Sequence[str]) -> ReferenceMetrics:
     rng = mt.data_range(ref, mask)
     both = mt.reference_metrics({"model": sr, "baseline": base}, ref, mask, scale=scale, spacing=spacing,
                                 data_range_=rng)
-    m, b = both["model"], both["baseline"]
-    table: dict[str, Any] = {"data_range": rng.tolist(), "bands": list(bands), "per_metric": {}}
-    for name in m:
-        entry = {"model": m[name], "baseline": b[name], "gain": _gain(name, m[name], b[name]),
-                 "higher_is_better": mt.HIGHER_IS_BETTER[name]}
-        if isinstance(m[name], list):
-            entry.update(model_mean=_mean(m[name]), baseline_mean=_mean(b[name]),
-                         gain_mean=_mean(entry["gain"]))
-        table["per_metric"][name] = entry
-    return table
+    m, b = both["model"], both["baseline"]  # metric -> per-band list or number
+    gains = {name: MetricGain.compare(m[name], b[name], mt.HIGHER_IS_BETTER[name]) for name in m}  # type: ignore[arg-type]
+    return ReferenceMetrics(data_range=rng.tolist(), bands=list(bands), per_metric=ReferenceTable(**gains))
 
 
-def _lr_table(d_sr: Array, d_base: Array, lr: Array, mask: Array, sigma_lr: Array) -> dict[str, Any]:
+def _lr_metrics(d_sr: Array, d_base: Array, lr: Array, mask: Array, sigma_lr: Array) -> LRConsistencyMetrics:
     rng = mt.data_range(lr, mask)
-    out: dict[str, Any] = {}
-    for name, fn in (("lr_psnr", lambda x: mt.psnr(x, lr, mask, rng)),
-                     ("lr_rmse_sigma", lambda x: np.sqrt(mt.mse(x, lr, mask)) / np.maximum(sigma_lr, 1e-12))):
-        a, b = fn(d_sr).tolist(), fn(d_base).tolist()
-        out[name] = {"model": a, "baseline": b, "gain": _gain(name, a, b), "model_mean": _mean(a),
-                     "baseline_mean": _mean(b), "gain_mean": _mean(_gain(name, a, b)),
-                     "higher_is_better": mt.HIGHER_IS_BETTER[name]}
-    return out
+
+    def psnr(x: Array) -> list[float]:
+        return mt.psnr(x, lr, mask, rng).tolist()
+
+    def rmse_sigma(x: Array) -> list[float]:
+        return (np.sqrt(mt.mse(x, lr, mask)) / np.maximum(sigma_lr, 1e-12)).tolist()
+
+    return LRConsistencyMetrics(
+        lr_psnr=MetricGain.compare(psnr(d_sr), psnr(d_base), mt.HIGHER_IS_BETTER["lr_psnr"]),
+        lr_rmse_sigma=MetricGain.compare(rmse_sigma(d_sr), rmse_sigma(d_base), mt.HIGHER_IS_BETTER["lr_rmse_sigma"]))
 
 
-def _spacing(img: SpatialImage) -> list[float]:
-    return [float(s) for s in img.geometry.spacing]
+def _uncertainty(model: Any, ensemble: Sequence[Any], lr: SpatialImage, scale: tuple[int, ...],
+                 th: AuditThresholds, sigma_lr: Array, mask: Array, z: float
+                 ) -> tuple[Array | None, Array, UncertaintyReport]:
+    """The uncertainty map (local spread / sigma_lr), its unstable pixels, and how it was made:
+    the ensemble's spread, else the model's under test-time augmentation, else none."""
+    if ensemble:
+        members = [as_enhancer(m) for m in ([model] if model is not None else []) + list(ensemble)]
+        _, std = ensemble_uncertainty(members, lr)
+        info = UncertaintyReport(method="ensemble", members=len(members))
+    elif model is not None and th.tta != "off":
+        _, std, names = tta_uncertainty(as_enhancer(model), lr, scale, th.tta, th.tta_max)
+        info = UncertaintyReport(method=f"tta-{th.tta}", augmentations=names)
+    else:
+        return None, np.zeros_like(mask), UncertaintyReport()
+    uncertainty, unstable = unstable_pixels(std, sigma_lr, mask, hal.window_sigma(scale), z)
+    info.unstable_fraction = float(unstable[mask].mean())
+    return uncertainty, unstable, info
+
+
+def _rank_with_uncertainty(inconsistent: list[Region], unstable_only: list[Region]) -> list[Region]:
+    """LR-inconsistent regions that are mostly unstable too are escalated (``agreement``); all are
+    ranked worst first, agreeing ones first within a verdict, and renumbered."""
+    agreed = [r.model_copy(update={"verdict": escalate(r.verdict),
+                                   "evidence": r.evidence.model_copy(update={"agreement": True})})
+              if (r.evidence.unstable or 0.0) >= 0.5 else r for r in inconsistent]
+    ranked = sorted(agreed + unstable_only, key=lambda r: (-VERDICT_ORDER[r.verdict], -bool(r.evidence.agreement),
+                                                           -r.peak_risk))
+    return [r.model_copy(update={"id": i + 1}) for i, r in enumerate(ranked)]
+
+
+def _decide(regions: Sequence[Region], reference: ReferenceMetrics | None, th: AuditThresholds
+            ) -> tuple[Verdict, list[str]]:
+    """The overall verdict and its reasons: the worst region, and (held-out) a PSNR gain below
+    ``min_gain_db`` is a review."""
+    reasons: list[str] = []
+    verdict = worst(r.verdict for r in regions)
+    n_bad = sum(r.verdict != "pass" for r in regions)
+    if n_bad:
+        reasons.append(f"{n_bad} flagged region(s) need attention (worst: {verdict})")
+    gain = float("nan")
+    if reference is not None:
+        gain = reference.per_metric.psnr.gain_mean if reference.per_metric.psnr.gain_mean is not None else gain
+        if gain < th.min_gain_db:
+            verdict = worst([verdict, "review"])
+            reasons.append(f"mean PSNR gain over {th.baseline} interpolation is {gain:+.2f} dB "
+                           f"(< {th.min_gain_db:+.2f} dB)")
+    if not reasons:
+        head = (f"{len(regions)} minor region(s), all below the review threshold" if regions
+                else "no flagged region")
+        reasons.append(head + (f"; mean PSNR gain over {th.baseline} interpolation {gain:+.2f} dB"
+                               if reference is not None else "; SR is consistent with its LR input"))
+    return verdict, reasons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,23 +254,8 @@ def audit_output(sr: SpatialImage, lr: SpatialImage, reference: SpatialImage | N
     th = thresholds or AuditThresholds()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    warnings: list[str] = []
+    scale, grid, warnings = _check_inputs(sr, lr, reference)
     label = sr.source or None
-    if sr.domain != lr.domain:
-        raise InputError(f"SR is a {sr.domain} image but LR is {lr.domain}", label)
-    if sr.channels != lr.channels:
-        raise InputError(f"SR has {sr.channels} bands but LR has {lr.channels}", label)
-    scale = _scale_of(lr.spatial_shape, sr.spatial_shape, label)
-    grid = lr.geometry.scaled(scale)
-    if not grid.almost_equal(sr.geometry, atol=1e-3 * float(min(grid.spacing))):
-        warnings.append("the SR file's geometry differs from the LR grid scaled by "
-                        f"{list(scale)}; the audit uses the LR-derived grid")
-    if reference is not None:
-        if reference.spatial_shape != sr.spatial_shape or reference.channels != sr.channels:
-            raise InputError(f"reference {reference.data.shape} does not match SR {sr.data.shape}",
-                             reference.source or None)
-        if not reference.geometry.almost_equal(grid, atol=1e-3 * float(min(grid.spacing))):
-            warnings.append("the reference's geometry differs from the SR grid")
     d = len(scale)
     down = degradation or area_average(scale)
     enh_base = baseline or interpolation_enhancer(th.baseline, lr.channels, scale)
@@ -335,30 +269,32 @@ def audit_output(sr: SpatialImage, lr: SpatialImage, reference: SpatialImage | N
         raise InputError("no valid pixel is shared by the SR, LR (and reference) images", label)
     srd = np.asarray(sr.data, np.float32)
     lrd = np.asarray(lr.data, np.float32)
+    refd = None if reference is None else np.asarray(reference.data, np.float32)
     base_img = enh_base(lr)
     based = np.asarray(base_img.data, np.float32)
     timings["baseline"] = time.perf_counter() - t0
 
     # ---- noise
     sigma_lr = _noise(lr, lr_mask, th)
-    noise: dict[str, Any] = {"method": th.noise_method, "rule": NOISE_RULE if th.noise_method == "mad-haar"
-                             else "fixed per-band values from the config", "lr_sigma": sigma_lr.tolist()}
+    noise = NoiseReport(method=th.noise_method, rule=NOISE_RULE if th.noise_method == "mad-haar"
+                        else "fixed per-band values from the config", lr_sigma=sigma_lr.tolist())
+    sigma_cmp = sigma_lr
     if reference is not None:
         sigma_ref = _noise(reference, mask, th)
         sigma_cmp = np.sqrt(sigma_ref ** 2 + sigma_lr ** 2)
-        noise.update(reference_sigma=sigma_ref.tolist(), comparison_sigma=sigma_cmp.tolist())
+        noise.reference_sigma, noise.comparison_sigma = sigma_ref.tolist(), sigma_cmp.tolist()
 
     # ---- metrics
-    metrics: dict[str, Any] = {}
-    if reference is not None:
+    ref_metrics = None
+    if refd is not None:
         t = time.perf_counter()
-        metrics["reference"] = _metric_table(srd, based, np.asarray(reference.data, np.float32), mask, scale,
-                                             _spacing(sr), sr.band_names)
+        ref_metrics = _reference_metrics(srd, based, refd, mask, scale, [float(s) for s in sr.geometry.spacing],
+                                         sr.band_names)
         timings["metrics"] = time.perf_counter() - t
     t = time.perf_counter()
     d_sr, d_base = down(np.where(mask, srd, based)), down(based)
     lr_ok = lr_mask & (area_average(scale)(mask[None].astype(np.float32))[0] >= 1.0)
-    metrics["lr_consistency"] = _lr_table(d_sr, d_base, lrd, lr_ok, sigma_lr)
+    metrics = AuditMetrics(reference=ref_metrics, lr_consistency=_lr_metrics(d_sr, d_base, lrd, lr_ok, sigma_lr))
 
     # ---- reference-free: LR consistency on the LR grid, localised on the SR grid
     cm_lr = hal.correctness_maps(d_sr, d_base, lrd, sigma_lr, lr_ok, window=(1.0,) * d, alpha=th.alpha)
@@ -375,80 +311,35 @@ def audit_output(sr: SpatialImage, lr: SpatialImage, reference: SpatialImage | N
     timings["lr_consistency"] = time.perf_counter() - t
 
     # ---- uncertainty (TTA of the model, or the ensemble's spread)
-    uncertainty = None
-    unc_info: dict[str, Any] = {"method": "none"}
     t = time.perf_counter()
-    win = hal.window_sigma(scale)
-    if ensemble:
-        from domainsr.audit.uncertainty import ensemble_uncertainty
-
-        members = [as_enhancer(m) for m in ([model] if model is not None else []) + list(ensemble)]
-        _, std = ensemble_uncertainty(members, lr)
-        unc_info = {"method": "ensemble", "members": len(members)}
-    elif model is not None and th.tta != "off":
-        _, std, names = tta_uncertainty(as_enhancer(model), lr, scale, th.tta, th.tta_max)
-        unc_info = {"method": f"tta-{th.tta}", "augmentations": names}
-    unstable = np.zeros_like(mask)
-    if unc_info["method"] != "none":
-        uncertainty, unstable = unstable_pixels(std, sigma_lr, mask, win, z)
-        unc_info["unstable_fraction"] = float(unstable[mask].mean())
+    uncertainty, unstable, noise.uncertainty = _uncertainty(model, ensemble, lr, scale, th, sigma_lr, mask, z)
+    if uncertainty is not None:
         timings["uncertainty"] = time.perf_counter() - t
-    noise["uncertainty"] = unc_info
 
     # ---- regions
     min_size = th.min_region_size or int(np.prod([2 * f for f in scale]))
     evidence: dict[str, Array] = {"lr_inconsistent": lr_flag.astype(np.float32)}
     if uncertainty is not None:
-        evidence["uncertainty_sigma"] = uncertainty
-        evidence["unstable"] = unstable.astype(np.float32)
-    fractions: dict[str, Any] = {"lr_consistency": cm_lr.fractions()}
+        evidence.update(uncertainty_sigma=uncertainty, unstable=unstable.astype(np.float32))
+    find = partial(hal.find_regions, min_size=min_size, geometry=grid, evidence_maps=evidence)
+    fractions = Fractions(lr_consistency=cm_lr.fractions())
     classes = None
-    if reference is not None:
+    if refd is not None:
         t = time.perf_counter()
-        cm = hal.correctness_maps(srd, based, np.asarray(reference.data, np.float32), sigma_cmp, mask,
-                                  window=win, alpha=th.alpha)
+        cm = hal.correctness_maps(srd, based, refd, sigma_cmp, mask, window=hal.window_sigma(scale), alpha=th.alpha)
         classes, risk = cm.classes, cm.risk
-        fractions["reference"] = cm.fractions()
-        regions = hal.find_regions(classes == hal.HALLUCINATED, risk, kind="hallucination", min_size=min_size,
-                                   review=th.review_risk, fail=th.fail_risk, geometry=grid,
-                                   evidence_maps=evidence)
+        fractions.reference = cm.fractions()
+        regions = find(classes == hal.HALLUCINATED, risk, kind="hallucination", review=th.review_risk,
+                       fail=th.fail_risk)
         timings["correctness"] = time.perf_counter() - t
     else:
         risk = np.where(lr_flag, lr_risk, 0).astype(np.float32)
-        regions = hal.find_regions(lr_flag, risk, kind="lr-inconsistency", min_size=min_size,
-                                   review=th.review_risk, fail=th.fail_risk, geometry=grid,
-                                   evidence_maps=evidence)
+        regions = find(lr_flag, risk, kind="lr-inconsistency", review=th.review_risk, fail=th.fail_risk)
         if uncertainty is not None:
-            for r in regions:
-                if r.evidence.get("unstable", 0.0) >= 0.5:  # most of the region is unstable too
-                    r.evidence["agreement"] = True
-                    r.verdict = {"pass": "review", "review": "fail", "fail": "fail"}[r.verdict]
-            more = hal.find_regions(unstable & ~lr_flag, uncertainty, kind="uncertainty", min_size=min_size,
-                                    review=0.0, fail=np.inf, geometry=grid, evidence_maps=evidence)
-            regions = sorted(regions + more, key=lambda r: (-hal._ORDER[r.verdict],
-                                                            -bool(r.evidence.get("agreement")), -r.peak_risk))
-            for i, r in enumerate(regions):
-                r.id = i + 1
+            regions = _rank_with_uncertainty(regions, find(unstable & ~lr_flag, uncertainty, kind="uncertainty",
+                                                           review=0.0, fail=np.inf))
 
-    # ---- verdict
-    reasons: list[str] = []
-    verdict = hal.worst([r.verdict for r in regions])
-    n_bad = sum(r.verdict != "pass" for r in regions)
-    if n_bad:
-        reasons.append(f"{n_bad} flagged region(s) need attention (worst: {verdict})")
-    if reference is not None:
-        gain = metrics["reference"]["per_metric"]["psnr"]["gain_mean"]
-        if gain < th.min_gain_db:
-            verdict = hal.worst([verdict, "review"])
-            reasons.append(f"mean PSNR gain over {th.baseline} interpolation is {gain:+.2f} dB "
-                           f"(< {th.min_gain_db:+.2f} dB)")
-    if not reasons:
-        head = (f"{len(regions)} minor region(s), all below the review threshold" if regions
-                else "no flagged region")
-        reasons.append(head + (
-            f"; mean PSNR gain over {th.baseline} interpolation "
-            f"{metrics['reference']['per_metric']['psnr']['gain_mean']:+.2f} dB" if reference is not None
-            else "; SR is consistent with its LR input"))
+    verdict, reasons = _decide(regions, ref_metrics, th)
     timings["total"] = time.perf_counter() - t0
     info = dict(model_info or {})
     card = getattr(model, "card", None)
@@ -466,125 +357,6 @@ def audit_output(sr: SpatialImage, lr: SpatialImage, reference: SpatialImage | N
         uncertainty=uncertainty, regions=regions, metrics=metrics, noise=noise, fractions=fractions,
         verdict=verdict, reasons=reasons, thresholds=th, min_region_size=min_size, model=info, provenance=prov,
         warnings=warnings, timings=timings)
-
-
-def consistency_operator(degradation: Any, scale: Sequence[int]) -> Degrader:
-    """The deterministic HR -> LR operator for LR-consistency checks: a domainsr ``Degradation``
-    without its noise, else the area average."""
-    from domainsr.degrade import build_degradation, noise_free_spec
-
-    spec = degradation.describe() if hasattr(degradation, "describe") else None
-    clean = noise_free_spec(spec) if isinstance(spec, dict) and "kind" in spec else None
-    if not clean:
-        return area_average(scale)
-
-    op = build_degradation(clean)
-    rng = np.random.default_rng(0)  # unused by a noise-free operator; the interface wants one
-
-    def down(x: Array) -> Array:
-        return np.asarray(op(np.asarray(x, np.float32), rng), np.float32)
-
-    down.describe = lambda: {**clean, "note": "noise-free copy of the held-out degradation"}  # type: ignore[attr-defined]
-    return down
-
-
-def crop_to_multiple(img: SpatialImage, scale: Sequence[int]) -> SpatialImage:
-    """The largest leading sub-grid of ``img`` whose shape is a whole multiple of ``scale``."""
-    shape = tuple((s // f) * f for s, f in zip(img.spatial_shape, scale))
-    if shape == img.spatial_shape:
-        return img
-    if any(s == 0 for s in shape):
-        raise GeometryError(f"image {img.spatial_shape} is smaller than the scale {tuple(scale)}", img.source or None)
-    sl = (slice(None),) + tuple(slice(0, s) for s in shape)
-    mask = None if img.mask is None else img.mask[sl[1:]]
-    return img.derive(img.data[sl], geometry=img.geometry.cropped([0] * len(shape), shape), mask=mask)
-
-
-def audit_heldout(reference: SpatialImage, model: Any, degradation: Callable[..., Array], *,
-                  scale: Sequence[int], consistency: Degrader | None = None,
-                  thresholds: AuditThresholds | None = None, baseline: Enhancer | None = None,
-                  ensemble: Sequence[Any] = (), model_info: dict[str, Any] | None = None,
-                  seed: int = 0, allow_identifiers: bool = False) -> AuditResult:
-    """Held-out protocol: degrade the real high-resolution ``reference`` with the domain's
-    ``degradation(hr, rng) -> lr``, super-resolve with ``model`` and with the baseline, and compare
-    both to the reference. ``consistency`` is the noise-free operator for the LR-consistency check
-    (default: :func:`consistency_operator` of ``degradation``)."""
-    scale = tuple(int(s) for s in scale)
-    ref = crop_to_multiple(reference, scale)
-    rng = np.random.default_rng(seed)
-    lr_data = np.asarray(degradation(np.asarray(ref.data, np.float32), rng), np.float32)
-    lr_grid = ref.geometry.scaled([1.0 / f for f in scale])
-    if tuple(lr_data.shape[1:]) != tuple(lr_grid.shape):
-        raise GeometryError(f"degradation gave LR {lr_data.shape[1:]} for reference {ref.spatial_shape} at "
-                            f"scale {scale}; expected {lr_grid.shape}", ref.source or None)
-    lr_mask = None
-    if ref.mask is not None:
-        lr_mask = area_average(scale)(ref.mask[None].astype(np.float32))[0] >= 1.0
-    lr = ref.derive(lr_data, geometry=lr_grid, mask=lr_mask,
-                    step={"step": "held-out degradation", "seed": seed,
-                          "degradation": getattr(degradation, "describe", lambda: repr(degradation))()})
-    sr = as_enhancer(model)(lr)
-    down = consistency or consistency_operator(degradation, scale)
-    result = audit_output(sr, lr, ref, down, thresholds=thresholds, baseline=baseline, model=model,
-                          ensemble=ensemble, model_info=model_info, allow_identifiers=allow_identifiers,
-                          mode="held-out")
-    result.provenance["held_out"] = {
-        "degradation": getattr(degradation, "describe", lambda: repr(degradation))(), "seed": seed,
-        "reference_region": {"start": [0] * len(scale), "shape": list(ref.spatial_shape)}}
-    return result
-
-
-def heldout_region(card: Any, reference: SpatialImage | MultiResolutionImage, region: str = "test") -> SpatialImage:
-    """The part of ``reference`` a checkpoint never saw in training: its card's ``region`` of the
-    spatial split (``training_data.split.regions``), when the card records one for this image's
-    grid; else the whole image. Bands are selected as the card names them (also from a
-    multi-resolution band set such as a Sentinel-2 folder)."""
-    img = reference.select(card.bands) if isinstance(reference, MultiResolutionImage) else reference
-    if card.bands and list(img.band_names) != list(card.bands):
-        missing = [b for b in card.bands if b not in img.band_names]
-        if missing:
-            raise InputError(f"reference lacks band(s) {missing} that model {card.name!r} needs", img.source or None)
-        idx = [img.band_names.index(b) for b in card.bands]
-        img = img.derive(img.data[idx], band_names=tuple(card.bands))
-    split = (card.training_data.split if card.training_data is not None else {}) or {}
-    bounds = (split.get("regions") or {}).get(region)
-    if bounds is None:
-        return img
-    axis = int(split["axis"])
-    start, stop = int(bounds[0]), int(bounds[1])
-    if not 0 <= start < stop <= img.spatial_shape[axis]:
-        raise InputError(f"the card's {region} region {bounds} does not fit this image's axis {axis} "
-                         f"({img.spatial_shape[axis]} px)", img.source or None)
-    first = [0] * img.spatial_dims
-    first[axis] = start
-    shape = list(img.spatial_shape)
-    shape[axis] = stop - start
-    sl = tuple(slice(a, a + n) for a, n in zip(first, shape))
-    mask = None if img.mask is None else img.mask[sl]
-    out = img.derive(np.ascontiguousarray(img.data[(slice(None), *sl)]), geometry=img.geometry.cropped(first, shape),
-                     mask=mask, step={"step": "held-out region", "region": region, "axis": axis,
-                                      "start": start, "stop": stop})
-    return out
-
-
-def audit_checkpoint(reference: SpatialImage | MultiResolutionImage, checkpoint: str, *, region: str = "test",
-                     thresholds: AuditThresholds | None = None, seed: int = 0,
-                     allow_identifiers: bool = False) -> AuditResult:
-    """Held-out audit of a shipped or user checkpoint on a real reference image: its card gives
-    the bands, the scale, the degradation and the held-out region (see :func:`heldout_region`)."""
-    from domainsr.degrade import build_degradation, primary_spec
-    from domainsr.models.checkpoints import load_checkpoint
-
-    model, card = load_checkpoint(checkpoint)
-    if card.application != "direct":
-        raise ConfigError(f"model {card.name!r} is applied {card.application}; pass its enhancer to "
-                          "audit_heldout instead")
-    ref = heldout_region(card, reference, region)
-    degradation = build_degradation(primary_spec(card.degradation))  # a training mix: its primary
-    info = {"name": card.name, "checkpoint": str(checkpoint), "card": card.model_dump(mode="json"),
-            "held_out_region": region}
-    return audit_heldout(ref, model, degradation, scale=card.scale, thresholds=thresholds, seed=seed,
-                         model_info=info, allow_identifiers=allow_identifiers)
 
 
 def risk_image(result: AuditResult) -> SpatialImage:
@@ -606,6 +378,4 @@ def write_risk_map(result: AuditResult, path: Any) -> Any:
     return write_image(risk_image(result), path)
 
 
-__all__ = ["AuditResult", "AuditThresholds", "area_average", "as_enhancer", "audit_checkpoint", "audit_heldout",
-           "audit_output", "consistency_operator", "crop_to_multiple", "heldout_region", "interpolation_enhancer",
-           "module_enhancer", "risk_image", "write_risk_map"]
+__all__ = ["AuditResult", "audit_output", "risk_image", "write_risk_map"]

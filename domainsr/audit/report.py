@@ -1,32 +1,33 @@
 """One self-contained HTML report and a JSON file with the same numbers.
 
 The HTML embeds every figure as a base64 PNG and its CSS inline; it references no URL, so it opens
-offline and can be mailed or archived as one file. Figures: LR | baseline | SR | HR | error |
-correctness classes | risk with region boxes | LR-consistency residual | TTA uncertainty, for a
-raster as an RGB or false-colour composite, for a volume as three orthogonal slices; then a crop
-(raster) or orthogonal slices (volume) through each of the worst flagged regions.
+offline and can be mailed or archived as one file. Figures (``display``): LR | baseline | SR | HR |
+error | correctness classes | risk with region boxes | LR-consistency residual | TTA uncertainty,
+for a raster as an RGB or false-colour composite, for a volume as three orthogonal slices; then a
+crop (raster) or orthogonal slices (volume) through each of the worst flagged regions. The JSON
+file is :meth:`AuditSummary.to_json <domainsr.audit.results.AuditSummary.to_json>`.
 """
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from domainsr.audit import figures as fg
-from domainsr.audit.hallucination import HALLUCINATED, RegionFlag
+from domainsr.audit.display import Display, Painter, layers_of, region_crop
+from domainsr.audit.hallucination import HALLUCINATED
 from domainsr.audit.protocol import AuditResult
-from domainsr.image import MedicalGeometry
+from domainsr.audit.results import MapBox, MetricGain, RegionEvidence, jsonable
 from domainsr.io.atomic import atomic_path
 
 TEMPLATE = "report.html.j2"
 MAX_TABLE_REGIONS = 60  # worst first; the JSON lists every region
 MAX_DRAWN_REGIONS = 30
-_METRIC_LABELS = {
+METRIC_LABELS = {
     "psnr": ("PSNR", "dB"), "ssim": ("SSIM", ""), "hfen": ("HFEN", "relative"),
     "gradient_error": ("Gradient error", "relative"), "sam": ("SAM", "degrees"), "ergas": ("ERGAS", ""),
     "lr_psnr": ("LR-consistency PSNR", "dB"), "lr_rmse_sigma": ("LR-consistency RMSE", "noise sigma"),
@@ -34,227 +35,11 @@ _METRIC_LABELS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# display planes
-
-
-class Display:
-    """Turns SR-grid arrays into 2D display planes (volumes reoriented to RAS+)."""
-
-    def __init__(self, result: AuditResult) -> None:
-        self.result = result
-        geom = result.sr.geometry
-        self.volume = result.sr.spatial_dims == 3
-        self.ornt = None
-        self.spacing = list(geom.spacing)
-        if self.volume and isinstance(geom, MedicalGeometry):
-            import nibabel.orientations as no
-
-            self.ornt = no.io_orientation(geom.affine)
-            sp = [0.0, 0.0, 0.0]
-            for ax, (new_ax, _) in enumerate(self.ornt):
-                sp[int(new_ax)] = self.spacing[ax]
-            self.spacing = sp
-        self.shape = self.canon(np.zeros(result.sr.spatial_shape, bool)).shape
-
-    def canon(self, arr: np.ndarray) -> np.ndarray:
-        """Reorient the trailing spatial axes of ``arr`` to RAS+ (volumes); rasters unchanged."""
-        if self.ornt is None:
-            return arr
-        import nibabel.orientations as no
-
-        if arr.ndim == 3:
-            return no.apply_orientation(arr, self.ornt)
-        return np.stack([no.apply_orientation(a, self.ornt) for a in arr])
-
-    def canon_index(self, idx: Sequence[float]) -> list[float]:
-        if self.ornt is None:
-            return list(idx)
-        shape = self.result.sr.spatial_shape
-        out = [0.0] * len(idx)
-        for ax, (new_ax, flip) in enumerate(self.ornt):
-            out[int(new_ax)] = (shape[ax] - 1 - idx[ax]) if flip < 0 else idx[ax]
-        return out
-
-    def planes(self, centre: Sequence[float]) -> list[tuple[str, int, int]]:
-        """``(name, fixed axis, index)`` of the planes through ``centre`` (canonical indices)."""
-        if not self.volume:
-            return [("image", -1, 0)]
-        c = [round(v) for v in centre]
-        return [("axial", 2, c[2]), ("coronal", 1, c[1]), ("sagittal", 0, c[0])]
-
-    def take(self, arr: np.ndarray, plane: tuple[str, int, int]) -> np.ndarray:
-        """2D (rows, cols[, channels]) display plane of a canonical array ``(C?, *spatial)``."""
-        _, axis, index = plane
-        if axis < 0:
-            return np.moveaxis(arr, 0, -1) if arr.ndim == 3 else arr
-        lead = arr.ndim - 3
-        sl = [slice(None)] * arr.ndim
-        sl[lead + axis] = index
-        a = arr[tuple(sl)]  # (C?, u, v) with u, v the two remaining axes in RAS order
-        a = np.swapaxes(a, -1, -2)[..., ::-1, :]  # rows = second axis (up = anterior/superior)
-        return np.moveaxis(a, 0, -1) if lead else a
-
-    def aspect(self, plane: tuple[str, int, int]) -> float:
-        _, axis, _ = plane
-        if axis < 0:
-            return self.spacing[0] / self.spacing[1]
-        u, v = [a for a in range(3) if a != axis]
-        return self.spacing[v] / self.spacing[u]
-
-    def box_2d(self, region: RegionFlag, plane: tuple[str, int, int]) -> tuple[float, float, float, float] | None:
-        """The region's box in plane array coordinates ``(c0, r0, c1, r1)``, or None if it misses."""
-        lo = self.canon_index([b[0] for b in region.bbox_index])
-        hi = self.canon_index([b[1] for b in region.bbox_index])
-        lo, hi = [min(a, b) for a, b in zip(lo, hi)], [max(a, b) for a, b in zip(lo, hi)]
-        _, axis, index = plane
-        if axis < 0:
-            return lo[1], lo[0], hi[1], hi[0]
-        if not lo[axis] <= index <= hi[axis]:
-            return None
-        u, v = [a for a in range(3) if a != axis]
-        n_rows = self.shape[v]
-        return lo[u], n_rows - 1 - hi[v], hi[u], n_rows - 1 - lo[v]
-
-
-@dataclass
-class Layers:
-    """Canonical SR-grid arrays for the panels, and their display ranges."""
-
-    lr: np.ndarray
-    base: np.ndarray
-    sr: np.ndarray
-    ref: np.ndarray | None
-    err: np.ndarray
-    err_label: str
-    classes: np.ndarray | None
-    risk: np.ndarray
-    resid: np.ndarray
-    unc: np.ndarray | None
-    mask: np.ndarray
-
-
-def _layers(result: AuditResult, disp: Display) -> Layers:
-    from domainsr.audit.hallucination import upsample_nearest
-
-    sr = np.asarray(result.sr.data, np.float32)
-    ref = None if result.reference is None else np.asarray(result.reference.data, np.float32)
-    base = np.asarray(result.baseline.data, np.float32)
-    if ref is not None:
-        err, label = np.mean(np.abs(sr - ref), axis=0), "|SR − HR|"
-    else:
-        err, label = np.mean(np.abs(sr - base), axis=0), "|SR − baseline| (what the model added)"
-    lr_up = upsample_nearest(np.asarray(result.lr.data, np.float32), (1, *result.scale))
-    return Layers(lr=disp.canon(lr_up), base=disp.canon(base), sr=disp.canon(sr),
-                  ref=None if ref is None else disp.canon(ref), err=disp.canon(np.where(result.mask, err, 0)),
-                  err_label=label, classes=None if result.classes is None else disp.canon(result.classes),
-                  risk=disp.canon(result.risk), resid=disp.canon(result.lr_residual),
-                  unc=None if result.uncertainty is None else disp.canon(result.uncertainty),
-                  mask=disp.canon(result.mask))
-
-
-class Painter:
-    """Renders panels of a plane, with consistent windows and colour bars."""
-
-    def __init__(self, result: AuditResult, layers: Layers) -> None:
-        self.r, self.L = result, layers
-        bands = result.sr.band_names
-        comp = fg.composite_for(result.sr) if result.sr.channels >= 3 else None
-        self.bands, self.band_label = (comp if comp else ([0], bands[0]))
-        src = layers.ref if layers.ref is not None else layers.sr
-        m = layers.mask
-        self.windows = [fg.percentiles(src[b][m], 1.0 if len(self.bands) == 3 else 0.5,
-                                       99.0 if len(self.bands) == 3 else 99.5) for b in self.bands]
-        self.err_hi = max(fg.percentiles(layers.err[m], 0, 99.5)[1], 1e-6)
-        th = result.thresholds
-        self.risk_hi = 1.5 * th.fail_risk
-        self.sig_hi = max(5.0, fg.percentiles(layers.resid[m], 0, 99.5)[1])
-        if layers.unc is not None:
-            self.sig_hi = max(self.sig_hi, fg.percentiles(layers.unc[m], 0, 99.5)[1])
-
-    def intensity(self, arr: np.ndarray) -> np.ndarray:
-        """RGB uint8 of a 2D plane ``(rows, cols, C)``."""
-        chans = [fg.stretch(arr[..., b], lo, hi) for b, (lo, hi) in zip(self.bands, self.windows)]
-        return np.stack(chans, -1) if len(chans) == 3 else np.repeat(chans[0][..., None], 3, -1)
-
-    def panels(self, disp: Display, plane: tuple[str, int, int], regions: Sequence[RegionFlag],
-               crop: tuple[slice, slice] | None = None, min_side: int = 200, max_side: int = fg.MAX_SIDE
-               ) -> list[dict[str, Any]]:
-        L = self.L
-        take = lambda a: disp.take(a, plane)
-        cut = (lambda a: a[crop]) if crop is not None else (lambda a: a)
-        base_shape = cut(take(L.mask)).shape
-        view = fg.View.fit(base_shape, disp.aspect(plane), max_side=max_side, min_side=min_side)
-        nearest = crop is not None
-        sx = view.size[0] / max(1, base_shape[1] // view.step * view.step)  # display px per array px
-        sy = view.size[1] / max(1, base_shape[0] // view.step * view.step)
-        off = (crop[1].start, crop[0].start) if crop is not None else (0, 0)
-        boxes = []
-        for reg in regions:
-            b = disp.box_2d(reg, plane)
-            if b is None:
-                continue
-            c0, r0, c1, r1 = b[0] - off[0], b[1] - off[1], b[2] - off[0], b[3] - off[1]
-            if c1 < 0 or r1 < 0 or c0 >= base_shape[1] or r0 >= base_shape[0]:
-                continue
-            boxes.append((reg.id, (c0 * sx, r0 * sy, (c1 + 1) * sx - 1, (r1 + 1) * sy - 1), reg.verdict))
-
-        def flat(arr: np.ndarray, how: str = "mean") -> np.ndarray:
-            """The display plane, block-reduced before any colour mapping (bounded memory)."""
-            return view.reduce(np.asarray(cut(take(arr)), np.float32), how)
-
-        def img(rgb: np.ndarray, draw: bool = False) -> str:
-            im = view.render(rgb, nearest=nearest)
-            return fg.encode(fg.draw_boxes(im, boxes) if draw else im)
-
-        sr_rgb = self.intensity(flat(L.sr))
-        dim = fg.grey_rgb(np.mean(sr_rgb, -1), 0, 255)  # the SR as a grey backdrop for overlays
-        unit = self.r.sr.units or "a.u."
-        win = ", ".join(f"{lo:.4g}–{hi:.4g}" for lo, hi in self.windows)
-        out = [
-            {"title": "LR input", "img": img(self.intensity(flat(L.lr))), "note": f"{self.band_label}; {win} {unit}"},
-            {"title": f"Baseline ({self.r.thresholds.baseline})", "img": img(self.intensity(flat(L.base)))},
-            {"title": "SR (model)", "img": img(sr_rgb)},
-        ]
-        if L.ref is not None:
-            out.append({"title": "HR reference", "img": img(self.intensity(flat(L.ref)))})
-        out.append({"title": L.err_label, "img": img(fg.heat(flat(L.err, "max"), 0, self.err_hi)),
-                    "bar": (0, self.err_hi, unit + " (mean over bands)")})
-        if L.classes is not None:
-            rgb = fg.overlay_classes(dim, np.rint(flat(L.classes, "max")).astype(np.uint8))
-            out.append({"title": "Correctness vs HR", "img": img(rgb, draw=True), "legend": True})
-        rgb = fg.overlay_heat(dim, flat(L.risk, "max"), 0, self.risk_hi)
-        out.append({"title": "Hallucination risk" if L.classes is not None else "Risk (LR-inconsistency)",
-                    "img": img(rgb, draw=True), "bar": (0, self.risk_hi, "relative excess error")})
-        out.append({"title": "LR-consistency residual", "img": img(fg.heat(flat(L.resid, "max"), 0, self.sig_hi)),
-                    "bar": (0, self.sig_hi, "noise σ")})
-        if L.unc is not None:
-            out.append({"title": "TTA uncertainty" if self.r.noise["uncertainty"]["method"].startswith("tta")
-                        else "Ensemble spread", "img": img(fg.heat(flat(L.unc, "max"), 0, self.sig_hi)),
-                        "bar": (0, self.sig_hi, "noise σ")})
-        return out
-
-
-def _region_crop(disp: Display, region: RegionFlag, plane: tuple[str, int, int], shape: tuple[int, int]
-                 ) -> tuple[slice, slice]:
-    b = disp.box_2d(region, plane)
-    if b is None:
-        c = disp.canon_index(region.centroid_index)
-        _, axis, _ = plane
-        u, v = [a for a in range(3) if a != axis]
-        b = (c[u], shape[0] - 1 - c[v], c[u], shape[0] - 1 - c[v])
-    c0, r0, c1, r1 = b
-    half = max(16, int(max(c1 - c0, r1 - r0)))
-    rc, cc = (r0 + r1) / 2, (c0 + c1) / 2
-    r_lo = int(max(0, min(shape[0] - 1, rc - half)))
-    c_lo = int(max(0, min(shape[1] - 1, cc - half)))
-    return slice(r_lo, int(min(shape[0], rc + half + 1))), slice(c_lo, int(min(shape[1], cc + half + 1)))
-
-
-# ---------------------------------------------------------------------------------------------
 # tables
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def fmt(v: Any, digits: int = 4) -> str:
+    """A number for the report: ``digits`` significant digits, ``n/a`` for NaN, ``∞``, ``–`` for none."""
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -266,66 +51,70 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _metric_row(group: str, name: str, e: MetricGain, bands: Sequence[str]) -> dict[str, Any]:
+    label, unit = METRIC_LABELS.get(name, (name, ""))
+    means = e.means()
+    gain = means.gain_mean if means.gain_mean is not None else float("nan")
+    per_band = []
+    if isinstance(e.model, list) and isinstance(e.baseline, list) and isinstance(e.gain, list) and len(bands) > 1:
+        per_band = [{"band": b, "model": fmt(m), "baseline": fmt(x), "gain": f"{g:+.4g}"}
+                    for b, m, x, g in zip(bands, e.model, e.baseline, e.gain)]
+    return {
+        "group": group, "name": label, "unit": unit, "better": "higher" if e.higher_is_better else "lower",
+        "model": fmt(means.model_mean), "baseline": fmt(means.baseline_mean),
+        "gain": (f"{gain:+.4g}" if np.isfinite(gain) else "n/a"),
+        "good": bool(np.isfinite(gain) and gain > 0), "bad": bool(np.isfinite(gain) and gain < 0), "bands": per_band,
+    }
+
+
 def metric_rows(result: AuditResult) -> list[dict[str, Any]]:
-    rows = []
+    """The metrics table: full-reference metrics (with a reference), then LR consistency."""
     bands = list(result.sr.band_names)
-    tables = []
-    if "reference" in result.metrics:
-        tables.append(("vs HR reference", result.metrics["reference"]["per_metric"]))
-    tables.append(("no reference needed", result.metrics["lr_consistency"]))
-    for group, table in tables:
-        for name, e in table.items():
-            label, unit = _METRIC_LABELS.get(name, (name, ""))
-            per_band = isinstance(e["model"], list)
-            model = e["model_mean"] if per_band else e["model"]
-            base = e["baseline_mean"] if per_band else e["baseline"]
-            gain = e["gain_mean"] if per_band else e["gain"]
-            rows.append({
-                "group": group, "name": label, "unit": unit, "better": "higher" if e["higher_is_better"] else "lower",
-                "model": _fmt(model), "baseline": _fmt(base), "gain": (f"{gain:+.4g}" if np.isfinite(gain) else "n/a"),
-                "good": bool(np.isfinite(gain) and gain > 0), "bad": bool(np.isfinite(gain) and gain < 0),
-                "bands": ([{"band": b, "model": _fmt(m), "baseline": _fmt(x), "gain": f"{g:+.4g}"}
-                           for b, m, x, g in zip(bands, e["model"], e["baseline"], e["gain"])]
-                          if per_band and len(bands) > 1 else []),
-            })
+    rows = []
+    if result.metrics.reference is not None:
+        rows += [_metric_row("vs HR reference", name, e, bands) for name, e in result.metrics.reference.per_metric.items()]
+    rows += [_metric_row("no reference needed", name, e, bands) for name, e in result.metrics.lr_consistency.items()]
     return rows
 
 
 def region_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """The flagged-regions table, worst first (at most ``MAX_TABLE_REGIONS``)."""
     rows = []
     for r in result.regions[:MAX_TABLE_REGIONS]:
         w = r.world
         world = ""
-        if w:
-            world = (f"{w['space']}: min {_coord(w['min'])}, max {_coord(w['max'])}; centre {_coord(w['centroid'])}")
-            if w.get("lonlat_centroid"):
-                world += f"; lon/lat {w['lonlat_centroid'][0]:.6f}, {w['lonlat_centroid'][1]:.6f}"
-        ev = ", ".join(_evidence(k, v) for k, v in r.evidence.items())
+        if w is not None:
+            world = f"{w.space}: min {_coord(w.min)}, max {_coord(w.max)}; centre {_coord(w.centroid)}"
+            if isinstance(w, MapBox) and w.lonlat_centroid:
+                world += f"; lon/lat {w.lonlat_centroid[0]:.6f}, {w.lonlat_centroid[1]:.6f}"
         rows.append({"id": r.id, "kind": r.kind, "verdict": r.verdict, "size": r.size,
-                     "physical": (f"{r.physical_size:,.0f}" if r.physical_size >= 1000 else _fmt(r.physical_size, 4))
+                     "physical": (f"{r.physical_size:,.0f}" if r.physical_size >= 1000 else fmt(r.physical_size, 4))
                      + f" {r.physical_unit}",
                      "bbox": " × ".join(f"{a}–{b}" for a, b in r.bbox_index), "world": world,
-                     "peak": _fmt(r.peak_risk, 3), "mean": _fmt(r.mean_risk, 3), "evidence": ev})
+                     "peak": fmt(r.peak_risk, 3), "mean": fmt(r.mean_risk, 3), "evidence": evidence_text(r.evidence)})
     return rows
 
 
-def _evidence(key: str, value: Any) -> str:
-    if key == "agreement":
-        return "LR-inconsistent and unstable agree" if value else ""
-    if key == "lr_inconsistent":
-        return f"{100 * value:.0f} % LR-inconsistent"
-    if key == "unstable":
-        return f"{100 * value:.0f} % unstable"
-    if key == "uncertainty_sigma":
-        return f"spread {value:.3g} σ"
-    return f"{key.replace('_', ' ')} {_fmt(value, 3)}"
+def evidence_text(ev: RegionEvidence) -> str:
+    """The evidence column: what share of the region is LR-inconsistent / unstable, the spread."""
+    parts = []
+    if ev.lr_inconsistent is not None:
+        parts.append(f"{100 * ev.lr_inconsistent:.0f} % LR-inconsistent")
+    if ev.uncertainty_sigma is not None:
+        parts.append(f"spread {ev.uncertainty_sigma:.3g} σ")
+    if ev.unstable is not None:
+        parts.append(f"{100 * ev.unstable:.0f} % unstable")
+    if ev.agreement is not None:
+        parts.append("LR-inconsistent and unstable agree" if ev.agreement else "")
+    return ", ".join(parts)
 
 
 def _coord(v: Sequence[float]) -> str:
     return "(" + ", ".join(f"{x:.2f}" for x in v) + ")"
 
 
-def _card_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
+def card_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
+    """The model table: the caller's model record, then the card's fields that are set."""
     card = model.get("card") or {}
     rows = [(k, str(v)) for k, v in model.items() if k != "card"]
     keys = ("name", "version", "architecture", "domain", "spatial_dims", "scale", "bands", "units", "input_range",
@@ -342,31 +131,12 @@ def _card_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
 # writing
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def render_html(result: AuditResult) -> str:
     """The report as one HTML string (figures embedded)."""
     import jinja2
 
     disp = Display(result)
-    layers = _layers(result, disp)
+    layers = layers_of(result, disp)
     painter = Painter(result, layers)
     worst = [r for r in result.regions if r.verdict != "pass"] or result.regions
     if disp.volume:
@@ -380,22 +150,18 @@ def render_html(result: AuditResult) -> str:
                 for p in disp.planes(centre)]
     region_figs = []
     for reg in result.regions[: result.thresholds.max_figure_regions]:
-        planes = disp.planes(disp.canon_index(reg.centroid_index))
         rows = []
-        for p in planes:
-            shape = disp.take(layers.mask, p).shape
-            crop = _region_crop(disp, reg, p, shape)
+        for p in disp.planes(disp.canon_index(reg.centroid_index)):
+            crop = region_crop(disp, reg, p, disp.take(layers.mask, p).shape)
             rows.append({"plane": p[0], "panels": painter.panels(disp, p, [reg], crop=crop, min_side=150, max_side=190)})
         region_figs.append({"id": reg.id, "verdict": reg.verdict, "kind": reg.kind, "rows": rows})
-    summary = result.summary()
-    frac = result.fractions.get("reference") or result.fractions.get("lr_consistency") or {}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     return env.get_template(TEMPLATE).render(
-        s=summary, r=result, overview=overview, region_figs=region_figs, metric_rows=metric_rows(result),
-        region_rows=region_rows(result), card_rows=_card_rows(result.model), frac=frac,
+        s=result.summary(), r=result, overview=overview, region_figs=region_figs, metric_rows=metric_rows(result),
+        region_rows=region_rows(result), card_rows=card_rows(result.model), frac=result.fractions.headline,
         heat_bar=fg.colourbar(), class_colours={k: "#{:02x}{:02x}{:02x}".format(*c) for k, c in fg.CLASS_COLOURS.items()},
-        fmt=_fmt, json=lambda v: json.dumps(_jsonable(v), indent=1, default=str),
+        fmt=fmt, json=lambda v: json.dumps(jsonable(v), indent=1, default=str),
         n_halluc=int(np.sum(result.classes == HALLUCINATED)) if result.classes is not None else None,
         is_volume=disp.volume)
 
@@ -406,8 +172,12 @@ def write_report(result: AuditResult, out_dir: str | Path, stem: str = "audit") 
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / f"{stem}.html", out / f"{stem}.json"
     with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(result.summary()), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(result.summary().to_json(), encoding="utf-8")
     html = render_html(result)
     with atomic_path(html_path) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return html_path, json_path
+
+
+__all__ = ["METRIC_LABELS", "card_rows", "evidence_text", "fmt", "metric_rows", "region_rows", "render_html",
+           "write_report"]

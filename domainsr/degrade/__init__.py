@@ -12,12 +12,14 @@ noise in HU, clipping).
 from domainsr.degrade.base import (
     Compose,
     Degradation,
+    NoiseFreeOperator,
     OneOf,
     build_degradation,
     degradation_kinds,
+    noise_free_operator,
     noise_free_spec,
     primary_spec,
 )
 
-__all__ = ["Compose", "Degradation", "OneOf", "build_degradation", "degradation_kinds", "noise_free_spec",
-           "primary_spec"]
+__all__ = ["Compose", "Degradation", "NoiseFreeOperator", "OneOf", "build_degradation", "degradation_kinds",
+           "noise_free_operator", "noise_free_spec", "primary_spec"]

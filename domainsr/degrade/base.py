@@ -199,3 +199,37 @@ def build_degradation(spec: Mapping[str, Any]) -> Degradation:
         return cls(**params)
     except TypeError as exc:
         raise ConfigError(f"degradation {spec['kind']!r}: {exc}") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseFreeOperator:
+    """A degradation's deterministic form as ``x -> lr`` (``degradation(x, rng=None)``): the operator
+    an audit re-degrades SR with to check it against its LR input. ``describe()`` is the
+    degradation's own description, or, with a ``note``, the noise-free ``spec`` and the note."""
+
+    degradation: Degradation
+    spec: dict[str, Any]
+    note: str | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.degradation(np.asarray(x, np.float32), None), np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.spec, "note": self.note} if self.note else self.degradation.describe()
+
+
+def noise_free_operator(degradation: Degradation | Mapping[str, Any] | None, scale: Sequence[int], channels: int,
+                        *, note: str | None = None) -> NoiseFreeOperator | None:
+    """The noise-free operator of ``degradation`` (a Degradation, anything with ``describe()``, or
+    its spec) for ``channels`` bands at ``scale``, or ``None`` when it has no deterministic form:
+    random blind degradations, pure noise, an operator that needs random numbers, or no spec."""
+    spec = degradation if isinstance(degradation, Mapping) else getattr(degradation, "describe", lambda: None)()
+    clean = noise_free_spec(spec) if isinstance(spec, Mapping) and "kind" in spec else None
+    if not clean:
+        return None
+    op = NoiseFreeOperator(build_degradation(clean), clean, note)
+    try:  # rng=None is the noise-free form; a degradation that needs random numbers has none
+        op(np.zeros((channels, *(4 * int(f) for f in scale)), np.float32))
+    except (AttributeError, TypeError):
+        return None
+    return op

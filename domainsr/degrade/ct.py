@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 
 from domainsr.degrade.base import Degradation
-from domainsr.degrade.mri import _axis, slice_profile
+from domainsr.degrade.mri import slice_profile, spatial_axis
 from domainsr.degrade.sampling import as_factors, as_image, check_divisible
 from domainsr.errors import ConfigError
 
@@ -51,7 +51,7 @@ class ThickSlices(Degradation):
 
     def factors(self, spatial_dims: int) -> tuple[int, ...]:
         out = [1] * spatial_dims
-        out[_axis(self.axis, spatial_dims)] = int(self.factor)
+        out[spatial_axis(self.axis, spatial_dims)] = int(self.factor)
         return tuple(out)
 
     def __call__(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:

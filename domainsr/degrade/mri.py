@@ -78,7 +78,7 @@ def slice_profile(x: np.ndarray, axis: int, factor: int, profile: str = "box",
     (default ``factor``: contiguous slices), integrated over each HR slice, then keep every
     ``factor``-th (centred) slab."""
     x = as_image(x, "HR image")
-    ax = _axis(axis, x.ndim - 1)
+    ax = spatial_axis(axis, x.ndim - 1)
     width = float(factor if fwhm is None else fwhm)
     if width <= 0:
         raise ConfigError(f"slice profile FWHM must be > 0, got {fwhm}")
@@ -100,7 +100,8 @@ def rician_noise(x: np.ndarray, sigma: float | np.ndarray, rng: np.random.Genera
     return np.hypot(x + n1, n2).astype(np.float32)
 
 
-def _axis(axis: int, ndim: int) -> int:
+def spatial_axis(axis: int, ndim: int) -> int:
+    """``axis`` (negative: from the end) as an index into ``ndim`` spatial axes; InputError if absent."""
     if not -ndim <= axis < ndim:
         raise InputError(f"axis {axis} does not exist in an image with {ndim} spatial axes")
     return axis % ndim
@@ -146,7 +147,7 @@ class SliceProfile(Degradation):
 
     def factors(self, spatial_dims: int) -> tuple[int, ...]:
         out = [1] * spatial_dims
-        out[_axis(self.axis, spatial_dims)] = int(self.factor)
+        out[spatial_axis(self.axis, spatial_dims)] = int(self.factor)
         return tuple(out)
 
     def __call__(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -215,7 +216,7 @@ class MRIDegradation(Degradation):
             top = max(f)
             slices = [] if len(set(f)) == 1 else [a for a, v in enumerate(f) if v == top]
         else:
-            slices = sorted({_axis(a, spatial_dims) for a in self.slice_axes})
+            slices = sorted({spatial_axis(a, spatial_dims) for a in self.slice_axes})
         return ([a for a in slices if f[a] > 1],
                 [a for a, v in enumerate(f) if v > 1 and a not in slices])
 

@@ -2,7 +2,8 @@
 raster streaming (streaming) and progress callbacks (progress)."""
 from __future__ import annotations
 
-from domainsr.engine.inferer import PatchInferer, enhance_image
+from domainsr.engine.images import enhance_image
+from domainsr.engine.inferer import PatchInferer
 from domainsr.engine.progress import Progress, log_progress, rich_progress
 from domainsr.engine.tiling import TilePlan
 

@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from domainsr.engine.inferer import ArraySource, PatchInferer, mask_output, upsample_nearest
+from domainsr.engine.inferer import PatchInferer
+from domainsr.engine.sources import ArraySource, mask_output, upsample_nearest
 from domainsr.errors import ConfigError, GeometryError, ModelCardMismatch
 from domainsr.image import GeoGeometry, MultiResolutionImage, SpatialImage
 from domainsr.models.guided import (
     GuidedCardModel,
     PackedGuided,
     guided_bands,
+    guided_descriptor,
     load_guided_checkpoint,
     pixel_unshuffle_nd,
 )
@@ -68,12 +70,13 @@ class GuidedSource:
 
 def guided_inferer(model: torch.nn.Module, **kwargs: Any) -> PatchInferer:
     """A :class:`PatchInferer` over ``model`` (``forward(lr, guide)``, e.g. a
-    :class:`~domainsr.models.guided.GuidedCardModel`) in halo mode; ``kwargs`` as for PatchInferer
+    :class:`~domainsr.models.guided.GuidedCardModel`), described by
+    :func:`~domainsr.models.guided.guided_descriptor`, in halo mode; ``kwargs`` as for PatchInferer
     (``tile``, ``batch_size``, ``device``, ``amp``, ``threads``, ``progress``). Blending overlaps and
     reflect borders are refused: reflecting a packed window would mirror the guide's sub-pixels wrongly."""
     if any(np.atleast_1d(kwargs.get("overlap", 0))) or kwargs.get("border", "model") != "model":
         raise ConfigError("guided inference tiles in halo mode only (overlap=0, border='model'); it is exact")
-    return PatchInferer(PackedGuided(model), **kwargs)
+    return PatchInferer(guided_descriptor(model), **kwargs)
 
 
 def run_guided(inferer: PatchInferer, lr: np.ndarray, guide: np.ndarray, *, lr_mask: np.ndarray | None = None,
@@ -88,7 +91,7 @@ def run_guided(inferer: PatchInferer, lr: np.ndarray, guide: np.ndarray, *, lr_m
     plan = inferer.plan(source.shape)
     if plan.blended:
         raise ConfigError("guided inference needs a model with a known receptive radius (halo mode)")
-    out = np.full((inferer.model.out_channels, *plan.out_shape), fill, dtype=np.float32)
+    out = np.full((inferer.descriptor.out_channels, *plan.out_shape), fill, dtype=np.float32)
     for tile, y, invalid in inferer.tiles(plan, source):
         if y is not None:
             mask_output(y, invalid, plan.scale, fill)
@@ -124,9 +127,7 @@ def enhance_guided(lr: SpatialImage, guide: SpatialImage, inferer: PatchInferer)
     out = run_guided(inferer, lr.data, guide.data, lr_mask=lr.mask, guide_mask=guide.mask, fill=fill)
     g_ok = _valid(guide).reshape([v for n, s in zip(lr.spatial_shape, scale) for v in (n, s)])
     valid = _valid(lr) & g_ok.all(axis=tuple(range(1, 2 * len(scale), 2)))
-    card = getattr(model, "card", None)
-    step = {"step": "enhance", "model": card.name if card else type(model).__name__,
-            "model_checksum": card.weights_sha256 if card else None, "scale": list(scale),
+    step = {"step": "enhance", **inferer.descriptor.history_fields(), "scale": list(scale),
             "guide_bands": list(guide.band_names), "guide_source": guide.source,
             "device": str(inferer.device), "amp": inferer.amp,
             "tiles": {"computed": inferer.stats.computed, "skipped": inferer.stats.skipped,

@@ -1,35 +1,47 @@
-"""Batched patch inference of any SR module over arrays and SpatialImages.
+"""Batched patch inference of any SR model over arrays and SpatialImages.
 
-:class:`PatchInferer` wraps a ``torch.nn.Module`` mapping ``(B, C, *window)`` float32 to
-``(B, C_out, *window * scale)``. Scale and receptive radius come from the module's ``scale`` and
-``receptive_radius`` attributes (as registry models expose them) or from explicit arguments.
-Tiles are planned by :class:`~domainsr.engine.tiling.TilePlan`; the output is assembled in one
-float32 buffer (no weight buffer, see ``TilePlan.running_alpha``).
+:class:`PatchInferer` runs a :class:`~domainsr.models.descriptor.ModelDescriptor` (a module
+mapping ``(B, C, *window)`` float32 to ``(B, C_out, *window * scale)``, and what it is): scale,
+receptive radius, channels, size rules, supported reduced precisions and tiling advice come from
+the descriptor; a bare ``nn.Module`` is described by ``ModelDescriptor.wrap``. Tiles are planned
+by :class:`~domainsr.engine.tiling.TilePlan`; the output is assembled in one float32 buffer (no
+weight buffer, see ``TilePlan.running_alpha``). Provenance steps name the model as its
+descriptor does (name, kind, checksum).
 
 Invalid input (mask ``False`` or non-finite values) never poisons a tile: before inference each
 invalid pixel is filled with its nearest valid neighbour in the window, and afterwards the
 output is set to ``fill`` over the (nearest-upsampled) invalid pixels. Tiles whose region holds
 no valid pixel are not computed.
+
+Size: tile planning, batching, invalid-pixel filling and assembly into the one output buffer are
+one loop over one plan; split, each part would need the others' state.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from domainsr.engine.progress import Progress
+from domainsr.engine.resources import activation_bytes, physical_cores, torch_threads
+from domainsr.engine.sources import (
+    ArraySource,
+    Source,
+    fill_invalid,
+    mask_output,
+    pad_window,
+    upsample_nearest,  # noqa: F401 - re-exported (engine.streaming imports it here)
+)
 from domainsr.engine.tiling import Blend, Border, Tile, TilePlan, per_axis
 from domainsr.errors import ConfigError, ModelCardMismatch, ModelError
-from domainsr.image import SpatialImage
+from domainsr.models.descriptor import ModelDescriptor, as_descriptor
 
 log = logging.getLogger(__name__)
 
@@ -48,137 +60,25 @@ MEMORY_FRACTION = 0.25
 BATCH_PIXELS = {"cpu": 2**16, "cuda": 2**21}
 
 
-def activation_bytes(model: torch.nn.Module, nd: int, channels: int) -> float | None:
-    """Bytes (float32) of the model's largest activation per LR input pixel, measured by running
-    it once on a 16^2 / 8^3 zero input with hooks; ``None`` if the model rejects the probe."""
-    size = 16 if nd == 2 else 8
-    outs: list[int] = []
-
-    def hook(mod: torch.nn.Module, inp: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            outs.append(out.numel())
-
-    param = next(itertools.chain(model.parameters(), model.buffers()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    hooks = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.inference_mode():
-            model.eval()(torch.zeros(1, channels, *(size,) * nd, device=device))
-    except Exception:  # noqa: BLE001 - any model that rejects the probe (size rules) just gets no estimate
-        return None
-    finally:
-        for h in hooks:
-            h.remove()
-    return 4.0 * max(outs, default=channels * size**nd) / size**nd
-
-
-class Source(Protocol):
-    """Where tiles are read from: ``read(slices)`` returns float32 data ``(C, *window)`` and the
-    invalid pixels ``(C, *window)`` (or ``None`` when all are valid)."""
-
-    channels: int
-    shape: tuple[int, ...]
-
-    def read(self, slices: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray | None]: ...
-
-
-class ArraySource:
-    """Reads tiles from an in-memory ``(C, *spatial)`` array with an optional valid mask
-    (``(*spatial)`` or ``(C, *spatial)``, ``True`` = valid)."""
-
-    def __init__(self, array: np.ndarray, mask: np.ndarray | None = None) -> None:
-        self.array = array
-        self.channels = int(array.shape[0])
-        self.shape = tuple(int(s) for s in array.shape[1:])
-        if mask is not None:
-            mask = np.asarray(mask, dtype=bool)
-            if mask.shape not in (self.shape, array.shape):
-                raise ConfigError(f"mask shape {mask.shape} fits neither {self.shape} nor {array.shape}")
-        self.mask = mask
-
-    def read(self, slices: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-        x = np.array(self.array[(slice(None), *slices)], dtype=np.float32)  # always a fresh copy
-        invalid = None
-        if self.mask is not None:
-            m = self.mask[slices] if self.mask.ndim == len(self.shape) else self.mask[(slice(None), *slices)]
-            if not m.all():
-                invalid = np.broadcast_to(~m, x.shape).copy()
-        if self.array.dtype.kind in "fc":
-            bad = ~np.isfinite(x)
-            if bad.any():
-                invalid = bad if invalid is None else invalid | bad
-        return x, invalid
-
-
-def fill_invalid(x: np.ndarray, invalid: np.ndarray | None) -> np.ndarray:
-    """Replace invalid pixels of each channel by the nearest valid pixel of that channel (in
-    place); a channel without any valid pixel becomes 0. Channels that share an invalid pattern
-    share one distance transform."""
-    if invalid is None:
-        return x
-    from scipy.ndimage import distance_transform_edt
-
-    cached_mask, cached_idx = None, None
-    for c in range(x.shape[0]):
-        inv = invalid[c]
-        if not inv.any():
-            continue
-        if inv.all():
-            x[c] = 0.0
-            continue
-        if cached_mask is None or not np.array_equal(inv, cached_mask):
-            cached_idx = distance_transform_edt(inv, return_distances=False, return_indices=True)
-            cached_mask = inv
-        x[c][inv] = x[c][tuple(i[inv] for i in cached_idx)]
-    return x
-
-
-def upsample_nearest(a: np.ndarray, scale: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of the trailing ``len(scale)`` axes by integer factors."""
-    lead = a.ndim - len(scale)
-    for ax, f in enumerate(scale):
-        if f > 1:
-            a = np.repeat(a, f, axis=lead + ax)
-    return a
-
-
-def mask_output(y: np.ndarray, invalid: np.ndarray | None, scale: Sequence[int], fill: float) -> None:
-    """Set ``y`` (``(C_out, *hr)``) to ``fill`` where the LR ``invalid`` (``(C_in, *lr)``) is set:
-    per channel when ``C_out == C_in``, else where any input channel is invalid."""
-    if invalid is None or not invalid.any():
-        return
-    m = invalid if invalid.shape[0] == y.shape[0] else invalid.any(axis=0, keepdims=True)
-    np.copyto(y, np.float32(fill), where=upsample_nearest(m, scale))
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on."""
-    import psutil
-
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(psutil.cpu_count(logical=False) or avail, avail))
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n and n != old:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n and n != old:
-            torch.set_num_threads(old)
-
-
-def _halo_of(model: torch.nn.Module, nd: int) -> tuple[int, ...] | None:
-    r = getattr(model, "receptive_radius", None)
+def _halo_of(model: ModelDescriptor, nd: int) -> tuple[int, ...] | None:
+    r = model.receptive_radius
     if r is None:
         return None
-    vals = per_axis(r, nd, "receptive_radius")
-    if any(not math.isfinite(float(v)) for v in vals):
-        return None
-    return tuple(math.ceil(float(v)) for v in vals)
+    return tuple(math.ceil(float(v)) for v in per_axis(r, nd, "receptive_radius"))
+
+
+def _amp_for(model: ModelDescriptor, amp: str, cuda: bool) -> str:
+    if amp == "auto":
+        if not cuda:
+            return "off"
+        order = ("bf16", "fp16") if torch.cuda.is_bf16_supported() else ("fp16",)
+        return next((a for a in order if model.supports(a)), "off")
+    if amp not in ("bf16", "fp16", "off"):
+        raise ConfigError(f"unknown amp setting {amp!r}; expected auto, bf16, fp16 or off")
+    if not model.supports(amp):
+        raise ConfigError(f"model {model.name!r} does not run in {amp} (it supports: "
+                          f"{', '.join(model.dtypes) or 'float32 only'}); use amp auto or off")
+    return amp
 
 
 @dataclass
@@ -197,11 +97,13 @@ class PatchInferer:
     """Tiled, batched inference of an SR module.
 
     Args:
-        model: any module ``(B, C, *w) -> (B, C_out, *w * scale)``; put in eval mode and moved to
+        model: a :class:`ModelDescriptor` (or a bare module ``(B, C, *w) -> (B, C_out, *w * scale)``,
+            described by ``ModelDescriptor.wrap``); its module is put in eval mode and moved to
             the device (and to channels-last where used) in place.
-        scale: integer factor per spatial axis (default ``model.scale``).
-        halo: LR context per axis cropped from each tile (default ``ceil(model.receptive_radius)``;
+        scale: integer factor per spatial axis (default: the descriptor's).
+        halo: LR context per axis cropped from each tile (default ``ceil(receptive_radius)``;
             unknown or infinite radius -> ``tile // 16`` with ``overlap = tile // 8`` blending).
+            Windows follow the descriptor's size rules (multiple of / at least so many pixels).
         tile: largest LR window per axis; the plan uses the fewest windows of at most this size
             and shrinks them to just cover the image. Default: the largest within
             ``WINDOW_BOUNDS`` whose activations (measured by a tiny probe) fit ``MEMORY_FRACTION``
@@ -209,8 +111,8 @@ class PatchInferer:
         overlap: extra LR overlap blended between tiles beyond the halo (0 = halo mode: exact).
         batch_size: tiles per forward pass (default from ``BATCH_PIXELS``).
         device: ``"auto"`` (CUDA if available, else CPU), or any torch device.
-        amp: ``"auto"`` (bf16 where supported else fp16 on CUDA; float32 on CPU), ``"bf16"``,
-            ``"fp16"`` or ``"off"``.
+        amp: ``"auto"`` (on CUDA bf16 where device and model support it, else fp16 where the
+            model does; float32 on CPU), ``"bf16"``, ``"fp16"`` or ``"off"``.
         blend: window profile over the overlap, ``"cosine"`` or ``"gaussian"``.
         border: ``"model"`` (windows stay inside the image; tiled == one whole-image pass) or
             ``"reflect"`` (windows reach ``halo`` past the border, reflect-padded).
@@ -220,19 +122,18 @@ class PatchInferer:
         progress: ``progress(done_tiles, total_tiles)`` callback.
     """
 
-    def __init__(self, model: torch.nn.Module, *, scale: int | Sequence[int] | None = None,
+    def __init__(self, model: ModelDescriptor | torch.nn.Module, *, scale: int | Sequence[int] | None = None,
                  halo: int | Sequence[int] | None = None, tile: int | Sequence[int] | None = None,
                  overlap: int | Sequence[int] = 0, batch_size: int | None = None,
                  device: str | torch.device = "auto", amp: Amp = "auto", blend: Blend = "cosine",
                  border: Border = "model", threads: int | None = None,
                  channels_last: bool | None = None, progress: Progress | None = None) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
-        self.spatial_dims: int | None = getattr(model, "spatial_dims", None)
-        self._scale = scale if scale is not None else getattr(model, "scale", None)
-        if self._scale is None:
-            raise ConfigError(f"model {type(model).__name__} has no 'scale'; pass scale=")
+        if not isinstance(model, (ModelDescriptor, torch.nn.Module)):
+            raise ModelError(f"expected a ModelDescriptor or torch.nn.Module, got {type(model).__name__}")
+        self.descriptor = as_descriptor(model, scale=scale)
+        self.model = self.descriptor.module
+        self.spatial_dims: int | None = self.descriptor.spatial_dims
+        self._scale = self.descriptor.scale
         self._halo = halo
         self._tile = tile
         self._overlap = overlap
@@ -244,15 +145,10 @@ class PatchInferer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        cuda = self.device.type == "cuda"
-        if amp == "auto":
-            amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
-        if amp not in ("bf16", "fp16", "off"):
-            raise ConfigError(f"unknown amp setting {amp!r}; expected auto, bf16, fp16 or off")
-        self.amp: str = amp
-        self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+        self.amp: str = _amp_for(self.descriptor, amp, self.device.type == "cuda")
+        self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[self.amp]
         self.channels_last = True if channels_last is None else channels_last
-        self.in_channels: int | None = getattr(model, "in_channels", None)
+        self.in_channels: int | None = self.descriptor.in_channels
         self.stats = RunStats()
         self._prepared_format: torch.memory_format | None = None
         self._act: dict[tuple[int, int], float | None] = {}
@@ -274,8 +170,12 @@ class PatchInferer:
             raise ModelCardMismatch(f"model is {self.spatial_dims}D but the image has {nd} spatial axes")
         channels = channels or self.in_channels
         overlap = per_axis(self._overlap, nd, "overlap")
-        halo = per_axis(self._halo, nd, "halo") if self._halo is not None else _halo_of(self.model, nd)
-        if halo is None:  # unknown/global receptive field: crop a margin and blend the rest
+        halo = per_axis(self._halo, nd, "halo") if self._halo is not None else _halo_of(self.descriptor, nd)
+        d = self.descriptor
+        if d.tiling == "internal" and self._tile is None:  # the network tiles itself: one window if it fits
+            tile = self._auto_window(nd, (WINDOW_BOUNDS.get(nd, (16, 256))[1],) * nd, channels)
+            halo = halo or (0,) * nd
+        elif halo is None:  # unknown/global receptive field: crop a margin and blend the rest
             if self._tile is not None:
                 tile = per_axis(self._tile, nd, "tile")
             else:
@@ -289,7 +189,11 @@ class PatchInferer:
         else:
             tile = self._auto_window(nd, tuple(2 * h + o for h, o in zip(halo, overlap)), channels)
         plan = TilePlan.build(shape, scale=self.scale_for(nd), window=tile, halo=halo, overlap=overlap,
-                              border=self.border, blend=self.blend, align=align)
+                              border=self.border, blend=self.blend, align=align, multiple=d.size_multiple,
+                              minimum=d.min_size)
+        if d.tiling == "discouraged" and len(plan) > 1:
+            log.warning("model %r relies on global context and tiling is discouraged: %d tiles may show seams; "
+                        "pass a larger tile= to use fewer", d.name, len(plan))
         if plan.redundancy() > 4:
             log.warning("the tiles recompute %.1fx the image: a halo of %s px (the model's receptive radius) "
                         "in windows of %s px; pass a smaller halo= with overlap= blending, or a larger tile=",
@@ -301,7 +205,9 @@ class PatchInferer:
             return None
         key = (nd, channels)
         if key not in self._act:
-            self._act[key] = activation_bytes(self.model, nd, channels)
+            size = max(16 if nd == 2 else 8, self.descriptor.min_size)
+            size = -(-size // self.descriptor.size_multiple) * self.descriptor.size_multiple
+            self._act[key] = activation_bytes(self.model, nd, channels, size)
         return self._act[key]
 
     def _free_memory(self) -> int:
@@ -360,7 +266,7 @@ class PatchInferer:
         cudnn = torch.backends.cudnn
         old = (cudnn.deterministic, cudnn.benchmark)
         try:
-            with _torch_threads(self.threads), torch.inference_mode():
+            with torch_threads(self.threads), torch.inference_mode():
                 cudnn.deterministic, cudnn.benchmark = True, False
                 self._prepare(nd)
                 yield
@@ -382,10 +288,10 @@ class PatchInferer:
         with amp:
             y = self.model(x)
         if not isinstance(y, torch.Tensor) or y.ndim != x.ndim or y.shape[0] != x.shape[0]:
-            raise ModelError(f"model {type(self.model).__name__} returned "
+            raise ModelError(f"model {self.descriptor.name} returned "
                              f"{getattr(y, 'shape', type(y).__name__)} for input {tuple(x.shape)}")
         if out_window is not None and tuple(y.shape[2:]) != tuple(out_window):
-            raise ModelError(f"model {type(self.model).__name__} returned spatial shape "
+            raise ModelError(f"model {self.descriptor.name} returned spatial shape "
                              f"{tuple(y.shape[2:])} for input {tuple(x.shape[2:])}; expected "
                              f"{tuple(out_window)} (scale {self._scale})")
         return y.float().cpu().numpy()
@@ -394,10 +300,9 @@ class PatchInferer:
     def _read(self, source: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray | None]:
         x, invalid = source.read(tile.src)
         if any(p != (0, 0) for p in tile.pad):
-            pads = ((0, 0), *tile.pad)
-            x = np.pad(x, pads, mode="reflect")
+            x = pad_window(x, tile.pad)
             if invalid is not None:
-                invalid = np.pad(invalid, pads, mode="reflect")
+                invalid = pad_window(invalid, tile.pad)
         return x, invalid
 
     def tiles(self, plan: TilePlan,
@@ -492,7 +397,7 @@ class PatchInferer:
                 mask_output(y, invalid, plan.scale, fill)
                 view[...] = y
         if out is None:  # nothing valid at all
-            c_out = int(getattr(self.model, "out_channels", None) or source.channels)
+            c_out = int(self.descriptor.out_channels or source.channels)
             return np.full((c_out, *plan.out_shape), fill, dtype=np.float32)
         if plan.blended:  # blended pixels are final only now: mask in slabs along the first axis
             step = max(1, 2**20 // max(1, math.prod(plan.shape[1:])))
@@ -502,40 +407,3 @@ class PatchInferer:
                 hr = tuple(slice(s.start * f, s.stop * f) for s, f in zip(lr, plan.scale))
                 mask_output(out[(slice(None), *hr)], invalid, plan.scale, fill)
         return out
-
-
-def enhance_image(img: SpatialImage, inferer: PatchInferer) -> SpatialImage:
-    """Enhance a :class:`SpatialImage`: float32 data on ``img.geometry.scaled(scale)``, the valid
-    mask upsampled (nearest; non-finite input pixels become invalid), ``nodata`` (or NaN) over
-    invalid pixels, ``meta["storage_dtype"]`` kept so writers round and clip to the source dtype,
-    and a provenance step naming the model and the tiling."""
-    nd = img.spatial_dims
-    if inferer.spatial_dims is not None and inferer.spatial_dims != nd:
-        raise ModelCardMismatch(f"model is {inferer.spatial_dims}D but the image has {nd} spatial axes",
-                                img.source or None)
-    if inferer.in_channels is not None and inferer.in_channels != img.channels:
-        raise ModelCardMismatch(f"model expects {inferer.in_channels} channels ({img.channels} given: "
-                                f"{', '.join(img.band_names)})", img.source or None)
-    scale = inferer.scale_for(nd)
-    fill = float(img.nodata) if img.nodata is not None else float("nan")
-    out = inferer.run(img.data, mask=img.mask, fill=fill)
-    valid = img.valid_mask()
-    if img.data.dtype.kind in "fc":
-        valid = valid & np.all(np.isfinite(img.data), axis=0)
-    mask = None if img.mask is None and valid.all() else upsample_nearest(valid, scale)
-    model = inferer.model
-    step = {
-        "step": "enhance",
-        "model": getattr(model, "name", type(model).__name__),
-        "model_checksum": getattr(model, "checksum", None),
-        "scale": list(scale),
-        "device": str(inferer.device),
-        "amp": inferer.amp,
-        "tiles": {"computed": inferer.stats.computed, "skipped": inferer.stats.skipped,
-                  **inferer.stats.plan},
-    }
-    names = (img.band_names if out.shape[0] == img.channels
-             else tuple(f"band{i + 1}" for i in range(out.shape[0])))
-    new = img.derive(out, geometry=img.geometry.scaled(scale), mask=mask, step=step, band_names=names)
-    new.meta["storage_dtype"] = img.meta.get("storage_dtype", str(img.data.dtype))
-    return new

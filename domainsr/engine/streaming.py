@@ -8,9 +8,10 @@ row high, the raster wide) is accumulated and written as soon as no later tile t
 Writes cover whole output blocks (cores aligned to the block grid), and GDAL's block cache is
 capped (``cache_mb``), so neither grows with the raster.
 
-Masks follow :func:`domainsr.io.raster.read_raster`: a pixel is valid where every selected band is
-valid (nodata, mask bands, NaN/Inf), so streaming and ``write_raster(enhance_image(read_raster()))``
-give the same file.
+Windows are read by :class:`~domainsr.io.raster.RasterWindowReader`, the reader of
+:func:`~domainsr.io.raster.read_raster`, so masks follow it (a pixel is valid where every selected
+band is valid: nodata, mask bands, NaN/Inf), and streaming and
+``write_raster(enhance_image(read_raster()))`` give the same file.
 """
 from __future__ import annotations
 
@@ -23,48 +24,27 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.enums import MaskFlags
-from rasterio.errors import RasterioError
-from rasterio.windows import Window
 
 from domainsr.engine.inferer import PatchInferer, upsample_nearest
 from domainsr.engine.tiling import TilePlan
 from domainsr.errors import InputError, ModelCardMismatch
 from domainsr.image import now_iso
-
-# Private helpers of the raster reader, shared so that streaming reads exactly as read_raster does.
-from domainsr.io.raster import (
-    RasterWindowWriter,
-    _band_names,
-    _check_dtypes,
-    _common_units,
-    _geometry,
-    _open,
-    _raster_meta,
-    _resolve_bands,
-    _valid_mask,
-)
+from domainsr.io.raster import RasterWindowReader, RasterWindowWriter, common_units
 
 
 class RasterSource:
-    """Tiles read from an open rasterio dataset (bands ``indexes``, 1-based)."""
+    """The patch engine's tile source over a :class:`RasterWindowReader`: float32 windows and
+    their invalid mask (per channel)."""
 
-    def __init__(self, ds: Any, indexes: Sequence[int], path: Path) -> None:
-        self.ds, self.indexes, self.path = ds, list(indexes), path
-        self.channels = len(self.indexes)
-        self.shape = (int(ds.height), int(ds.width))
-
-    def _window(self, slices: tuple[slice, ...]) -> Window:
-        rows, cols = slices
-        return Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+    def __init__(self, reader: RasterWindowReader) -> None:
+        self.reader = reader
+        self.channels = reader.channels
+        self.shape = reader.shape
 
     def read(self, slices: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-        win = self._window(slices)
-        try:
-            data = self.ds.read(self.indexes, window=win)
-            valid = _valid_mask(self.ds, self.indexes, win, data)
-        except RasterioError as exc:
-            raise InputError(f"cannot read window {win} ({exc})", self.path) from exc
+        """Pixels of ``(rows, cols)`` slices as float32 ``(C, h, w)``, and where they are invalid."""
+        rows, cols = slices
+        data, valid = self.reader.read(((rows.start, rows.stop), (cols.start, cols.stop)))
         x = data.astype(np.float32, copy=False)
         invalid = None if valid is None else np.broadcast_to(~valid, x.shape).copy()
         return x, invalid
@@ -129,42 +109,39 @@ def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]
     """
     src, dst = Path(src), Path(dst)
     with rasterio.Env(GDAL_CACHEMAX=int(cache_mb)):
-        ds = _open(src)
-        with ds:
-            indexes = _resolve_bands(ds, src, bands)
-            storage = dtype or _check_dtypes(ds, src, indexes)
-            geometry = _geometry(ds, src, None)
+        with RasterWindowReader(src, bands) as reader:
+            n = reader.channels
+            storage = dtype or reader.dtype
+            geometry = reader.geometry
             if inferer.spatial_dims not in (None, 2):
                 raise ModelCardMismatch(f"model is {inferer.spatial_dims}D but a raster has 2 spatial axes",
                                         src)
-            if inferer.in_channels is not None and inferer.in_channels != len(indexes):
-                raise ModelCardMismatch(f"model expects {inferer.in_channels} channels, "
-                                        f"{len(indexes)} bands selected", src)
-            source = RasterSource(ds, indexes, src)
+            if inferer.in_channels is not None and inferer.in_channels != n:
+                raise ModelCardMismatch(f"model expects {inferer.in_channels} channels, {n} bands selected", src)
+            source = RasterSource(reader)
             # cores on whole output blocks: every block is written once, whole, so GDAL's cache
             # never has to hold (or evict and re-read) a half-written block
             scale = inferer.scale_for(2)
             align = [blocksize // f if blocksize % f == 0 else 1 for f in scale]
-            plan = inferer.plan(geometry.shape, channels=len(indexes), align=align)
-            c_out = int(getattr(inferer.model, "out_channels", None) or len(indexes))
-            meta = _raster_meta(ds, indexes, storage)
-            names = [_band_names(ds)[i - 1] for i in indexes] if band_names is None else list(band_names)
-            if c_out != len(indexes):
+            plan = inferer.plan(geometry.shape, channels=n, align=align)
+            c_out = int(getattr(inferer.model, "out_channels", None) or n)
+            meta = reader.meta(storage)
+            names = list(reader.band_names) if band_names is None else list(band_names)
+            if c_out != n:
                 names = None
-            elif len(names) != len(indexes):
-                raise InputError(f"{len(band_names or [])} band names for {len(indexes)} selected bands", src)
-            may_be_invalid = any(MaskFlags.all_valid not in ds.mask_flag_enums[i - 1] for i in indexes)
+            elif len(names) != n:
+                raise InputError(f"{len(band_names or [])} band names for {n} selected bands", src)
             model = dict(model_info) if model_info else model_record(inferer.model)
             meta["tags"] = {**meta["tags"], "DOMAINSR_ENHANCE": json.dumps({
                 "time": now_iso(), "source": src.name, "model": model.get("name"),
                 "model_checksum": model.get("sha256"), "scale": list(plan.scale),
                 "tile": list(plan.window), "halo": list(plan.halo), "overlap": list(plan.overlap)})}
-            if c_out != len(indexes):
+            if c_out != n:
                 meta = {k: v for k, v in meta.items() if k == "tags"}
             writer = RasterWindowWriter(
-                dst, geometry.scaled(plan.scale), c_out, storage, nodata=ds.nodata,
-                masked=ds.nodata is None and may_be_invalid,
-                band_names=names, units=_common_units(meta.get("units", [])), raster_meta=meta,
+                dst, geometry.scaled(plan.scale), c_out, storage, nodata=reader.nodata,
+                masked=reader.nodata is None and reader.may_be_invalid,
+                band_names=names, units=common_units(meta.get("units", [])), raster_meta=meta,
                 blocksize=blocksize, overviews=overviews, model=model)
             writer.__enter__()
             try:

@@ -21,6 +21,12 @@ has the same shape, so tiles batch. By default windows are evenly spaced and as 
 count allows; with ``align`` (halo mode) core boundaries fall on multiples of ``align`` LR pixels
 instead, so a streaming writer receives whole output blocks.
 
+Size rules (a network that needs windows of a ``multiple`` of k pixels, at least ``minimum``,
+e.g. one that pixel-unshuffles its input): windows are multiples of k and start on multiples of
+k, and the image is virtually extended at its far end to a multiple of k (reflect, then
+replicate: the padding a whole-image pass of such a network applies), so tiled output equals a
+whole-image pass also for networks that are equivariant only to shifts by k.
+
 Coordinates: plans work in LR pixel indices; ``scale`` (integers per axis) maps LR regions to
 the high-resolution (HR) output.
 """
@@ -101,17 +107,53 @@ def _aligned_axis(length: int, window: int, halo: int, pad: int, align: int) -> 
     return AxisPlan(length, w, starts, lo, hi)
 
 
+def _ceil_to(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _ruled_axis(length: int, window: int, halo: int, overlap: int, blend: Blend | None, multiple: int,
+                minimum: int) -> AxisPlan:
+    """Windows of a multiple of ``multiple`` (and at least ``minimum``) pixels starting on multiples
+    of it, over the axis extended at its end to ``virtual`` (a multiple, at least ``minimum``);
+    cores/extents stop at the real ``length``."""
+    k = multiple
+    virtual = _ceil_to(max(length, minimum, 1), k)
+    h, o = _ceil_to(halo, k), _ceil_to(overlap, k)
+    w = min(virtual, max(window // k * k, _ceil_to(minimum, k), 2 * h + o + k))
+    if w == virtual:
+        return _finish_axis(length, w, [0], h, blend)
+    if blend is None:
+        core = w - 2 * h
+        n = math.ceil(virtual / core)
+        keep = [i for i in range(n) if i * core < length]  # cores wholly in the extension write nothing
+        starts = tuple(min(max(i * core - h, 0), virtual - w) for i in keep)
+        lo = tuple(i * core for i in keep)
+        hi = tuple(min((i + 1) * core, length) for i in keep)
+        return AxisPlan(length, w, starts, lo, hi)
+    step = w - 2 * h - o
+    n = 1 + math.ceil((virtual - w) / max(1, step - k))  # room for rounding the starts down to k
+    starts = sorted({i * (virtual - w) // (n - 1) // k * k for i in range(n)} | {virtual - w})
+    starts = [st for i, st in enumerate(starts) if i == 0 or st + h < length]  # extents inside the image
+    return _finish_axis(length, w, starts, h, blend)
+
+
 def plan_axis(length: int, window: int, halo: int, overlap: int = 0, pad: int = 0,
-              blend: Blend | None = None, align: int = 1) -> AxisPlan:
+              blend: Blend | None = None, align: int = 1, multiple: int = 1, minimum: int = 0) -> AxisPlan:
     """Evenly spaced, equal windows of at most ``window`` pixels over ``length`` (+ ``pad`` virtual
     pixels each side): the fewest that keep ``halo`` context and ``overlap`` blending between
     neighbours, each as small as that count allows (no compute on needless overlap).
     ``blend=None`` gives halo mode (cores), otherwise blend weights with that profile.
     ``align > 1`` (halo mode only) puts core boundaries on multiples of ``align`` instead, with
-    cores of about ``window - 2 * halo`` (for block-aligned streaming writes)."""
-    if length < 1 or window < 1 or halo < 0 or overlap < 0 or not 0 <= pad <= halo or align < 1:
+    cores of about ``window - 2 * halo`` (for block-aligned streaming writes). ``multiple``/``minimum``:
+    the network's size rules (see the module docstring); they take precedence over ``align``."""
+    if (length < 1 or window < 1 or halo < 0 or overlap < 0 or not 0 <= pad <= halo or align < 1
+            or multiple < 1 or minimum < 0):
         raise ConfigError(f"bad axis plan: length={length}, window={window}, halo={halo}, "
-                          f"overlap={overlap}, pad={pad}, align={align}")
+                          f"overlap={overlap}, pad={pad}, align={align}, multiple={multiple}, minimum={minimum}")
+    if multiple > 1 or minimum > min(window, length):
+        if pad:
+            raise ConfigError("reflect borders cannot be combined with a network's size rules")
+        return _ruled_axis(length, window, halo, overlap, blend, multiple, minimum)
     virtual = length + 2 * pad
     if align > 1 and blend is None and (aligned := _aligned_axis(length, window, halo, pad, align)):
         return aligned
@@ -127,9 +169,14 @@ def plan_axis(length: int, window: int, halo: int, overlap: int = 0, pad: int = 
         # the fewest windows no larger than `window`, then the smallest window that still covers
         window = math.ceil((virtual + (n - 1) * (2 * halo + overlap)) / n)
         starts = [i * (virtual - window) // (n - 1) - pad for i in range(n)]
+    return _finish_axis(length, window, starts, halo, blend)
+
+
+def _finish_axis(length: int, window: int, starts: Sequence[int], halo: int, blend: Blend | None) -> AxisPlan:
+    """Cores (halo mode) or extents and blend weights (blend mode) of windows at ``starts``."""
     n = len(starts)
     ext_lo = [0 if i == 0 else s + halo for i, s in enumerate(starts)]
-    ext_hi = [length if i == n - 1 else s + window - halo for i, s in enumerate(starts)]
+    ext_hi = [length if i == n - 1 else min(length, s + window - halo) for i, s in enumerate(starts)]
     if blend is None:  # halo mode: cores split each shared stretch in the middle
         cuts = [0] + [(ext_lo[i + 1] + ext_hi[i]) // 2 for i in range(n - 1)] + [length]
         return AxisPlan(length, window, tuple(starts), tuple(cuts[:-1]), tuple(cuts[1:]))
@@ -188,8 +235,10 @@ class TilePlan:
     def build(cls, shape: Sequence[int], *, scale: int | Sequence[int], window: int | Sequence[int],
               halo: int | Sequence[int] = 0, overlap: int | Sequence[int] = 0,
               border: Border = "model", blend: Blend = "cosine",
-              align: int | Sequence[int] = 1) -> TilePlan:
-        """``align``: LR multiple for core boundaries in halo mode (see :func:`plan_axis`)."""
+              align: int | Sequence[int] = 1, multiple: int | Sequence[int] = 1,
+              minimum: int | Sequence[int] = 0) -> TilePlan:
+        """``align``: LR multiple for core boundaries in halo mode; ``multiple``/``minimum``: the
+        network's size rules per axis (see :func:`plan_axis`)."""
         shape = tuple(int(s) for s in shape)
         nd = len(shape)
         scale_t = per_axis(scale, nd, "scale")
@@ -200,15 +249,20 @@ class TilePlan:
         halo_t = tuple(int(v) for v in per_axis(halo, nd, "halo"))
         overlap_t = tuple(int(v) for v in per_axis(overlap, nd, "overlap"))
         align_t = tuple(int(v) for v in per_axis(align, nd, "align"))
+        mult_t = tuple(int(v) for v in per_axis(multiple, nd, "multiple"))
+        min_t = tuple(int(v) for v in per_axis(minimum, nd, "minimum"))
         if border not in ("model", "reflect"):
             raise ConfigError(f"unknown border mode {border!r}; expected 'model' or 'reflect'")
         if blend not in ("cosine", "gaussian"):
             raise ConfigError(f"unknown blend window {blend!r}; expected 'cosine' or 'gaussian'")
+        # size rules: the halo (and overlap) the axes use are whole multiples
+        halo_t = tuple(-(-h // k) * k for h, k in zip(halo_t, mult_t))
+        overlap_t = tuple(-(-o // k) * k for o, k in zip(overlap_t, mult_t))
         blended = any(overlap_t)
         axes = []
-        for n, w, h, o, a in zip(shape, window_t, halo_t, overlap_t, align_t):
+        for n, w, h, o, a, k, m in zip(shape, window_t, halo_t, overlap_t, align_t, mult_t, min_t):
             pad = min(h, n - 1) if border == "reflect" else 0
-            axes.append(plan_axis(n, w, h, o, pad, blend if blended else None, a))
+            axes.append(plan_axis(n, w, h, o, pad, blend if blended else None, a, k, m))
         return cls(shape, scale_t, tuple(a.window for a in axes), halo_t, overlap_t, border, blend,
                    tuple(axes))
 

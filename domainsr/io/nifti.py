@@ -30,6 +30,7 @@ from nibabel.spatialimages import HeaderDataError
 from domainsr.errors import InputError, OutputError, UnsupportedFormatError
 from domainsr.image import DOMAINS, MedicalGeometry, SpatialImage
 from domainsr.io.atomic import atomic_path
+from domainsr.io.formats import FORMATS
 from domainsr.limits import check_fits, decoded_bytes
 
 DERIVED_DESCRIP = "DomainSR AI-enhanced (derived)"
@@ -45,8 +46,7 @@ def _is_gz(path: Path) -> bool:
 
 
 def _check_suffix(path: Path, error: type[Exception]) -> None:
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
+    if not path.name.lower().endswith(FORMATS["nifti"].suffixes):
         raise error("not a NIfTI file name (expected .nii or .nii.gz)", path)
 
 
@@ -352,6 +352,12 @@ def write_nifti(img: SpatialImage, path: str | Path) -> Path:
 RISK_DESCRIP = "DomainSR risk map: vol1 risk; vol2 class 0 n/a 1 same 2 better 3 omit 4 halluc"
 RISK_TAGS = {"DOMAINSR_PRODUCT": "audit risk map: band 1 hallucination risk (relative excess error), band 2 "
                                  "class (0 invalid, 1 unchanged, 2 improved, 3 omitted, 4 hallucinated)"}
+
+
+def carries_marker(path: str | Path) -> bool:
+    """Whether the NIfTI file at ``path`` is a DomainSR output (its description starts with
+    :data:`DERIVED_DESCRIP`)."""
+    return bytes(nib.load(path).header["descrip"].item()).decode("latin-1").startswith(DERIVED_DESCRIP)
 
 
 def companion_meta(like: SpatialImage, *, descrip: str, intent: str = "estimate",

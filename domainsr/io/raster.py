@@ -1,9 +1,11 @@
 """GeoTIFF / COG / JPEG 2000 (anything GDAL opens) <-> :class:`SpatialImage`, with rasterio.
 
-Reading keeps the native dtype, the geotransform (rotated ones too), nodata and masks; writing
-converts to the storage dtype with explicit rounding and clipping and produces a Cloud-Optimised
-GeoTIFF through GDAL's COG driver. :class:`RasterWindowWriter` streams any size window by window
-with bounded memory; :func:`write_raster` is that writer fed with the whole image.
+Reading (:class:`RasterWindowReader`, :func:`read_raster`, :func:`raster_info`) lives in
+:mod:`domainsr.io.raster_read` and is re-exported here; this module writes. Reading keeps the
+native dtype, the geotransform (rotated ones too), nodata and masks; writing converts to the
+storage dtype with explicit rounding and clipping and produces a Cloud-Optimised GeoTIFF through
+GDAL's COG driver. :class:`RasterWindowWriter` streams any size window by window with bounded
+memory; :func:`write_raster` is that writer fed with the whole image.
 
 Masks: ``SpatialImage.mask`` is one 2D mask, so a pixel is valid only where *every* band read is
 valid (GDAL band masks from nodata, internal/sidecar mask bands or alpha, and NaN/Inf in floats).
@@ -14,8 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from types import TracebackType
@@ -24,245 +25,38 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from domainsr import __version__
-from domainsr.errors import (
-    DomainSRError,
-    GeometryError,
-    InputError,
-    OutputError,
-    UnsupportedFormatError,
-)
+from domainsr.errors import OutputError
 from domainsr.image import GeoGeometry, SpatialImage
 from domainsr.io.atomic import atomic_path
-from domainsr.limits import check_fits, decoded_bytes
+from domainsr.io.formats import OUTPUTS
+from domainsr.io.raster_read import (
+    SUPPORTED_DTYPES,
+    RasterWindowReader,
+    WindowLike,
+    common_units,
+    iter_windows,
+    raster_info,
+    read_raster,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-SUPPORTED_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
-WRITE_SUFFIXES = (".tif", ".tiff")
+WRITE_SUFFIXES: tuple[str, ...] = OUTPUTS["cog"].suffixes
 
 #: ``DOMAINSR_DERIVED`` tag of every AI-enhanced raster (see :func:`derived_tags`).
 AI_DERIVED = "AI-enhanced super-resolution: a derived image, not observed at this resolution"
+#: GeoTIFF tags that mark a raster as a DomainSR output (:func:`derived_tags`; older streamed outputs).
+DERIVED_TAGS = frozenset({"DOMAINSR_DERIVED", "DOMAINSR_ENHANCE"})
 
 # Written files must be self-contained: never let GDAL put metadata into a .aux.xml sidecar
 # next to a temporary file (it would be lost on rename and left behind).
 _WRITE_ENV = {"GDAL_PAM_ENABLED": "NO", "GDAL_TIFF_INTERNAL_MASK": "YES"}
-
-
-# ----------------------------------------------------------------------------------------- reading
-
-def _detail(exc: BaseException) -> str:
-    """GDAL's own message: rasterio often wraps it in a generic 'see previous exception'."""
-    cause = exc.__cause__ or exc.__context__
-    return str(cause if isinstance(cause, Exception) and str(cause) else exc)
-
-
-def _open(path: Path) -> Any:
-    if not path.exists():
-        raise InputError("file not found", path)
-    if path.is_dir():
-        raise InputError("is a folder, not a raster file", path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # reported below as no CRS
-            return rasterio.open(path)
-    except RasterioError as exc:
-        raise InputError(f"not a raster GDAL can open ({_detail(exc)})", path) from exc
-
-
-def _check_dtypes(src: Any, path: Path, indexes: Sequence[int]) -> str:
-    dtypes = {src.dtypes[i - 1] for i in indexes}
-    if len(dtypes) != 1:
-        raise UnsupportedFormatError(f"bands have mixed data types {sorted(dtypes)}", path)
-    dtype = dtypes.pop()
-    if dtype not in SUPPORTED_DTYPES:
-        raise UnsupportedFormatError(
-            f"data type {dtype} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})", path)
-    return dtype
-
-
-def _geometry(src: Any, path: Path, window: Window | None) -> GeoGeometry:
-    if src.crs is None:
-        hint = " (it is georeferenced by GCPs only; warp it first)" if src.gcps[0] else ""
-        raise GeometryError(f"raster has no coordinate reference system (CRS){hint}", path)
-    try:
-        full = GeoGeometry(src.crs, src.transform, (src.height, src.width))
-    except DomainSRError as exc:
-        raise GeometryError(exc.message, path) from exc
-    if window is None:
-        return full
-    return full.cropped((int(window.row_off), int(window.col_off)), (int(window.height), int(window.width)))
-
-
-def _band_names(src: Any) -> tuple[str, ...]:
-    """Band descriptions where present, else ``B<index>``; made unique."""
-    names: list[str] = []
-    for i, desc in enumerate(src.descriptions, start=1):
-        name = (desc or "").strip() or f"B{i}"
-        names.append(name if name not in names else f"{name}_{i}")
-    return tuple(names)
-
-
-def _resolve_bands(src: Any, path: Path, bands: Sequence[int | str] | None) -> list[int]:
-    if bands is None:
-        return list(range(1, src.count + 1))
-    names = _band_names(src)
-    indexes: list[int] = []
-    for b in bands:
-        if isinstance(b, str):
-            if b not in names:
-                raise InputError(f"no band named {b!r} (bands: {list(names)})", path)
-            indexes.append(names.index(b) + 1)
-        elif isinstance(b, (int, np.integer)) and 1 <= int(b) <= src.count:
-            indexes.append(int(b))
-        else:
-            raise InputError(f"band index {b!r} out of range 1..{src.count}", path)
-    if not indexes:
-        raise InputError("empty band selection", path)
-    return indexes
-
-
-def _resolve_window(src: Any, path: Path, window: Any) -> Window | None:
-    if window is None:
-        return None
-    win = window if isinstance(window, Window) else Window.from_slices(*window)
-    offsets = (win.row_off, win.col_off, win.height, win.width)
-    if any(abs(v - round(v)) > 1e-9 for v in offsets):
-        raise InputError(f"window {win} is not on whole pixels", path)
-    r0, c0, h, w = (round(v) for v in offsets)
-    if h < 1 or w < 1 or r0 < 0 or c0 < 0 or r0 + h > src.height or c0 + w > src.width:
-        raise InputError(f"window rows {r0}:{r0 + h}, cols {c0}:{c0 + w} is outside the "
-                         f"{src.height}x{src.width} raster", path)
-    return Window(c0, r0, w, h)
-
-
-def _valid_mask(src: Any, indexes: Sequence[int], window: Window | None, data: np.ndarray) -> np.ndarray | None:
-    valid: np.ndarray | None = None
-    if any(MaskFlags.all_valid not in src.mask_flag_enums[i - 1] for i in indexes):
-        valid = np.all(src.read_masks(indexes, window=window) > 0, axis=0)
-    if data.dtype.kind == "f":
-        finite = np.all(np.isfinite(data), axis=0)
-        valid = finite if valid is None else valid & finite
-    return None if valid is None or valid.all() else valid
-
-
-def _raster_meta(src: Any, indexes: Sequence[int], dtype: str) -> dict[str, Any]:
-    """What a writer needs to reproduce the source (plain, JSON-friendly values only)."""
-    sel = [i - 1 for i in indexes]
-    profile = src.profile
-    return {
-        "driver": src.driver,
-        "dtype": dtype,
-        "nodata": src.nodata,
-        "source_count": src.count,
-        "indexes": list(indexes),
-        "tags": dict(src.tags()),
-        "band_tags": [dict(src.tags(i)) for i in indexes],
-        "descriptions": [src.descriptions[i] for i in sel],
-        "units": [src.units[i] or "" for i in sel],
-        "scales": [float(src.scales[i]) for i in sel],
-        "offsets": [float(src.offsets[i]) for i in sel],
-        "colorinterp": [src.colorinterp[i].name for i in sel],
-        "mask_flags": [[f.name for f in src.mask_flag_enums[i]] for i in sel],
-        "blockxsize": profile.get("blockxsize"),
-        "blockysize": profile.get("blockysize"),
-        "tiled": bool(profile.get("tiled", False)),
-        "compress": profile.get("compress"),
-        "interleave": profile.get("interleave"),
-    }
-
-
-def _common_units(units: Sequence[str]) -> str:
-    distinct = list(dict.fromkeys(u for u in units if u))
-    if not distinct:
-        return "DN"
-    return distinct[0] if len(distinct) == 1 else ",".join(distinct)
-
-
-def read_raster(
-    path: str | os.PathLike[str],
-    *,
-    window: Window | tuple[tuple[int, int], tuple[int, int]] | None = None,
-    bands: Sequence[int | str] | None = None,
-    domain: str = "optical",
-) -> SpatialImage:
-    """Read a raster (or a window of it) into a :class:`SpatialImage` of shape ``(C, rows, cols)``.
-
-    ``window`` is a rasterio ``Window`` or ``((row_start, row_stop), (col_start, col_stop))``;
-    ``bands`` are 1-based indexes or band names. Pixels keep their native dtype.
-    """
-    path = Path(path)
-    with _open(path) as src:
-        indexes = _resolve_bands(src, path, bands)
-        dtype = _check_dtypes(src, path, indexes)
-        win = _resolve_window(src, path, window)
-        geometry = _geometry(src, path, win)
-        h, w = (int(win.height), int(win.width)) if win is not None else (src.height, src.width)
-        check_fits(decoded_bytes((len(indexes), h, w), dtype) + h * w, f"reading {len(indexes)}x{h}x{w} {dtype}",
-                   path, "`domainsr enhance` streams large single-file rasters window by window; or read a window")
-        try:
-            data = src.read(indexes, window=win)
-            mask = _valid_mask(src, indexes, win, data)
-        except RasterioError as exc:
-            raise InputError(f"cannot read pixels, the file is truncated or corrupt ({_detail(exc)})",
-                             path) from exc
-        meta = _raster_meta(src, indexes, dtype)
-        names = _band_names(src)
-    provenance: dict[str, Any] = {"source": str(path), "format": "raster", "reader": "raster",
-                                  "bands": indexes}
-    if win is not None:
-        provenance["window"] = {"row_off": int(win.row_off), "col_off": int(win.col_off),
-                                "height": int(win.height), "width": int(win.width)}
-    return SpatialImage(
-        data=data,
-        domain=domain,  # type: ignore[arg-type]
-        geometry=geometry,
-        band_names=tuple(names[i - 1] for i in indexes),
-        units=_common_units(meta["units"]),
-        nodata=meta["nodata"],
-        mask=mask,
-        provenance=provenance,
-        meta={"raster": meta, "storage_dtype": dtype},
-    )
-
-
-def raster_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Header facts without reading pixels (for streaming plans and ``domainsr info``)."""
-    path = Path(path)
-    with _open(path) as src:
-        return {
-            "path": str(path),
-            "driver": src.driver,
-            "shape": [src.count, src.height, src.width],
-            "count": src.count,
-            "dtype": src.dtypes[0] if len(set(src.dtypes)) == 1 else list(src.dtypes),
-            "crs": src.crs.to_string() if src.crs else None,
-            "transform": list(src.transform)[:6],
-            "resolution": list(GeoGeometry(src.crs, src.transform, src.shape).res) if src.crs else None,
-            "bounds": list(src.bounds),
-            "nodata": src.nodata,
-            "band_names": list(_band_names(src)),
-            "descriptions": list(src.descriptions),
-            "units": list(src.units),
-            "block_shapes": [list(b) for b in src.block_shapes],
-            "overviews": src.overviews(1) if src.count else [],
-        }
-
-
-def iter_windows(shape: Sequence[int], block: int | Sequence[int]) -> Iterator[Window]:
-    """Row-major windows of at most ``block`` = ``(rows, cols)`` pixels covering ``shape``."""
-    rows, cols = (int(s) for s in shape[-2:])
-    bh, bw = (int(block), int(block)) if isinstance(block, (int, np.integer)) else (int(b) for b in block)
-    if bh < 1 or bw < 1:
-        raise ValueError(f"block {block} must be positive")
-    for r0 in range(0, rows, bh):
-        for c0 in range(0, cols, bw):
-            yield Window(c0, r0, min(bw, cols - c0), min(bh, rows - r0))
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -343,6 +137,12 @@ def derived_tags(model: Mapping[str, Any] | str) -> dict[str, str]:
         if record.get(key):
             tags[f"DOMAINSR_MODEL_{key.upper()}"] = str(record[key])
     return tags
+
+
+def carries_marker(path: str | os.PathLike[str]) -> bool:
+    """Whether the raster at ``path`` carries DomainSR's derived tags (:data:`DERIVED_TAGS`)."""
+    with rasterio.open(path) as ds:
+        return bool(DERIVED_TAGS & set(ds.tags()))
 
 
 class RasterWindowWriter:
@@ -535,7 +335,7 @@ class RasterWindowWriter:
         for i, name in enumerate(self.band_names, start=1):
             ds.set_band_description(i, name)
         band_units = self._per_band("units")
-        if band_units is None or _common_units(band_units) != self.units:
+        if band_units is None or common_units(band_units) != self.units:
             band_units = [self.units] * self.count
         for i, unit in enumerate(band_units, start=1):
             if unit:
@@ -611,3 +411,8 @@ def write_raster(
             strip_mask = None if img.mask is None else img.mask[r0:r0 + h]
             writer.write(img.data[:, r0:r0 + h], r0, 0, mask=strip_mask)
     return path
+
+
+__all__ = ["AI_DERIVED", "DERIVED_TAGS", "SUPPORTED_DTYPES", "WRITE_SUFFIXES", "RasterWindowReader",
+           "RasterWindowWriter", "WindowLike", "carries_marker", "common_units", "derived_tags", "iter_windows",
+           "raster_info", "read_raster", "to_storage", "write_raster"]

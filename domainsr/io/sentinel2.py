@@ -30,6 +30,7 @@ from rasterio.windows import Window
 from domainsr.bands import L8_BANDS, S2_BANDS, canonical_band
 from domainsr.errors import GeometryError, InputError
 from domainsr.image import MultiResolutionImage, SpatialImage
+from domainsr.io.formats import FORMATS, PER_BAND_META
 from domainsr.io.raster import raster_info, read_raster
 from domainsr.limits import check_fits, decoded_bytes
 
@@ -40,7 +41,7 @@ S2_NATIVE_RES: dict[str, float] = {
 }
 L8_QA_BANDS: tuple[str, ...] = ("BQA",)
 
-_RASTER_SUFFIXES = {".jp2", ".tif", ".tiff"}
+_BAND_FILES = set(FORMATS["sentinel2"].member_suffixes) | set(FORMATS["landsat8"].member_suffixes)
 _S2_TOKEN = re.compile(r"(?<![A-Za-z0-9])B(0[1-9]|1[0-2]|8A)(?![A-Za-z0-9])", re.IGNORECASE)
 _L8_TOKEN = re.compile(r"(?<![A-Za-z0-9])B(1[01]|[1-9]|QA)(?![A-Za-z0-9])", re.IGNORECASE)
 NODATA = 0
@@ -52,7 +53,7 @@ def _candidate_files(folder: Path) -> list[Path]:
     files = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).parts
-        if (p.is_file() and p.suffix.lower() in _RASTER_SUFFIXES and not p.name.startswith(".")
+        if (p.is_file() and p.suffix.lower() in _BAND_FILES and not p.name.startswith(".")
                 and "QI_DATA" not in rel and not p.name.upper().startswith("MSK_")):
             files.append(p)
     return files
@@ -108,7 +109,7 @@ def _stack(paths: dict[str, Path], window: Window | None, folder: Path, sensor: 
             valid &= img.mask
     meta = dict(first.meta)
     raster = dict(first.meta["raster"])
-    for key in ("band_tags", "descriptions", "units", "scales", "offsets", "colorinterp", "mask_flags"):
+    for key in PER_BAND_META["raster"]:
         raster[key] = [v for img in images for v in img.meta["raster"][key]]
     raster["descriptions"] = list(paths)
     raster["nodata"] = nodata

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from domainsr.errors import ModelError
-from domainsr.models.layers import _LINEAR_MODE, SRModule, chain_radius, interp, up
+from domainsr.models.layers import LINEAR_MODE, SRModule, chain_radius, interp, up
 from domainsr.models.registry import ALIASES
 
 METHODS = ("nearest", "linear", "cubic", "lanczos")
@@ -95,7 +95,7 @@ class Interpolate(SRModule):
         if self.method == "nearest":
             return _nearest(x, self.scale)
         if self._torch_path:
-            mode = _LINEAR_MODE[self.spatial_dims] if self.method == "linear" else "bicubic"
+            mode = LINEAR_MODE[self.spatial_dims] if self.method == "linear" else "bicubic"
             return F.interpolate(x, scale_factor=tuple(float(f) for f in self.scale), mode=mode,
                                  align_corners=False)
         for ax, w in self._phases:

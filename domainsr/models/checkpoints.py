@@ -1,10 +1,9 @@
 """Checkpoints: a ``state_dict`` (``<name>.pt``) beside its model card (``<name>.json``).
 
-The card drives inference (DESIGN.md): architecture, domain, per-axis scale, bands, units, the
-expected input range and the intensity normalisation, plus how the weights were made (data,
-split, degradation, settings) and what they achieve against interpolation. Loading verifies the
-card's sha256 of the weights and reads them with ``torch.load(weights_only=True)`` (no pickled
-code runs), then builds the network from the registry. Where checkpoints are found by name:
+The card (schema: :mod:`domainsr.models.card`, re-exported here) drives inference (DESIGN.md):
+the input checks and the intensity normalisation below. Loading verifies the card's sha256 of
+the weights and reads them with ``torch.load(weights_only=True)`` (no pickled code runs), then
+builds the network from the registry. Where checkpoints are found by name:
 :mod:`domainsr.models.names` (``SHIPPED_DIR`` and ``user_checkpoint_dirs`` are re-exported here).
 """
 from __future__ import annotations
@@ -15,167 +14,31 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from torch import nn
 
 from domainsr.bands import described, same_bands
 from domainsr.errors import ModelCardMismatch, ModelError
-from domainsr.image import SpatialImage, now_iso
+from domainsr.image import SpatialImage
 from domainsr.io.atomic import atomic_path
+from domainsr.models.card import (  # noqa: F401 - re-exported: the card schema's home before the split
+    Architecture,
+    FileRecord,
+    FixedNormalization,
+    ModelCard,
+    Normalization,
+    PercentileNormalization,
+    RegionMetrics,
+    TrainingData,
+    TrainingSettings,
+)
 from domainsr.models.names import SHIPPED_DIR, checkpoint_roots, user_checkpoint_dirs  # noqa: F401 - re-exported
 from domainsr.models.normalized import Normalized
 
 _MAX_STAT_SAMPLES = 2_000_000  # per channel, for percentiles over very large images
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class Architecture(_Strict):
-    """Registry name and the keyword arguments besides ``spatial_dims``/``in_channels``/``scale``."""
-
-    name: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class FixedNormalization(_Strict):
-    """``x_net = (x - offset) / scale`` per channel, inverted on the output."""
-
-    kind: Literal["fixed"] = "fixed"
-    offset: list[float]
-    scale: list[float]
-
-    @model_validator(mode="after")
-    def _check(self) -> FixedNormalization:
-        if len(self.offset) != len(self.scale) or any(s <= 0 for s in self.scale):
-            raise ValueError("offset and scale need one entry per channel and scale > 0")
-        return self
-
-
-class PercentileNormalization(_Strict):
-    """Per image and channel: ``low``/``high`` percentiles of the valid voxels map to 0/1."""
-
-    kind: Literal["percentile"] = "percentile"
-    low: float = 0.5
-    high: float = 99.5
-
-    @model_validator(mode="after")
-    def _check(self) -> PercentileNormalization:
-        if not 0.0 <= self.low < self.high <= 100.0:
-            raise ValueError("need 0 <= low < high <= 100")
-        return self
-
-
-Normalization = Annotated[FixedNormalization | PercentileNormalization, Field(discriminator="kind")]
-
-
-class FileRecord(_Strict):
-    path: str
-    sha256: str
-
-
-class TrainingData(_Strict):
-    """What the weights were trained on and which part of it was held out."""
-
-    source: str
-    files: list[FileRecord] = Field(default_factory=list)
-    bands: list[str] = Field(default_factory=list)
-    split: dict[str, Any] = Field(default_factory=dict)
-    description: str = ""
-
-
-class TrainingSettings(_Strict):
-    steps: int
-    gan_steps: int = 0
-    seconds: float
-    device: str
-    threads: int
-    seed: int
-    batch_size: int
-    patch_size: list[int]
-    lr: float
-    loss: str
-    stopped_by: str = "steps"
-    extra: dict[str, Any] = Field(default_factory=dict)
-
-
-class RegionMetrics(_Strict):
-    """Model vs the best interpolation baseline on one held-out region, on the data's own range."""
-
-    region: str
-    psnr: float
-    ssim: float
-    baseline: str
-    psnr_baseline: float
-    ssim_baseline: float
-    gain_db: float
-    data_range: float
-    n_pixels: int
-    description: str = ""
-
-
-class ModelCard(_Strict):
-    name: str
-    version: str = "1"
-    architecture: Architecture
-    domain: Literal["mri", "ct", "optical"]
-    spatial_dims: Literal[2, 3]
-    scale: tuple[int, ...]
-    in_channels: int = Field(ge=1)
-    out_channels: int = Field(ge=1)
-    bands: list[str] = Field(default_factory=list)
-    output_bands: list[str] = Field(default_factory=list)
-    channel_meaning: str = ""
-    units: str
-    input_range: tuple[float, float] | None = None
-    normalization: Normalization
-    receptive_radius: tuple[int, ...]
-    application: Literal["direct", "slicewise"] = "direct"
-    degradation: dict[str, Any] = Field(default_factory=dict)
-    training_data: TrainingData | None = None
-    training: TrainingSettings | None = None
-    metrics: dict[str, RegionMetrics] = Field(default_factory=dict)
-    weights_sha256: str = ""
-    created: str = Field(default_factory=now_iso)
-    domainsr_version: str = ""
-    license: str = ""
-    intended_use: str = ""
-    limitations: str = ""
-
-    @field_validator("domainsr_version", mode="before")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if v:
-            return v
-        from domainsr import __version__
-
-        return __version__
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelCard:
-        if len(self.scale) != self.spatial_dims or any(s < 1 for s in self.scale):
-            raise ValueError(f"scale {self.scale} must give a factor >= 1 for each of {self.spatial_dims} axes")
-        if len(self.receptive_radius) != self.spatial_dims or min(self.receptive_radius) < 0:
-            raise ValueError("receptive_radius needs one value >= 0 per axis (input pixels)")
-        if self.bands and len(self.bands) != self.in_channels:
-            raise ValueError(f"{len(self.bands)} band names for {self.in_channels} input channels")
-        if self.output_bands and (len(self.output_bands) != self.out_channels
-                                  or not set(self.output_bands) <= set(self.bands)):
-            raise ValueError("output_bands must name out_channels of the input bands")
-        if not self.output_bands and self.out_channels != self.in_channels:
-            raise ValueError("out_channels differs from in_channels: name the output_bands")
-        if isinstance(self.normalization, FixedNormalization) and len(self.normalization.offset) != self.in_channels:
-            raise ValueError("fixed normalisation needs one offset/scale per input channel")
-        if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
-            raise ValueError("input_range must be [low, high] with low < high")
-        if self.application == "slicewise" and self.spatial_dims != 2:
-            raise ValueError("slicewise application is for 2D networks applied to 3D volumes")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +126,7 @@ def check_input(card: ModelCard, img: SpatialImage) -> InputNormalization:
 
     if img.domain != card.domain:
         raise refuse(f"input is a {img.domain} image but {who} is for {card.domain}")
-    want_dims = 3 if card.application == "slicewise" else card.spatial_dims
+    want_dims = 3 if card.application != "direct" else card.spatial_dims
     if img.spatial_dims != want_dims:
         raise refuse(f"input has {img.spatial_dims} spatial axes, {who} works on {want_dims}D images")
     if img.channels != card.in_channels:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from domainsr.models.layers import _LINEAR_MODE, check_dims, conv_nd, resize_like
+from domainsr.models.layers import LINEAR_MODE, check_dims, conv_nd, resize_like
 
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -67,7 +67,7 @@ class UNetDiscriminatorSN(_Discriminator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = lambda t: F.leaky_relu(t, 0.2, inplace=True)
         up = lambda t, like: resize_like(
-            F.interpolate(t, scale_factor=2.0, mode=_LINEAR_MODE[self.spatial_dims], align_corners=False), like)
+            F.interpolate(t, scale_factor=2.0, mode=LINEAR_MODE[self.spatial_dims], align_corners=False), like)
         x0 = act(self.conv0(x))
         x1 = act(self.conv1(x0))
         x2 = act(self.conv2(x1))

@@ -40,6 +40,7 @@ from domainsr.models.checkpoints import (
     input_normalization,
     load_checkpoint,
 )
+from domainsr.models.descriptor import ModelDescriptor
 from domainsr.models.layers import (
     ResBlock,
     SRModule,
@@ -246,6 +247,25 @@ class GuidedCardModel(nn.Module):
         return self.net((lr - lo) / ls, g) * ls + lo
 
 
+def guided_descriptor(model: nn.Module) -> ModelDescriptor:
+    """The packed single-input view (:class:`PackedGuided`) of a guided ``model`` as the engine's
+    descriptor: a :class:`GuidedCardModel` is described by its card (name, weights sha256),
+    an untrained :class:`GuidedResCNN` as a registry architecture."""
+    packed = PackedGuided(model)
+    card = getattr(model, "card", None) if isinstance(model, GuidedCardModel) else None
+    common = {"module": packed, "architecture": FAMILY + "_rescnn", "scale": packed.scale,
+              "spatial_dims": packed.spatial_dims, "in_channels": packed.in_channels,
+              "out_channels": packed.out_channels, "receptive_radius": packed.receptive_radius,
+              "application": "guided"}
+    if card is None:
+        return ModelDescriptor(name=f"{FAMILY}_rescnn", kind="registry", weights="untrained", **common)
+    return ModelDescriptor(name=card.name, kind="checkpoint", version=card.version,
+                           sha256=card.weights_sha256 or None, card=card, bands=tuple(card.bands),
+                           output_bands=tuple(card.output_bands), units=card.units,
+                           input_range=None if card.input_range is None else tuple(card.input_range),
+                           **{**common, "architecture": card.architecture.name})
+
+
 def load_guided_checkpoint(name: str) -> tuple[GuidedCardModel, ModelCard]:
     """A verified guided checkpoint (name or path, see ``load_checkpoint``) in eval mode."""
     model, card = load_checkpoint(name)
@@ -255,5 +275,5 @@ def load_guided_checkpoint(name: str) -> tuple[GuidedCardModel, ModelCard]:
     return out, card
 
 
-__all__ = ["GuidedCardModel", "GuidedResCNN", "PackedGuided", "check_guided_input", "guided_bands",
+__all__ = ["GuidedCardModel", "GuidedResCNN", "PackedGuided", "check_guided_input", "guided_bands", "guided_descriptor",
            "is_guided", "load_guided_checkpoint", "pack", "pixel_unshuffle_nd"]

@@ -18,7 +18,7 @@ from domainsr.errors import ModelError
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
+LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 def check_dims(spatial_dims: int) -> int:
@@ -265,4 +265,4 @@ def resize_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Linear resize of ``x`` to the spatial size of ``like`` (align_corners=False)."""
     if x.shape[2:] == like.shape[2:]:
         return x
-    return F.interpolate(x, size=like.shape[2:], mode=_LINEAR_MODE[x.ndim - 2], align_corners=False)
+    return F.interpolate(x, size=like.shape[2:], mode=LINEAR_MODE[x.ndim - 2], align_corners=False)

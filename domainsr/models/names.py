@@ -5,6 +5,10 @@ Imports neither torch nor any network, so the command line can check ``--model``
 milliseconds before any flow starts. A checkpoint is ``<root>/<name>/<name>.json`` (with its
 ``.pt``) in the user folders (``$DOMAINSR_CHECKPOINTS``, else ``$XDG_DATA_HOME/domainsr/checkpoints``)
 or the shipped ``domainsr/checkpoints/``; in names ``-`` and ``_`` are interchangeable.
+
+Third-party weights (``--model FILE.pth``: ``.pth``, ``.pt``, ``.safetensors``, ``.ckpt``, run through
+spandrel, see :mod:`domainsr.models.weights`) are files without a card beside them; a reference
+may carry the input range as ``FILE.pth?input_range=LO,HI`` (what ``--input-range`` adds).
 """
 from __future__ import annotations
 
@@ -43,6 +47,31 @@ def checkpoint_names() -> list[str]:
     return list(names)
 
 
+#: File suffixes of third-party weights (a ``.pt`` with a ``.json`` card beside it is a checkpoint).
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
+
+
+def split_reference(ref: str) -> tuple[str, dict[str, str]]:
+    """``"w.pth?input_range=0,1000"`` -> ``("w.pth", {"input_range": "0,1000"})``; other names as they are."""
+    path, sep, query = str(ref).partition("?")
+    if not sep:
+        return path, {}
+    opts = {}
+    for part in query.split("&"):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"model reference {ref!r}: options after '?' are key=value (input_range=LO,HI)")
+        opts[key.strip()] = value.strip()
+    return path, opts
+
+
+def is_weights_file(name: str) -> bool:
+    """Whether ``name`` (optionally with ``?options``) is a third-party weights file: an existing
+    ``.pth``/``.pt``/``.safetensors``/``.ckpt`` without a DomainSR model card (``.json``) beside it."""
+    p = Path(split_reference(name)[0]).expanduser()
+    return p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file() and not p.with_suffix(".json").is_file()
+
+
 def _spellings(name: str) -> list[str]:
     return list(dict.fromkeys((name, name.replace("-", "_"), name.replace("_", "-"))))
 
@@ -51,7 +80,9 @@ def is_checkpoint(name: str) -> bool:
     """Whether ``name`` is a checkpoint: a path to a card/weights file or folder, or a name in
     :func:`checkpoint_roots`."""
     p = Path(name).expanduser()
-    if (p.suffix in (".json", ".pt") and p.is_file()) or (p.is_dir() and any(p.glob("*.json"))):
+    if p.suffix == ".pt" and p.is_file():
+        return p.with_suffix(".json").is_file()
+    if (p.suffix == ".json" and p.is_file()) or (p.is_dir() and any(p.glob("*.json"))):
         return True
     return any((root / n / f"{n}.json").is_file() or (root / f"{n}.json").is_file()
                for root in checkpoint_roots() for n in _spellings(name))
@@ -68,11 +99,17 @@ def suggest(name: str, candidates: list[str]) -> str | None:
 
 
 def check_model(name: str, scale: object = None) -> str:
-    """``"checkpoint"`` or ``"registry"`` for a usable ``--model``; ModelError for an unknown name
-    (with the closest registered model or checkpoint: "did you mean cubic?") or a model that
-    cannot enhance, ConfigError for a registered model without a scale."""
+    """``"checkpoint"``, ``"weights"`` (a third-party weights file) or ``"registry"`` for a usable
+    ``--model``; ModelError for an unknown name (with the closest registered model or checkpoint:
+    "did you mean cubic?"), a missing weights file or a model that cannot enhance, ConfigError for
+    a registered model without a scale."""
     from domainsr.models.registry import get_spec
 
+    if is_weights_file(name):
+        return "weights"
+    path = split_reference(name)[0]
+    if Path(path).suffix.lower() in WEIGHT_SUFFIXES and not Path(path).expanduser().exists():
+        raise ModelError("no such weights file", path)
     if is_checkpoint(name):
         return "checkpoint"
     try:

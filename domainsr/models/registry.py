@@ -14,6 +14,11 @@ from typing import Any, Literal
 
 from domainsr.errors import ModelError
 
+#: How ``domainsr models list`` and provenance spell what weights an entry has.
+WEIGHTS_TEXT: Mapping[str, str] = MappingProxyType({
+    "trained": "trained checkpoint", "third-party": "trained (third-party weights)",
+    "untrained": "untrained (random)", "baseline": "baseline (no weights)"})
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -29,6 +34,12 @@ class ModelSpec:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
     @property
+    def weights(self) -> Literal["untrained", "baseline"]:
+        """``"baseline"`` for interpolation (no weights at all), else ``"untrained"``: a registry
+        architecture is built with random weights (trained ones come as checkpoints)."""
+        return "baseline" if self.family == "baseline" else "untrained"
+
+    @property
     def aliases(self) -> tuple[str, ...]:
         """Other names this model answers to (e.g. ``bicubic`` for ``cubic``)."""
         return tuple(sorted(a for a, n in ALIASES.items() if n == self.name))
@@ -37,7 +48,7 @@ class ModelSpec:
         """Plain data for ``domainsr models`` and JSON."""
         return {"name": self.name, "aliases": list(self.aliases), "family": self.family, "kind": self.kind,
                 "spatial_dims": list(self.spatial_dims), "description": self.description,
-                "defaults": dict(self.defaults)}
+                "weights": WEIGHTS_TEXT[self.weights], "defaults": dict(self.defaults)}
 
 
 _M = "domainsr.models."

@@ -32,6 +32,11 @@ its provenance file names it, or when it carries our derived marker: the NIfTI d
 Besides the Store interface, ``open_output(item)`` / ``commit(item, run_key, extras, provenance)``
 let a writer produce the output file in place (the streaming raster path of
 :mod:`domainsr.pipeline`), with the same provenance-last rule.
+
+Formats (suffixes, DICOM sniffing, readers, writers, output names, derived markers) come from the
+format table :mod:`domainsr.io.formats`. This module is one (about 450 lines) because listing,
+naming and the never-over-an-input rules are one contract: output names are checked against the
+listing that produced them.
 """
 from __future__ import annotations
 
@@ -49,39 +54,39 @@ from pathlib import Path
 from typing import Any
 
 from domainsr.errors import ConfigError, InputError, OutputError, PermanentStoreError, UnsupportedFormatError
-from domainsr.image import GeoGeometry, MedicalGeometry, MultiResolutionImage, SpatialImage, now_iso
-from domainsr.io import NIFTI_SUFFIXES, RASTER_SUFFIXES, detect_format
+from domainsr.image import DOMAINS, MultiResolutionImage, SpatialImage, now_iso
 from domainsr.io.atomic import atomic_path
+from domainsr.io.formats import (
+    FORMATS,
+    MEDICAL_DOMAINS,
+    OUTPUTS,
+    RISK_LABELS,
+    default_output,
+    detect_format,
+    file_format,
+    folder_format,
+    strip_suffix,
+    suffix_of,
+)
 from domainsr.stores.base import Item, Store, WriteResult
 
 PROVENANCE_SUFFIX = ".provenance.json"
 DEFAULT_SUFFIX = "_sr"
 #: Labels of the extras the enhancement pipeline attaches (checked before a run like the output).
-EXTRA_LABELS = ("audit.html", "audit.json", "risk.tif", "risk.nii.gz")
-#: GeoTIFF tags that mark a COG as a DomainSR output (``io.raster.derived_tags``; older streamed outputs).
-DERIVED_TAGS = frozenset({"DOMAINSR_DERIVED", "DOMAINSR_ENHANCE"})
-KINDS = ("nifti", "dicom", "raster", "sentinel2", "landsat8", "unknown")
-OUTPUT_FORMATS = ("same", "nifti", "dicom", "cog")
+EXTRA_LABELS = ("audit.html", "audit.json", *RISK_LABELS)
+KINDS = (*FORMATS, "unknown")
+OUTPUT_FORMATS = ("same", *OUTPUTS)
 QUERY_KEYS = ("kinds", "glob", "modified_within_hours")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _SAFE_SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
-_MEDICAL_KINDS = ("nifti", "dicom")
 
 
 def _sha(text: str, n: int = 12) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
 
 
-def _stem(name: str) -> str:
-    low = name.lower()
-    for suffix in (*NIFTI_SUFFIXES, *RASTER_SUFFIXES, ".dcm", ".dicom"):
-        if suffix and low.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _slug(rel: str) -> str:
-    parts = [_stem(p) if i == len(rel.split("/")) - 1 else p for i, p in enumerate(rel.split("/"))]
+    parts = [strip_suffix(p) if i == len(rel.split("/")) - 1 else p for i, p in enumerate(rel.split("/"))]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-._")
     return (slug or "item")[:120]
 
@@ -92,23 +97,6 @@ def check_name(name: str, what: str = "name") -> str:
         raise PermanentStoreError(f"unsafe {what} {name!r}: only letters, digits, '.', '_' and '-' are allowed, "
                                   "no path separators or '..'")
     return name
-
-
-def _file_kind(path: Path) -> str | None:
-    """``nifti``/``raster``/``dicom`` for an image file, ``None`` for anything else."""
-    low = path.name.lower()
-    if low.endswith(NIFTI_SUFFIXES):
-        return "nifti"
-    if low.endswith(tuple(s for s in RASTER_SUFFIXES if s)):
-        return "raster"
-    if low.endswith((".dcm", ".dicom")):
-        return "dicom"
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return None
-    return "dicom" if len(head) == 132 and head[128:132] == b"DICM" else None
 
 
 class OutputRefused(ConfigError):
@@ -164,7 +152,7 @@ class LocalStore(Store):
         self.output = None if output is None else Path(output).expanduser()
         if output_format not in OUTPUT_FORMATS:
             raise ConfigError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
-        if domain not in (None, "mri", "ct", "optical"):
+        if domain not in (None, *DOMAINS):
             raise ConfigError(f"unknown domain {domain!r}")
         if output_suffix and (not _SAFE_SUFFIX.match(output_suffix) or ".." in output_suffix):
             raise ConfigError(f"output suffix {output_suffix!r} may hold only letters, digits, '.', '_' and '-'")
@@ -203,14 +191,14 @@ class LocalStore(Store):
             if not inp.exists():
                 raise InputError("no such file or folder", inp)
             if inp.is_file():
-                kind = _file_kind(inp)
+                kind = file_format(inp)
                 if kind == "dicom":
                     dicom_files.append(inp)
                 else:
                     found.append((kind or "unknown", inp.name, inp, {}))
             else:
                 self._walk(inp, inp, found, dicom_files, out_root)
-        self._seen = [(p, kind in ("sentinel2", "landsat8")) for kind, _, p, _ in found]
+        self._seen = [(p, _is_band_set(kind)) for kind, _, p, _ in found]
         self._seen += [(p, False) for p in (*dicom_files, *map(Path, self.skipped))]
         self._index = None
         items = self._named(found)
@@ -220,8 +208,8 @@ class LocalStore(Store):
     def _walk(self, root: Path, folder: Path, found: list, dicom_files: list[Path], out_root: Path | None) -> None:
         if out_root is not None and folder.resolve() == out_root:
             return
-        fmt = detect_format(folder)
-        if fmt in ("sentinel2", "landsat8"):
+        fmt = folder_format(folder)
+        if _is_band_set(fmt):
             rel = folder.relative_to(root).as_posix() if folder != root else folder.name
             found.append((fmt, rel, folder, {}))
             return
@@ -232,7 +220,7 @@ class LocalStore(Store):
                 if self.recursive:
                     self._walk(root, entry, found, dicom_files, out_root)
                 continue
-            kind = _file_kind(entry)
+            kind = file_format(entry)
             if kind == "dicom":
                 dicom_files.append(entry)
             elif kind is not None:
@@ -248,8 +236,9 @@ class LocalStore(Store):
         for (kind, rel, path, meta), slug in zip(found, slugs):
             if counts[slug] > 1:
                 slug = f"{slug}-{_sha(str(path.resolve()), 6)}"
-            suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-            extra = {"suffix": suffix} if kind == "nifti" else {}
+            fmt = FORMATS.get(kind)
+            kept = fmt is not None and OUTPUTS[fmt.output].keeps_suffix
+            extra = {"suffix": suffix_of(path.name)} if kept else {}
             items.append(Item(id=slug, uri=str(path), kind=kind, meta={"path": str(path), **extra, **meta}))
         return items
 
@@ -296,37 +285,21 @@ class LocalStore(Store):
     def read(self, item: Item) -> SpatialImage | MultiResolutionImage:
         if item.meta.get("error"):
             raise InputError(str(item.meta["error"]), item.uri)
-        medical = self.domain if self.domain in ("mri", "ct") else None
-        if item.kind == "dicom":
-            from domainsr.io.dicom import read_dicom_series
-
-            return read_dicom_series([Path(f) for f in item.meta["files"]], series_uid=item.meta.get("series_uid"),
-                                     domain=medical, volume=item.meta.get("volume"))
-        if item.kind == "nifti":
-            from domainsr.io.nifti import read_nifti
-
-            return read_nifti(item.uri, domain=medical or "mri")
-        if item.kind == "raster":
-            from domainsr.io.raster import read_raster
-
-            return read_raster(item.uri)
-        if item.kind == "sentinel2":
-            from domainsr.io.sentinel2 import read_sentinel2
-
-            return read_sentinel2(item.uri)
-        if item.kind == "landsat8":
-            from domainsr.io.sentinel2 import read_landsat8
-
-            return read_landsat8(item.uri)
-        detect_format(item.uri)  # raises the precise error for a missing or unknown file
-        raise UnsupportedFormatError(f"not an image this store can read (kind {item.kind!r})", item.uri)
+        fmt = FORMATS.get(item.kind)
+        if fmt is None:
+            detect_format(item.uri)  # raises the precise error for a missing or unknown file
+            raise UnsupportedFormatError(f"not an image this store can read (kind {item.kind!r})", item.uri)
+        # a medical reader takes the store's domain; without one NIfTI defaults to MRI, DICOM to its modality
+        options: dict[str, Any] = {"domain": self.domain} if fmt.medical and self.domain in MEDICAL_DOMAINS else {}
+        if item.kind == "dicom":  # a series: its listed files, and which series and volume of them
+            return fmt.read([Path(f) for f in item.meta["files"]], series_uid=item.meta.get("series_uid"),
+                            volume=item.meta.get("volume"), **options)
+        return fmt.read(item.uri, **options)
 
     # ---- outputs ----------------------------------------------------------------------------------
     def output_format_of(self, item: Item) -> str:
         """``nifti``, ``dicom`` or ``cog``: the format ``item``'s output is written in."""
-        if self.output_format != "same":
-            return self.output_format
-        return {"nifti": "nifti", "dicom": "dicom"}.get(item.kind, "cog")
+        return default_output(item.kind) if self.output_format == "same" else self.output_format
 
     def output_stem(self, item: Item) -> str:
         """``<item id><output suffix>``: the output's name without its extension; extras are
@@ -335,8 +308,7 @@ class LocalStore(Store):
 
     def output_path(self, item: Item) -> Path:
         """Where ``item``'s output goes (inside the output root)."""
-        fmt = self.output_format_of(item)
-        ext = {"nifti": item.meta.get("suffix", ".nii.gz"), "dicom": "", "cog": ".tif"}[fmt]
+        ext = OUTPUTS[self.output_format_of(item)].name_suffix(item.meta.get("suffix", ""))
         return self._inside(self.output_stem(item) + ext)
 
     def provenance_path(self, item: Item) -> Path:
@@ -399,7 +371,7 @@ class LocalStore(Store):
             record = None
         if isinstance(record, dict) and record.get("output") == out.name:
             return True
-        return out.exists() and _carries_marker(out, self.output_format_of(item))
+        return out.exists() and OUTPUTS[self.output_format_of(item)].carries_marker(out)
 
     def existing(self, item: Item, run_key: str) -> WriteResult | None:
         """The finished output of ``item`` for ``run_key``: its provenance file exists, names the
@@ -420,22 +392,11 @@ class LocalStore(Store):
     def write(self, item: Item, image: SpatialImage, run_key: str,
               extras: dict[str, Path] | None = None) -> WriteResult:
         """Write ``image`` in ``item``'s output format, then the extras, then the provenance file."""
-        fmt = self.output_format_of(item)
-        self._check_format(fmt, image, item)
-        out = self.open_output(item)
-        if fmt == "nifti":
-            from domainsr.io.nifti import write_nifti
-
-            write_nifti(image, out)
-        elif fmt == "dicom":
-            from domainsr.io.dicom import write_derived_series
-
-            model = image.provenance.get("model") or {}
-            write_derived_series(image, out, model_name=str(model.get("name", "unknown")), overwrite=True)
-        else:
-            from domainsr.io.raster import write_raster
-
-            write_raster(image, out)
+        fmt = OUTPUTS[self.output_format_of(item)]
+        problem = fmt.problem(image)
+        if problem:  # a config error, not worth a retry
+            raise ConfigError(f"output format {fmt.name!r} does not fit this {item.kind} item: {problem}", item.id)
+        fmt.write(image, self.open_output(item), replace=True)  # check_output decided it may be replaced
         return self.commit(item, run_key, extras, _public(image.provenance, image.domain, item))
 
     def open_output(self, item: Item) -> Path:
@@ -479,46 +440,16 @@ class LocalStore(Store):
             raise OutputError(f"cannot record provenance: {exc}", prov_path) from exc
         return WriteResult(uri=str(out), extras=placed)
 
-    @staticmethod
-    def _check_format(fmt: str, image: SpatialImage, item: Item) -> None:
-        """Refuse (as a config error, not worth a retry) a format the image cannot be written in."""
-        problem = None
-        if fmt == "dicom" and not image.meta.get("dicom"):
-            problem = "a DICOM output needs a DICOM input series"
-        elif fmt == "nifti" and not isinstance(image.geometry, MedicalGeometry):
-            problem = "a NIfTI output needs a volume in patient space"
-        elif fmt == "cog" and not isinstance(image.geometry, GeoGeometry):
-            problem = "a GeoTIFF/COG output needs a raster on a map grid"
-        if problem:
-            raise ConfigError(f"output format {fmt!r} does not fit this {item.kind} item: {problem}", item.id)
 
 
-def _carries_marker(path: Path, fmt: str) -> bool:
-    """Whether the file or folder at ``path`` says it is a DomainSR output (see the module doc)."""
-    try:
-        if fmt == "nifti":
-            import nibabel as nib
-
-            from domainsr.io.nifti import DERIVED_DESCRIP
-
-            return bytes(nib.load(path).header["descrip"].item()).decode("latin-1").startswith(DERIVED_DESCRIP)
-        if fmt == "dicom":
-            import pydicom
-
-            first = min(path.glob("*.dcm"), default=None)
-            ds = None if first is None else pydicom.dcmread(first, stop_before_pixels=True)
-            return ds is not None and "AI ENHANCED" in list(ds.get("ImageType", []))
-        import rasterio
-
-        with rasterio.open(path) as ds:
-            return bool(DERIVED_TAGS & set(ds.tags()))
-    except Exception:  # noqa: BLE001 - unreadable, or not what we write: not ours
-        return False
+def _is_band_set(kind: str | None) -> bool:
+    return kind in FORMATS and FORMATS[kind].band_set
 
 
 def _public(provenance: dict[str, Any], domain: str, item: Item) -> dict[str, Any]:
     """Provenance without anything that could identify a patient: medical inputs are named by
     item id only (paths of medical files often carry names)."""
     prov = {k: v for k, v in provenance.items() if k != "source"}
-    prov["source"] = item.id if item.kind in _MEDICAL_KINDS or domain in ("mri", "ct") else item.uri
+    medical = item.kind in FORMATS and FORMATS[item.kind].medical
+    prov["source"] = item.id if medical or domain in MEDICAL_DOMAINS else item.uri
     return prov

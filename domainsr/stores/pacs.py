@@ -36,6 +36,9 @@ re-run finds the series (``existing`` counts only a series whose instances are a
 upload interrupted half-way is completed by the next run under the same UIDs instead of being
 duplicated. A PACS cannot hold HTML/JSON audit files: ``extras`` are copied to ``extras_dir``
 when it is set (else they are not kept, with a warning).
+
+Size: two protocols (DICOMweb and DIMSE) behind one Store, sharing the reduction of query answers
+(no patient identifier passes it) and the resumable, duplicate-free upload rule.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ import pydicom
 from domainsr.errors import ConfigError, InputError, StoreError
 from domainsr.image import SpatialImage
 from domainsr.io.atomic import atomic_path
-from domainsr.io.dicom import _quiet_pydicom, read_dicom_series, write_derived_series
+from domainsr.io.dicom import quiet_pydicom, read_dicom_series, write_derived_series
 from domainsr.retry import PermanentStoreError
 from domainsr.stores.base import Item, Store, WriteResult
 from domainsr.stores.http import (
@@ -161,7 +164,7 @@ def _private_int(value: Any) -> int | None:
         return None
 
 
-@_quiet_pydicom()
+@quiet_pydicom()
 def _stamp(files: Sequence[Path], series_uid: str, run_key: str) -> None:
     """Give the locally written derived series its run-derived UIDs and the DomainSR block."""
     for path in files:
@@ -338,7 +341,7 @@ class DicomWebBackend:
         if batch:
             self._stow(batch, study_uid)
 
-    @_quiet_pydicom()
+    @quiet_pydicom()
     def _stow(self, files: Sequence[Path], study_uid: str) -> None:
         datasets = [pydicom.dcmread(p) for p in files]
         answer = self.client.store_instances(datasets, study_instance_uid=study_uid)
@@ -476,7 +479,7 @@ class DimseBackend:
     def store(self, files: Sequence[Path], study_uid: str) -> None:
         from pydicom.uid import ExplicitVRLittleEndian
 
-        with _quiet_pydicom():
+        with quiet_pydicom():
             classes = sorted({str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in files})
         with self._association(classes) as assoc:
             accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
@@ -484,7 +487,7 @@ class DimseBackend:
             if missing:
                 raise PermanentStoreError(f"the PACS does not accept SOP class(es) {missing}", self.url)
             for path in files:
-                with _quiet_pydicom():
+                with quiet_pydicom():
                     ds = pydicom.dcmread(path)
                 if ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
                     raise PermanentStoreError(f"unexpected transfer syntax in {path.name}", self.url)

@@ -34,6 +34,9 @@ The output id is derived from the source id and the run key, so a re-run finds i
 nothing. Items are validated before they are written: the core STAC schema with the schemas
 pystac ships, extension fields structurally (:class:`OfflineValidator`; extension JSON schemas
 cannot be fetched offline).
+
+Size: static catalogs and STAC APIs, reading items and writing the output catalog, and the
+offline item validation are one contract: output ids and links are checked against the catalog.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ from domainsr.errors import (
 )
 from domainsr.image import GeoGeometry, SpatialImage, now_iso
 from domainsr.io.atomic import atomic_path
+from domainsr.io.formats import FORMATS, OUTPUTS
 from domainsr.io.raster import SUPPORTED_DTYPES, write_raster
 from domainsr.stores import url_option
 from domainsr.stores.base import Item, Store, WriteResult
@@ -91,8 +95,8 @@ log = logging.getLogger("domainsr.stores.stac")
 
 _OPTS = {"output", "assets", "auth", "username", "password", "token", "verify", "timeout", "retries", "backoff"}
 _QUERY_KEYS = {"bbox", "datetime", "collections", "ids", "limit", "assets", "clip"}
-COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
-_RASTER_TYPES = ("image/tiff", "image/jp2", "application/x-geotiff")
+COG_MEDIA_TYPE = OUTPUTS["cog"].media_type
+_RASTER_TYPES = FORMATS["raster"].media_types
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 EO_SCHEMA = "https://stac-extensions.github.io/eo/v2.0.0/schema.json"  # bands[] with eo: fields (STAC 1.1)
 EO_COMMON_NAMES = frozenset({
@@ -100,12 +104,13 @@ EO_COMMON_NAMES = frozenset({
     "rededge078", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22", "lwir", "lwir11", "lwir12"})
 _BAND_KEYS = ("description", "unit", "eo:common_name", "eo:center_wavelength", "eo:full_width_half_max")
 _MEDIA_BY_SUFFIX = {".html": "text/html", ".json": "application/json", ".png": "image/png",
-                    ".tif": COG_MEDIA_TYPE, ".pdf": "application/pdf", ".txt": "text/plain"}
+                    OUTPUTS["cog"].suffix: COG_MEDIA_TYPE, ".pdf": "application/pdf", ".txt": "text/plain"}
 # GDAL reading COGs over HTTP: no directory listing of the server, only .tif/.tiff files probed,
 # no retries of its own (ours apply), and nothing kept in /vsicurl/'s cache once a file is closed:
 # GDAL would otherwise remember a failed attempt ("does not exist") and fail every retry with it.
 _GDAL_HTTP_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-                  "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
+                  "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ",".join(
+                      [*OUTPUTS["cog"].suffixes, *(s.upper() for s in OUTPUTS["cog"].suffixes)]),
                   "GDAL_HTTP_MAX_RETRY": "0", "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/"}
 _catalog_lock = threading.Lock()
 
@@ -521,7 +526,7 @@ class StacStore(Store):
     def _paths(self, item: Item, run_key: str) -> tuple[str, Path, Path, Path]:
         out_id = self._out_id(item, run_key)
         folder = self.output.parent / out_id
-        return out_id, folder, folder / f"{out_id}.tif", folder / f"{out_id}.json"
+        return out_id, folder, folder / f"{out_id}{OUTPUTS['cog'].suffix}", folder / f"{out_id}.json"
 
     def existing(self, item: Item, run_key: str) -> WriteResult | None:
         out_id, folder, cog, item_json = self._paths(item, run_key)

@@ -1,2 +1,4 @@
-"""Training: ``config`` (TrainConfig from YAML), ``datasets`` (leak-free spatial split, on-the-fly
-degraded patches, 2.5D planes), ``losses`` and ``trainer`` (``train(config) -> TrainResult``)."""
+"""Training: ``trainer`` (``train(config) -> TrainResult``), the one ``loop`` (stages, EMA,
+validation, checkpoint) with its run ``state``, the ``pairing`` strategies (``single_grid``: HR ->
+degraded LR on one grid; ``guided``: two grids, Wald's protocol), ``regions`` (masks, leak-free
+split), ``scoring`` (held-out figures), ``sources``, ``config``, ``datasets`` and ``losses``."""

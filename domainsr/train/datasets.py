@@ -154,7 +154,9 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _draw(self, rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[slice, ...]]:
+    def draw_box(self, rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[slice, ...]]:
+        """An orientation (network axes as source axes) and the source index box (margin included)
+        of one patch, drawn from ``rng`` among the starts with enough foreground."""
         k = int(rng.integers(len(self.orientations)))
         axes = self.orientations[k]
         ok, shape = self._starts[k]
@@ -168,37 +170,51 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def sample_box(self, index: int) -> tuple[slice, ...]:
         """Source index box (margin included) that item ``index`` reads: for leakage checks."""
-        return self._draw(np.random.default_rng((self.seed, int(index))))[1]
+        return self.draw_box(np.random.default_rng((self.seed, int(index))))[1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, int(index)))
-        axes, box = self._draw(rng)
+        axes, box = self.draw_box(rng)
         hr = self.data[(slice(None), *box)]
         # keep the network axes (in the order ``axes``), drop the extent-1 ones
         others = [a for a in range(hr.ndim - 1) if a not in axes]
         hr = np.transpose(hr, (0, *[a + 1 for a in axes], *[a + 1 for a in others]))
         hr = hr.reshape(hr.shape[: 1 + len(axes)])
         if self.augment:
-            hr = self._augment(hr, rng)
+            (hr,) = self.flip_rotate(rng, hr)
         hr = np.ascontiguousarray(hr, dtype=np.float32)
         lr = np.asarray(self.degradation(hr, rng), dtype=np.float32)
-        want = tuple(f // s for f, s in zip(self.full, self.scale))
-        if lr.shape[1:] != want:
+        if lr.shape[1:] != self.lr_extent:
             raise ConfigError(f"degradation returned LR shape {lr.shape[1:]} for HR {hr.shape[1:]}, "
-                              f"expected {want} at scale {self.scale}")
-        m = self.margin
-        if m:
-            lr = lr[(slice(None), *[slice(m, n - m) for n in want])]
-            hr = hr[(slice(None), *[slice(m * s, n - m * s) for n, s in zip(self.full, self.scale)])]
+                              f"expected {self.lr_extent} at scale {self.scale}")
+        lr, (hr,) = self.crop_margin(lr, hr)
         return (torch.from_numpy(normalize(lr, self.norm)), torch.from_numpy(normalize(hr, self.norm)))
 
-    def _augment(self, hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        for a in range(hr.ndim - 1):
+    @property
+    def lr_extent(self) -> tuple[int, ...]:
+        """LR extent of a patch with its margin (``full // scale``)."""
+        return tuple(f // s for f, s in zip(self.full, self.scale))
+
+    def flip_rotate(self, rng: np.random.Generator, *arrays: np.ndarray) -> list[np.ndarray]:
+        """``(C, *spatial)`` arrays flipped alike along each axis with probability 1/2, then
+        rotated alike by a random multiple of 90 degrees in each :func:`augment_axes` plane."""
+        out = list(arrays)
+        for a in range(out[0].ndim - 1):
             if rng.random() < 0.5:
-                hr = np.flip(hr, axis=a + 1)
+                out = [np.flip(x, axis=a + 1) for x in out]
         for i, j in self.rot_axes:
-            hr = np.rot90(hr, k=int(rng.integers(4)), axes=(i + 1, j + 1))
-        return hr
+            k = int(rng.integers(4))
+            out = [np.rot90(x, k=k, axes=(i + 1, j + 1)) for x in out]
+        return out
+
+    def crop_margin(self, lr: np.ndarray, *hr: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Drop the degradation margin: ``margin`` px of ``lr`` and ``margin * scale`` px of each
+        HR-grid array."""
+        m = self.margin
+        if not m:
+            return lr, list(hr)
+        core = (slice(None), *[slice(m * s, n - m * s) for n, s in zip(self.full, self.scale)])
+        return lr[(slice(None), *[slice(m, n - m) for n in self.lr_extent])], [x[core] for x in hr]
 
 
 def normalize(x: np.ndarray, norm: InputNormalization) -> np.ndarray:

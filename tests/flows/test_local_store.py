@@ -14,7 +14,7 @@ from domainsr.config import StoreConfig, load_enhance_config
 from domainsr.errors import ConfigError, InputError, StoreError
 from domainsr.stores import SCHEMES, open_store
 from domainsr.stores.base import Item
-from domainsr.stores.local import LocalStore
+from domainsr.stores.local import EXTRA_LABELS, LocalStore
 
 PATIENT = ("CompressedSamples", "4MR1")  # PatientName / PatientID of the MR_small.dcm header
 
@@ -169,3 +169,22 @@ def test_a_forced_output_format_that_cannot_fit_is_refused(sample_data, tmp_path
     with pytest.raises(ConfigError, match="DICOM input"):
         store.write(item, store.read(item), "k")
     assert not (tmp_path / "out").exists()
+
+
+def test_output_and_extra_names_of_every_kind_come_from_the_format_table(tmp_path):
+    src = tmp_path / "in"
+    write_mr_series(src / "series")
+    (src / "s2").mkdir()
+    for band in ("T1_B02.jp2", "T1_B04.jp2", "T1_B8A.jp2"):
+        (src / "s2" / band).write_bytes(b"")
+    for name in ("brain.nii.gz", "head.nii", "scene.TIFF", "ortho.jp2"):
+        (src / name).write_bytes(b"")
+    store = LocalStore(src, tmp_path / "out")
+    names = {i.kind + ":" + i.id.split("-")[0]: store.output_path(i).name for i in store.list_items()}
+    assert names == {"dicom:mr": names["dicom:mr"], "nifti:brain": "brain_sr.nii.gz", "nifti:head": "head_sr.nii",
+                     "raster:scene": "scene_sr.tif", "raster:ortho": "ortho_sr.tif", "sentinel2:s2": "s2_sr.tif"}
+    assert names["dicom:mr"].startswith("mr-") and names["dicom:mr"].endswith("_sr")
+    assert EXTRA_LABELS == ("audit.html", "audit.json", "risk.nii.gz", "risk.tif")  # <stem>.<label> beside it
+    forced = LocalStore(src, tmp_path / "out", output_format="nifti")
+    assert {forced.output_path(i).name for i in forced.list_items() if i.kind == "raster"} == {"scene_sr.nii.gz",
+                                                                                             "ortho_sr.nii.gz"}

@@ -14,7 +14,7 @@ from domainsr.errors import ConfigError
 from domainsr.models import build_model
 from domainsr.models.guided import PackedGuided, load_guided_checkpoint
 from domainsr.train.config import TrainConfig
-from domainsr.train.guided import _two_grid, prepare_guided_data
+from domainsr.train.guided import prepare_guided_data, two_grid
 from domainsr.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def _config(tmp_path, **kw) -> TrainConfig:
 
 
 def _data(cfg, bands):
-    target, guide = _two_grid(bands, cfg)
+    target, guide = two_grid(bands, cfg)
     net = build_model("guided_rescnn", spatial_dims=2, in_channels=5, scale=(2, 2), guide_channels=2, **TINY)
     return prepare_guided_data(cfg, target, guide, build_degradation(DEG), build_degradation(DEG),
                                net.receptive_radius), net

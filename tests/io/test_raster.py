@@ -15,6 +15,7 @@ from rio_cogeo.cogeo import cog_validate
 from domainsr.errors import DomainSRError, GeometryError, InputError, OutputError, UnsupportedFormatError
 from domainsr.image import GeoGeometry, SpatialImage
 from domainsr.io.raster import (
+    RasterWindowReader,
     RasterWindowWriter,
     iter_windows,
     raster_info,
@@ -195,6 +196,43 @@ def test_bands_by_index_and_name(tmp_path):
             read_raster(src, bands=bad)
     plain = make_tif(tmp_path / "plain.tif", data)
     assert read_raster(plain).band_names == ("B1", "B2", "B3")
+
+
+def test_window_reader_reads_windows_as_read_raster_reads_the_whole(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 500, (3, 70, 90)).astype(np.uint16)
+    data[:, :5, :7] = 0
+    path = make_tif(tmp_path / "w.tif", data, nodata=0, descriptions=["B02", "B03", "B04"], units=["DN"] * 3)
+    whole = read_raster(path, bands=["B04", "B02"])
+    with RasterWindowReader(path, bands=["B04", "B02"]) as src:
+        assert (src.shape, src.channels, src.band_names, src.dtype, src.nodata) == ((70, 90), 2, ("B04", "B02"),
+                                                                                    "uint16", 0)
+        assert src.geometry.almost_equal(whole.geometry) and src.may_be_invalid
+        meta = src.meta()
+        assert meta["indexes"] == [3, 1] and meta["descriptions"] == ["B04", "B02"] and meta == whole.meta["raster"]
+        for win in iter_windows(src.shape, (32, 40)):
+            pixels, valid = src.read(win)
+            rows, cols = win.toslices()
+            np.testing.assert_array_equal(pixels, whole.data[:, rows, cols])
+            np.testing.assert_array_equal(np.ones(pixels.shape[1:], bool) if valid is None else valid,
+                                          whole.valid_mask()[rows, cols])
+        part = src.image(((10, 20), (5, 25)))
+        assert_same_image(part, read_raster(path, window=((10, 20), (5, 25)), bands=["B04", "B02"]))
+        with pytest.raises(InputError, match="outside the 70x90 raster"):
+            src.read(((60, 80), (0, 10)))
+    with pytest.raises(InputError, match="no band named"):
+        RasterWindowReader(path, bands=["B08"])
+
+
+def test_window_reader_reports_header_problems_when_they_matter(tmp_path):
+    path = make_tif(tmp_path / "nocrs.tif", np.ones((1, 8, 8), np.uint8), crs=None)
+    with RasterWindowReader(path) as src:
+        pixels, valid = src.read()  # pixels need no CRS
+        assert pixels.shape == (1, 8, 8) and valid is None and not src.may_be_invalid
+        with pytest.raises(GeometryError, match="no coordinate reference system"):
+            _ = src.geometry
+    with pytest.raises(InputError, match="file not found"):
+        RasterWindowReader(tmp_path / "missing.tif")
 
 
 def test_storage_conversion_rounds_clips_and_protects_nodata(tmp_path):

@@ -7,18 +7,17 @@ from model_zoo_cases import TINY, jitter
 
 from domainsr.models import build_model
 from domainsr.models.layers import chain_radius, conv, deconv, interp, up
+from domainsr.models.radius import gradient_extent, measure_receptive_radius
 
 
 def grad_extent(net, scale, radius):
     """Largest |offset| per axis of the input pixels with a non-zero gradient of the output block
-    of the centre LR pixel (all output phases at once)."""
+    of the centre LR pixel (all output phases at once): the probe that measures third-party
+    networks (domainsr.models.radius)."""
     size = [2 * r + 7 for r in radius]
-    centre = [s // 2 for s in size]
-    x = torch.randn(1, net.in_channels, *size, dtype=torch.float64, requires_grad=True)
-    block = tuple(slice(c * f, c * f + f) for c, f in zip(centre, scale))
-    net(x)[(0, 0) + block].sum().backward()
-    nz = (x.grad[0].abs().sum(0) > 0).nonzero()
-    return tuple((nz - torch.tensor(centre)).abs().max(0).values.tolist())
+    ext, touches = gradient_extent(net, net.in_channels, scale, size)
+    assert not touches
+    return ext
 
 
 CASES = [("cubic", 2, (2, 2)), ("lanczos", 3, (1, 1, 3)), ("linear", 3, (2, 2, 2)), ("nearest", 2, (3, 1)),
@@ -68,3 +67,12 @@ def test_chain_radius_rules():
     assert chain_radius([interp(3, 2)], 1) == (2,)
     assert chain_radius([interp((1, 3), 2)], 2) == (0, 2)
     assert chain_radius([deconv(1, 9, 4)], 1) == (4,)  # a stride-1 deconv is a conv
+
+
+@pytest.mark.parametrize("name,dims,scale", [("rescnn", 2, (2, 2)), ("espcn", 2, (1, 3)), ("edsr", 3, (1, 1, 2))])
+def test_measured_radius_of_a_registry_net_equals_its_count(name, dims, scale):
+    """What a third-party network gets (measure_receptive_radius: random weights, growing probes)
+    agrees with the analytic count of the registry's own networks."""
+    torch.manual_seed(3)
+    net = build_model(name, spatial_dims=dims, in_channels=1, scale=scale, **TINY.get(name, {}))
+    assert measure_receptive_radius(net, in_channels=1, scale=scale, start=8) == tuple(net.receptive_radius)

@@ -13,7 +13,9 @@ from domainsr.models import build_model
 from domainsr.models.checkpoints import load_checkpoint
 from domainsr.train.config import TrainConfig
 from domainsr.train.datasets import normalize
-from domainsr.train.trainer import _border, prepare_data, score, train
+from domainsr.train.scoring import border, score
+from domainsr.train.single_grid import prepare_data
+from domainsr.train.trainer import train
 
 DEGRADATION = {"kind": "optical", "scale": [2, 2], "mtf": 0.3, "noise_sigma": 2.0}
 
@@ -82,7 +84,7 @@ def test_val_and_test_psnr_match_a_direct_computation(tmp_path, scene):
         hr = pair.hr.astype(np.float64)
         m = np.ones(hr.shape[1:], bool)
         m[:4], m[-4:], m[:, :4], m[:, -4:] = False, False, False, False  # 2 LR px at x2
-        assert np.array_equal(m, _border(pair, (2, 2)))
+        assert np.array_equal(m, border(pair, (2, 2)))
         psnrs = [10 * np.log10((h[m].max() - h[m].min()) ** 2 / np.mean((s[m] - h[m]) ** 2)) for s, h in zip(sr, hr)]
         got = card.metrics[region]
         assert got.psnr == pytest.approx(np.mean(psnrs), abs=1e-3)

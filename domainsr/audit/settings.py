@@ -1,0 +1,54 @@
+"""Audit settings (``audit:`` in a task config) and the rule they parameterise, as the report states it."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AuditThresholds(BaseModel):
+    """Audit settings (``audit:`` in a task config). Unknown keys are errors.
+
+    Pixel decisions use only the data's noise (see ``hallucination``); these numbers set the
+    false-alarm rate, what counts as a region, and how bad a region must be to need review or fail.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(1e-3, gt=0.0, lt=0.5, description="per-pixel false-alarm rate of the significance tests")
+    min_region_size: int | None = Field(
+        None, ge=1, description="pixels/voxels on the SR grid; default: 2 LR pixels along every axis")
+    review_risk: float = Field(1.0, gt=0.0, description="peak relative excess error that needs review")
+    fail_risk: float = Field(4.0, gt=0.0, description="peak relative excess error that fails")
+    min_gain_db: float = Field(0.0, description="held-out: mean PSNR gain over the baseline below this is 'review'")
+    noise_method: Literal["mad-haar", "fixed"] = "mad-haar"
+    noise_sigma: list[float] | None = Field(None, description="per-band noise sigma (data units) for 'fixed'")
+    tta: Literal["off", "flips", "dihedral"] = "flips"
+    tta_max: int = Field(4, ge=2, le=48, description="augmentations including the identity")
+    baseline: Literal["cubic", "linear", "lanczos"] = "cubic"
+    max_figure_regions: int = Field(6, ge=0, le=50)
+
+    @model_validator(mode="after")
+    def _check(self) -> AuditThresholds:
+        if self.fail_risk < self.review_risk:
+            raise ValueError("fail_risk must be >= review_risk")
+        if self.noise_method == "fixed" and not self.noise_sigma:
+            raise ValueError("noise_method 'fixed' needs noise_sigma (one value per band)")
+        return self
+
+
+RULE_TEXT = (
+    "Per band, in units of the noise sigma: d = SR - baseline (what the model added), r = baseline - truth. "
+    "Over a Gaussian window about one LR pixel wide, excess = mean((d + r)^2) - mean(r^2): the extra error "
+    "energy of SR over the baseline. Noise-level texture costs about 1, so a pixel is hallucinated when "
+    "excess - 1 > z(alpha) s, s = 2 sqrt(sum w^2 (0.5 + mean_w2(d^2) + mean_w2(r^2))) being the spread of "
+    "the excess that noise causes, and the addition is not a smoothing of the baseline towards its local "
+    "level mu (mean_w(d (d + baseline - mu)) > 0); improved when -excess > z 2 sqrt(sum w^2 mean_w2(d^2)); omitted when "
+    "the baseline's error is significantly above "
+    "noise and was not reduced. Flags are then shrunk to the pixels that carry the excess. "
+    "Risk = (RMS error of SR - RMS error of baseline) / max(RMS error of baseline, noise). Truth = the HR "
+    "reference (held-out) or the LR input after re-degrading SR and baseline (LR consistency). Regions: "
+    "connected flagged pixels >= min_region_size; verdict from the peak risk (review_risk, fail_risk)."
+)
+
+__all__ = ["RULE_TEXT", "AuditThresholds"]

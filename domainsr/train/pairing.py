@@ -1,0 +1,178 @@
+"""The pairing strategy: what differs between kinds of training, behind one interface the loop
+(:func:`domainsr.train.loop.fit`) runs.
+
+A :class:`Pairing` reads its source and degradations, builds the network, makes the leak-free
+split, the training set (batches ``(model input, target)``) and the held-out pairs, gives the
+model input for a held-out pair, scores a region against the best interpolation and writes the
+model card. Two strategies exist: :class:`~domainsr.train.single_grid.SingleGridPairing` (HR ->
+degraded LR on one grid) and :class:`~domainsr.train.guided.TwoGridPairing` (target bands at the
+coarse resolution plus guide bands at the fine one, Wald's protocol). Helpers both use follow.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from domainsr.errors import ConfigError, ModelError
+from domainsr.models.checkpoints import ModelCard, RegionMetrics, TrainingSettings
+from domainsr.train.config import TrainConfig
+from domainsr.train.datasets import Region
+from domainsr.train.scoring import Baseline, HeldOut, best_baseline, region_metrics
+
+log = logging.getLogger("domainsr.train")
+
+#: the card's units when neither the config nor the source names them
+DEFAULT_UNITS = {"optical": "DN", "ct": "HU", "mri": "a.u."}
+#: ``amp()``: the autocast context of the run (``nullcontext`` when off)
+Autocast = Callable[[], Any]
+
+
+class PairedData(Protocol):
+    """What every strategy's prepared data holds (train set and held-out pairs per region)."""
+
+    regions: dict[str, Region]
+    gap: int
+    train: torch.utils.data.Dataset
+    val: Sequence[HeldOut]
+    test: Sequence[HeldOut]
+
+
+class Pairing(ABC):
+    """One kind of training's data, model inputs and scoring. The loop calls, in order:
+    :meth:`load`, :meth:`build_net`, :meth:`prepare` (which sets :attr:`data`), :meth:`trainable`,
+    then :meth:`baseline` / :meth:`evaluate` per held-out region, :meth:`network` and :meth:`card`.
+
+    ``image`` replaces ``data.source`` (already read, e.g. by a flow)."""
+
+    data: PairedData
+
+    def __init__(self, config: TrainConfig, image: Any = None) -> None:
+        self.config = config
+        self.image = image
+
+    @abstractmethod
+    def load(self) -> None:
+        """Read the source (unless given) and build the degradations, checked against the config."""
+
+    @abstractmethod
+    def build_net(self) -> nn.Module:
+        """The registry architecture the card names, with ``init_from`` weights when set."""
+
+    @abstractmethod
+    def prepare(self, receptive_radius: tuple[int, ...]) -> None:
+        """Split, fix the normalisation and make the train set and the held-out pairs (:attr:`data`)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """What is trained on, for the log."""
+
+    @abstractmethod
+    def predict(self, module: nn.Module, pair: Any, device: torch.device, amp: Autocast) -> np.ndarray:
+        """The trained ``module``'s output for a held-out pair, in the data's units."""
+
+    @abstractmethod
+    def metrics_description(self, n_pairs: int) -> str:
+        """How a held-out region was scored (the card's ``RegionMetrics.description``)."""
+
+    @abstractmethod
+    def card(self, net: nn.Module, receptive_radius: tuple[int, ...], val: RegionMetrics,
+             test: RegionMetrics, training: TrainingSettings) -> ModelCard:
+        """The model card of the trained network ``net`` (as :meth:`network` returns it)."""
+
+    def trainable(self, net: nn.Module) -> nn.Module:
+        """The module the loop optimises: maps a batch's input to its target's grid."""
+        return net
+
+    def network(self, module: nn.Module) -> nn.Module:
+        """The network to save from a trained :meth:`trainable` module."""
+        return module
+
+    def interpolate(self, net: nn.Module, pair: Any) -> np.ndarray:
+        """A baseline interpolation ``net``'s output for a held-out pair, in the data's units."""
+        return self.predict(net, pair, torch.device("cpu"), nullcontext)
+
+    def baseline(self, region: str) -> Baseline:
+        """The best interpolation on held-out ``region`` (``val`` or ``test``)."""
+        return best_baseline(getattr(self.data, region), self.config.spatial_dims, tuple(self.config.scale),
+                             self.interpolate)
+
+    def evaluate(self, module: nn.Module, region: str, baseline: Baseline, device: torch.device,
+                 amp: Autocast) -> RegionMetrics:
+        """``module`` vs ``baseline`` on held-out ``region``, in the data's units."""
+        pairs = getattr(self.data, region)
+        was = module.training
+        module.eval()
+        outs = [self.predict(module, p, device, amp) for p in pairs]
+        module.train(was)
+        return region_metrics(outs, pairs, tuple(self.config.scale), baseline, region,
+                              self.metrics_description(len(pairs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers of the strategies
+
+
+def check_degradation(name: str, degradation: Any, config: TrainConfig, note: str = "") -> None:
+    """Refuse a degradation whose reduction factors are not the config's ``scale``."""
+    factors = getattr(degradation, "factors", None)
+    if factors is not None and tuple(factors(config.spatial_dims)) != tuple(config.scale):
+        raise ConfigError(f"{name} reduces by {tuple(factors(config.spatial_dims))} per axis but scale is "
+                          f"{tuple(config.scale)}{note}")
+
+
+def build_network(config: TrainConfig, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``config.model`` from the registry (a bad name or kwargs is a config error)."""
+    from domainsr.models import build_model
+
+    try:
+        return build_model(config.model.name, spatial_dims=config.spatial_dims, in_channels=in_channels,
+                           scale=config.scale, **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"cannot build model {config.model.name!r}: {exc}") from exc
+
+
+def init_weights(net: nn.Module, config: TrainConfig, loaded: nn.Module, card: ModelCard,
+                 want: tuple[Any, ...], got: tuple[Any, ...], what: str) -> None:
+    """Copy ``init_from``'s weights (``loaded.net``) into ``net`` when its card describes the same
+    network: ``want`` / ``got`` are ``(name, kwargs, scale, inputs)`` of this run and of the card,
+    ``inputs`` described by the format string ``what`` (``"with {} channels"``)."""
+    if want != got:
+        raise ConfigError(f"init_from {config.init_from!r} is {got[0]} {got[1]} x{got[2]} {what.format(got[3])}; "
+                          f"this run builds {want[0]} {want[1]} x{want[2]} {what.format(want[3])}")
+    net.load_state_dict(loaded.net.state_dict())
+    log.info("initialised from %s (sha256 %s)", config.init_from, card.weights_sha256[:12])
+
+
+def robust_range(values: np.ndarray) -> tuple[float, float]:
+    """The card's expected input range: the 0.1-99.9 percentiles of the training values (never empty)."""
+    lo, hi = float(np.percentile(values, 0.1)), float(np.percentile(values, 99.9))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def split_record(config: TrainConfig, data: PairedData, units: str, note: str) -> dict[str, Any]:
+    """The card's ``training_data.split``: axis, order, gap, regions (end exclusive) and a note."""
+    return {"axis": config.data.split.axis, "order": list(config.data.split.order), "gap_px": data.gap,
+            "regions": {k: [v.start, v.stop] for k, v in data.regions.items()}, "units": units, "note": note}
+
+
+def card_fields(config: TrainConfig, val: RegionMetrics, test: RegionMetrics,
+                training: TrainingSettings) -> dict[str, Any]:
+    """The card fields every strategy fills the same way."""
+    c = config.card
+    return {"name": config.output.name, "version": c.version, "domain": config.domain,
+            "spatial_dims": config.spatial_dims, "scale": tuple(config.scale), "training": training,
+            "metrics": {"val": val, "test": test}, "license": c.license, "intended_use": c.intended_use,
+            "limitations": c.limitations}
+
+
+__all__ = ["DEFAULT_UNITS", "Autocast", "PairedData", "Pairing", "build_network", "card_fields",
+           "check_degradation", "init_weights", "robust_range", "split_record"]
