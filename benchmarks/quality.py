@@ -13,9 +13,10 @@ The output of the patch engine (2 threads, CPU) and of each interpolation (neare
 bi/trilinear, cubic = bi/tricubic, lanczos) is scored with the trainer's ``score``: valid
 (foreground, for MRI/CT) pixels without a 2 LR px border, PSNR per band on the reference's own
 range pooled over pixels then averaged over bands, SSIM (``audit.metrics``). Slice-wise models run
-as shipped (``pipeline.slicewise_module``: both planes through the slice axis, averaged) on the 3D
-held-out block, degraded plane by plane with the card's 2D operator; a slice-wise card trained on
-one 2D image (CT: planes through both in-plane axes) is scored on that image in each orientation.
+as shipped (``domainsr.app.models.slicewise_module``: both planes through the slice axis,
+averaged) on the 3D held-out block, degraded plane by plane with the card's 2D operator; a
+slice-wise card trained on one 2D image (CT: planes through both in-plane axes) is scored on that
+image in each orientation.
 Guided models use the guided trainer's pair (``train.guided.guided_eval_pair``: Wald's protocol,
 both grids degraded) and the guided engine.
 
@@ -187,7 +188,7 @@ def direct_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: Any
     lr = np.asarray(degradation(hr, rng), np.float32)
     _, fg = foreground(ref, hr, BACKGROUND.get(card.domain))
     with torch.inference_mode():
-        module.prepare(_lr_image(ref, lr, scale))  # per-image normalisation from the input, as the pipeline
+        module.prepare(_lr_image(ref, lr, scale))  # per-image normalisation from the input, as enhance_item
     inferer = _inferer(module)
     return Case([EvalPair(hr, lr, fg, None)], scale, lambda x: inferer.run(x), note)
 
@@ -203,7 +204,7 @@ def slicewise_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: 
     card's planes): the shipped 3D application on the held-out block, degraded along the slice axis
     plane by plane with the card's 2D operator. On one 2D image (planes through both in-plane
     axes, e.g. CT from a single slice): the 2D net in each orientation."""
-    from domainsr.pipeline import slicewise_module
+    from domainsr.app.models import slicewise_module
 
     module, _ = load_checkpoint(path)
     planes = _planes(card)

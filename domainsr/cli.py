@@ -154,7 +154,7 @@ def _csv(values: list[str] | None) -> list[str] | None:
 
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[None]:
-    """Rich progress bars (done/total, elapsed, ETA) fed by the pipeline's progress events:
+    """Rich progress bars (done/total, elapsed, ETA) fed by the progress events of :mod:`domainsr.app.progress`:
     one for the items of a batch, one per item's tiles, one for training steps."""
     from rich.progress import (
         BarColumn,
@@ -165,7 +165,7 @@ def progress_bars(enabled: bool = True) -> Iterator[None]:
         TimeRemainingColumn,
     )
 
-    from domainsr import pipeline
+    from domainsr.app import listen
 
     if not enabled:
         yield
@@ -182,7 +182,7 @@ def progress_bars(enabled: bool = True) -> Iterator[None]:
             tasks[ident] = bars.add_task(f"{label} {names.get(kind, kind)}", total=total)
         bars.update(tasks[ident], completed=done, total=total)
 
-    with bars, pipeline.listen(on_event):
+    with bars, listen(on_event):
         yield
 
 
@@ -201,8 +201,8 @@ def _checked(check: Callable[[], Any]) -> Any:
 def _check_model(name: str, scale: str | int | list[int] | None) -> None:
     """An unknown model (with the closest name), a discriminator, or a registered model without
     a scale: a usage error."""
+    from domainsr.app import parse_scale
     from domainsr.models.names import check_model
-    from domainsr.pipeline import parse_scale
 
     _checked(lambda: check_model(name, parse_scale(scale)))
 
@@ -569,7 +569,7 @@ def audit_heldout_cmd(
     """Held-out audit: degrade each reference as the model's card says (else a block mean), enhance
     it, compare model and interpolation with the reference; writes HTML + JSON reports and risk maps.
     Exit codes as for enhance (4: a verdict is FAIL)."""
-    from domainsr.pipeline import parse_scale
+    from domainsr.app import parse_scale
 
     _check_model(model, scale)
     _check_paths(references)
@@ -706,10 +706,10 @@ def models_show(name: Annotated[str, typer.Argument(
     held-out metrics), a registered model's description, options and weights (untrained or
     baseline), or what a third-party weights file holds (architecture, scale, channels, sha256,
     size rules, dtypes, its card beside it)."""
+    from domainsr.app import find_checkpoint
     from domainsr.models import get_spec
     from domainsr.models.checkpoints import read_card
     from domainsr.models.names import is_weights_file, unknown_model
-    from domainsr.pipeline import find_checkpoint
 
     def card_or_spec() -> dict[str, Any]:
         if weights:

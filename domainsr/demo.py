@@ -43,7 +43,7 @@ class DemoResult:
 
 def demo_runs(out: Path, data: dict[str, Path]) -> tuple[list[dict[str, Any]], list[str]]:
     """The flow runs of the demo (resolved configs written under ``out/configs``) and warnings."""
-    from domainsr.pipeline import find_checkpoint, model_identity
+    from domainsr.app import find_checkpoint, model_identity
 
     runs, warnings = [], []
     for sample, config_name, _ in TASKS:

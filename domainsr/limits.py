@@ -4,12 +4,12 @@ Readers check the decoded size from the header *before* decoding any pixel, so a
 header claims 10^6 x 10^6 pixels (or a small .nii.gz that inflates to terabytes) is refused with
 a :class:`~domainsr.errors.ResourceLimitError` naming the file, the size and the budget, instead of
 dying in the kernel's out-of-memory killer at 3 a.m. Single-file rasters above the budget are not
-refused by a batch: the pipeline sends them down the streaming path (bounded memory, any size),
-which checks instead that the output fits on the disk (:func:`check_disk`).
+refused by a batch: :mod:`domainsr.app.enhance` sends them down the streaming path (bounded
+memory, any size), which checks instead that the output fits on the disk (:func:`check_disk`).
 
 The budget, first that is set:
 
-1. :func:`memory_budget` (a context manager; the pipeline enters it with
+1. :func:`memory_budget` (a context manager; ``enhance_item`` enters it with
    ``runner.memory_budget_gb`` of the task config),
 2. the ``DOMAINSR_MEMORY_BUDGET_GB`` environment variable,
 3. :data:`DEFAULT_FRACTION` of this machine's physical memory.

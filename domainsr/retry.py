@@ -1,4 +1,4 @@
-"""What is worth retrying, and how long to wait first: one rule for the flows, the pipeline and
+"""What is worth retrying, and how long to wait first: one rule for the flows, the app and
 the stores.
 
 What :func:`is_transient` decides (first match wins):

@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
-from domainsr import pipeline
+from domainsr.app import heldout_audit, output_audit
 from domainsr.audit import AuditOutcome, MetricMeans
 from domainsr.audit.privacy import public_path, relabel
 from domainsr.config import ModelRef
@@ -27,7 +27,7 @@ def heldout_task(reference: str, model: str, scale: int | list[int] | None, out:
     if shown != reference:
         shown = f"reference #{number} ({shown})"  # the position in the given list identifies it
     try:
-        result = pipeline.heldout_audit(reference, ModelRef(name=model, scale=scale), out, audit=audit, bands=bands,
+        result = heldout_audit(reference, ModelRef(name=model, scale=scale), out, audit=audit, bands=bands,
                                         seed=seed)
     except DomainSRError as exc:
         raise relabel(exc, {str(reference): shown}, shown) from None
@@ -42,7 +42,7 @@ def output_task(sr: str, lr: str, reference: str | None, out: str, audit: dict[s
                 bands: list[str] | None) -> AuditOutcome:
     shown = {str(p): public_path(p) for p in (sr, lr, reference) if p}
     try:
-        result = pipeline.output_audit(sr, lr, out, reference=reference, audit=audit, bands=bands)
+        result = output_audit(sr, lr, out, reference=reference, audit=audit, bands=bands)
     except DomainSRError as exc:
         raise relabel(exc, shown) from None
     return result.model_copy(update={"reference": shown.get(str(reference), ""), "sr": shown[str(sr)]})

@@ -6,7 +6,7 @@ that counts what succeeded and what failed.
 
 Run it from the CLI (``domainsr enhance``), from Python (``enhance_flow(config=...)``), or as a
 scheduled deployment (``prefect.yaml``, ``domainsr schedule``). No image logic lives here: every
-step is a call into :mod:`domainsr.pipeline` and :mod:`domainsr.stores`.
+step is a call into the application layer :mod:`domainsr.app` and :mod:`domainsr.stores`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 
-from domainsr import pipeline
+from domainsr.app import (
+    ItemResult,
+    RunSpec,
+    config_from_model,
+    enhance_item,
+    parse_scale,
+    plan_run,
+    report,
+    split_done,
+    summarize,
+)
 from domainsr.bands import parse_band_map
 from domainsr.config import EnhanceConfig, load_enhance_config
 from domainsr.errors import ConfigError
@@ -32,7 +42,7 @@ def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None,
               bands: Sequence[str] | None = None, force: bool = False, task_runner: str | None = None,
               dask_address: str | None = None, run_audit: bool | None = None, suffix: str | None = None,
               overwrite: bool = False, band_map: str | dict[int, str] | None = None
-              ) -> tuple[pipeline.RunSpec, Store]:
+              ) -> tuple[RunSpec, Store]:
     """The run and its store from a config file or a model name, with command-line overrides
     (``suffix``, ``overwrite`` and ``band_map`` override ``store.output_suffix``,
     ``store.overwrite`` and ``band_map``)."""
@@ -44,12 +54,12 @@ def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None,
         if scale is not None or bands:
             upd: dict[str, Any] = {}
             if scale is not None:
-                upd["model"] = cfg.model.model_copy(update={"scale": pipeline.parse_scale(scale)})
+                upd["model"] = cfg.model.model_copy(update={"scale": parse_scale(scale)})
             if bands:
                 upd["bands"] = list(bands)
             cfg = cfg.model_copy(update=upd)
     else:
-        cfg = pipeline.config_from_model(model, scale, bands)
+        cfg = config_from_model(model, scale, bands)
         source = "command line"
     cfg = _output_overrides(cfg, suffix, overwrite, band_map)
     runner_upd: dict[str, Any] = {}
@@ -62,7 +72,7 @@ def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None,
     if run_audit is not None:
         cfg = cfg.model_copy(update={"run_audit": run_audit})
     cfg = _threads_for_local_dask(cfg)
-    spec = pipeline.plan_run(_validated(cfg, source), source, force=force)
+    spec = plan_run(_validated(cfg, source), source, force=force)
     output = out or (expand(cfg.store.output) if cfg.store.output else None)
     sources = list(inputs) if inputs else [cfg.store.input or ""]
     kwargs: dict[str, Any] = {"domain": cfg.domain, "output_format": cfg.output.format,
@@ -118,7 +128,7 @@ def _threads_for_local_dask(cfg: EnhanceConfig) -> EnhanceConfig:
 def plan_task(config: str | None, inputs: list[str] | None, out: str | None, model: str | None,
               scale: int | list[int] | str | None, bands: list[str] | None, force: bool, task_runner: str | None,
               dask_address: str | None, run_audit: bool | None, suffix: str | None = None, overwrite: bool = False,
-              band_map: str | dict[int, str] | None = None) -> tuple[pipeline.RunSpec, Store]:
+              band_map: str | dict[int, str] | None = None) -> tuple[RunSpec, Store]:
     spec, store = build_run(config, inputs=inputs, out=out, model=model, scale=scale, bands=bands, force=force,
                             task_runner=task_runner, dask_address=dask_address, run_audit=run_audit,
                             suffix=suffix, overwrite=overwrite, band_map=band_map)
@@ -128,11 +138,11 @@ def plan_task(config: str | None, inputs: list[str] | None, out: str | None, mod
 
 
 @task(name="list-items", cache_policy=NO_CACHE, persist_result=False)
-def list_task(store: Store, spec: pipeline.RunSpec) -> tuple[list[Item], list[pipeline.ItemResult]]:
+def list_task(store: Store, spec: RunSpec) -> tuple[list[Item], list[ItemResult]]:
     """The store's items matching the config's query, split into to-do and settled (already done
     with this run key, or refused: an output that would replace an input or a file not ours)."""
     items = store.list_items(spec.config.store.query or None)
-    todo, done = pipeline.split_done(store, items, spec)
+    todo, done = split_done(store, items, spec)
     refused = sum(r.status == "failed" for r in done)
     get_run_logger().info("%d item(s): %d to enhance, %d already done with run key %s, %d refused",
                           len(items), len(todo), len(done) - refused, spec.run_key, refused)
@@ -141,9 +151,9 @@ def list_task(store: Store, spec: pipeline.RunSpec) -> tuple[list[Item], list[pi
 
 @task(name="enhance-item", task_run_name="enhance-{item.id}", cache_policy=NO_CACHE, persist_result=False,
       retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
-def enhance_item_task(store: Store, item: Item, spec: pipeline.RunSpec) -> pipeline.ItemResult:
+def enhance_item_task(store: Store, item: Item, spec: RunSpec) -> ItemResult:
     """Read, enhance, audit and write one item (writes are atomic; never cached)."""
-    result = pipeline.enhance_item(store, item, spec)
+    result = enhance_item(store, item, spec)
     get_run_logger().info("%s: %s -> %s (audit: %s, %.1f s)", item.id, result.message, result.output,
                           result.verdict or "off", result.seconds)
     return result
@@ -160,7 +170,7 @@ class Batch:
 
     __slots__ = ("items", "spec", "store")
 
-    def __init__(self, store: Store, items: list[Item], spec: pipeline.RunSpec) -> None:
+    def __init__(self, store: Store, items: list[Item], spec: RunSpec) -> None:
         self.store, self.items, self.spec = store, items, spec
 
     def __iter__(self) -> Any:
@@ -170,15 +180,15 @@ class Batch:
 
 
 @flow(name="domainsr-enhance-items", validate_parameters=False)
-def enhance_items_flow(batch: Batch) -> list[pipeline.ItemResult]:
+def enhance_items_flow(batch: Batch) -> list[ItemResult]:
     """Every item as its own task on this flow's task runner; a failed item is reported, the
     others go on."""
     store, items, spec = batch.store, batch.items, batch.spec
     r = spec.config.runner
     task = enhance_item_task.with_options(retries=r.retries, retry_delay_seconds=r.retry_delay_s)
-    pipeline.report("items", spec.name, 0, len(items))
+    report("items", spec.name, 0, len(items))
     futures = {task.submit(store, item, spec): item for item in items}
-    results: dict[str, pipeline.ItemResult] = {}
+    results: dict[str, ItemResult] = {}
     logger = get_run_logger()
     for n, future in enumerate(as_completed(list(futures)), 1):
         item = futures[future]
@@ -190,14 +200,14 @@ def enhance_items_flow(batch: Batch) -> list[pipeline.ItemResult]:
             exc = state.result(raise_on_failure=False)
             message = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
             logger.error("%s failed: %s", item.id, message)
-            results[item.id] = pipeline.ItemResult(item.id, item.kind, "failed", message=message,
+            results[item.id] = ItemResult(item.id, item.kind, "failed", message=message,
                                                    error=type(exc).__name__ if isinstance(exc, BaseException)
                                                    else state.name)
-        pipeline.report("items", spec.name, n, len(items))
+        report("items", spec.name, n, len(items))
     return [results[i.id] for i in items]
 
 
-def _markdown(summary: dict[str, Any], spec: pipeline.RunSpec) -> str:
+def _markdown(summary: dict[str, Any], spec: RunSpec) -> str:
     lines = [f"# DomainSR enhancement: {spec.name}", "",
              (f"Model **{summary['model']}**, run key `{spec.run_key}`, config `{spec.source}`, output "
              f"{link(summary['output'], summary['output'])}."), "",
@@ -215,7 +225,7 @@ def _markdown(summary: dict[str, Any], spec: pipeline.RunSpec) -> str:
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE, persist_result=False)
-def publish_task(summary: dict[str, Any], spec: pipeline.RunSpec) -> None:
+def publish_task(summary: dict[str, Any], spec: RunSpec) -> None:
     """A table artifact (one row per item) and a markdown artifact with links to every output,
     audit report and risk map, both keyed by the task name so runs form a history."""
     rows = [{"item": r["item_id"], "kind": r["kind"], "status": r["status"], "output": r["output"] or "",
@@ -251,7 +261,7 @@ def enhance_flow(config: str | None = None, inputs: list[str] | None = None, out
         runner = task_runner_for(spec.config.runner)
         results += enhance_items_flow.with_options(task_runner=runner)(Batch(store, todo, spec))
     output = str(getattr(store, "output", "") or "") or None
-    summary = pipeline.summarize(results, spec, output)
+    summary = summarize(results, spec, output)
     publish_task(summary, spec)
     message = (f"{summary['enhanced']} enhanced, {summary['skipped']} skipped, {summary['failed']} failed "
                f"of {summary['total']} item(s)")

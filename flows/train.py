@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
-from domainsr import pipeline
+from domainsr.app import report
 from flows.common import artifact_key, link, retry_if_transient
 
 
@@ -36,7 +36,7 @@ def train_task(config: str, resume: bool = False, overrides: dict[str, Any] | No
     def on_step(event: dict[str, Any]) -> None:
         if event.get("event") == "step":
             step, n = int(event["step"]), int(total.get(event.get("stage", "psnr"), cfg.steps) or 1)
-            pipeline.report("steps", cfg.output.name, step, n)
+            report("steps", cfg.output.name, step, n)
             if step % every == 0 or step == n:
                 logger.info("%s step %d/%d, loss %.5f, %.0f s", event.get("stage"), step, n,
                             float(event["loss"]), float(event.get("elapsed", 0.0)))

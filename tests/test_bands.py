@@ -88,23 +88,23 @@ def test_the_card_check_accepts_aliases_and_asks_for_a_band_map():
 
 
 def test_band_selection_takes_any_spelling(sample_data):
-    from domainsr import pipeline
+    from domainsr.app.inputs import select_input
     from domainsr.io import read_image
     from domainsr.io.sentinel2 import read_sentinel2
 
     s2 = read_image(sample_data["sentinel2"])
-    assert pipeline.select_input(s2, ["B2", "b3", "B04", "band_8"]).band_names == ("B02", "B03", "B04", "B08")
+    assert select_input(s2, ["B2", "b3", "B04", "band_8"]).band_names == ("B02", "B03", "B04", "B08")
     assert read_sentinel2(sample_data["sentinel2"], bands=["B2", "B8a"]).band_names == ("B02", "B8A")
     stack = _raster(["B2", "B3", "B4", "B8"], ["B2", "B3", "B4", "B8"])
-    assert pipeline.select_input(stack, ["B08", "B02"]).band_names == ("B8", "B2")
+    assert select_input(stack, ["B08", "B02"]).band_names == ("B8", "B2")
     with pytest.raises(InputError, match="B05"):
-        pipeline.select_input(stack, ["B05"])
+        select_input(stack, ["B05"])
 
 
 def test_read_item_applies_the_config_band_map_to_undescribed_rasters_only(sample_data, tmp_path):
     import rasterio
 
-    from domainsr import pipeline
+    from domainsr.app.inputs import read_item
     from domainsr.config import EnhanceConfig
     from domainsr.stores.local import LocalStore
 
@@ -115,9 +115,9 @@ def test_read_item_applies_the_config_band_map_to_undescribed_rasters_only(sampl
     (item,) = store.list_items()
     cfg = EnhanceConfig.model_validate({"name": "t", "model": {"name": "cubic", "scale": 2},
                                         "band_map": "1=B02,2=B03,3=B04,4=B08"})
-    assert pipeline.read_item(store, item, cfg).band_names == ("B02", "B03", "B04", "B08")
+    assert read_item(store, item, cfg).band_names == ("B02", "B03", "B04", "B08")
     cfg = cfg.model_copy(update={"band_map": None})
-    assert pipeline.read_item(store, item, cfg).band_names == ("B1", "B2", "B3", "B4")
+    assert read_item(store, item, cfg).band_names == ("B1", "B2", "B3", "B4")
 
 
 def write_plain_geotiff(sample_data, path):

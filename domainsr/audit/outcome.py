@@ -1,6 +1,6 @@
 """The headline of one audit run outside a batch, and of a written report.
 
-:class:`AuditOutcome` is what ``pipeline.heldout_audit`` / ``output_audit`` return and what the
+:class:`AuditOutcome` is what ``domainsr.app.heldout_audit`` / ``output_audit`` return and what the
 audit flow and ``domainsr audit`` show: verdict, reasons, the files written, and the PSNR/SSIM
 means when there was a reference. Its flat row (``to_row``, read back by ``model_validate``)
 keeps the documented field names: ``json`` for the report path, ``psnr`` / ``psnr_baseline`` /

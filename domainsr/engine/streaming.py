@@ -104,7 +104,7 @@ def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]
     (default: the source's, rounded and clipped); nodata and masks carry over. ``cache_mb`` caps
     GDAL's block cache; GDAL compresses with all CPUs unless ``GDAL_NUM_THREADS`` says otherwise.
     The COG is tagged as AI-derived (:func:`~domainsr.io.raster.derived_tags`) by ``model_info``
-    (the pipeline's model identity), default :func:`model_record` of the inferer's model.
+    (the app's model identity), default :func:`model_record` of the inferer's model.
     ``band_names`` names the selected bands (e.g. from a ``--band-map``) instead of the source's.
     """
     src, dst = Path(src), Path(dst)

@@ -11,6 +11,8 @@ Masks: ``SpatialImage.mask`` is one 2D mask, so a pixel is valid only where *eve
 valid (GDAL band masks from nodata, internal/sidecar mask bands or alpha, and NaN/Inf in floats).
 On writing, invalid pixels get ``nodata`` when the image has one; otherwise the mask is stored as
 a GDAL internal mask band, so no pixel value has to be sacrificed as a nodata marker.
+
+Size: one writer (work file, window writes, masks, COG translation) and the storage conversion.
 """
 from __future__ import annotations
 

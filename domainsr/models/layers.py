@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from numbers import Integral
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +242,21 @@ class ResBlock(nn.Module):
         if self.res_scale != 1.0:
             y = y.mul_(self.res_scale)
         return y.add_(x)
+
+
+class Runs2D(nn.Module):
+    """A 3D module that runs a 2D network, ``self.inner``, on planes of a volume:
+    ``to(memory_format=...)`` hands the engine's 3D channels-last to the inner network as its 2D
+    counterpart (its weights are 4D)."""
+
+    inner: nn.Module
+
+    def to(self, *args: Any, **kwargs: Any) -> Runs2D:
+        fmt = kwargs.pop("memory_format", None)
+        super().to(*args, **kwargs)
+        if fmt is not None:
+            self.inner.to(memory_format=torch.channels_last if fmt is torch.channels_last_3d else fmt)
+        return self
 
 
 def memory_format(spatial_dims: int) -> torch.memory_format:

@@ -37,6 +37,7 @@ from domainsr.bands import described
 from domainsr.errors import ConfigError, ModelCardMismatch, ModelError
 from domainsr.models.card import Architecture, FixedNormalization, ModelCard, StrictCardModel
 from domainsr.models.descriptor import ModelDescriptor
+from domainsr.models.layers import Runs2D
 from domainsr.models.names import WEIGHT_SUFFIXES
 from domainsr.models.spandrel_support import SpandrelNet, import_spandrel, spandrel_version, tiling_advice
 
@@ -240,20 +241,12 @@ def input_range_for(img: Any, channels: int, declared: tuple[float, float] | Non
 # the descriptor
 
 
-class InPlane(nn.Module):
+class InPlane(Runs2D):
     """A 2D network run on every slice of a volume, in the plane of the two axes other than ``axis``."""
 
     def __init__(self, net: nn.Module, axis: int) -> None:
         super().__init__()
         self.inner, self.axis = net, int(axis)
-
-    def to(self, *args: Any, **kwargs: Any) -> InPlane:
-        """As ``nn.Module.to``; the engine's 3D channels-last becomes 2D channels-last for the 2D net."""
-        fmt = kwargs.pop("memory_format", None)
-        super().to(*args, **kwargs)
-        if fmt is not None:
-            self.inner.to(memory_format=torch.channels_last if fmt is torch.channels_last_3d else fmt)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.movedim(2 + self.axis, 1)  # (B, K, C, P, Q)

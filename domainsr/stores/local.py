@@ -31,12 +31,13 @@ its provenance file names it, or when it carries our derived marker: the NIfTI d
 
 Besides the Store interface, ``open_output(item)`` / ``commit(item, run_key, extras, provenance)``
 let a writer produce the output file in place (the streaming raster path of
-:mod:`domainsr.pipeline`), with the same provenance-last rule.
+:mod:`domainsr.app.enhance`), with the same provenance-last rule.
 
 Formats (suffixes, DICOM sniffing, readers, writers, output names, derived markers) come from the
-format table :mod:`domainsr.io.formats`. This module is one (about 450 lines) because listing,
-naming and the never-over-an-input rules are one contract: output names are checked against the
-listing that produced them.
+format table :mod:`domainsr.io.formats`.
+
+Size: one module (about 450 lines) because listing, naming and the never-over-an-input rules are
+one contract: output names are checked against the listing that produced them.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ from domainsr.stores.base import Item, Store, WriteResult
 
 PROVENANCE_SUFFIX = ".provenance.json"
 DEFAULT_SUFFIX = "_sr"
-#: Labels of the extras the enhancement pipeline attaches (checked before a run like the output).
+#: Labels of the extras an enhanced item gets (checked before a run like the output).
 EXTRA_LABELS = ("audit.html", "audit.json", *RISK_LABELS)
 KINDS = (*FORMATS, "unknown")
 OUTPUT_FORMATS = ("same", *OUTPUTS)

@@ -69,7 +69,7 @@ def test_compose_factors_multiply():
 
 
 def test_one_of_draws_by_weight_and_its_primary_is_the_noise_free_operator():
-    from domainsr.pipeline import noise_free_operator
+    from domainsr.degrade import noise_free_operator
 
     spec = {"kind": "one_of", "options": [{"kind": "gaussian_mean", "scale": 2, "sigma": 0.0},
                                           {"kind": "kspace", "scale": 2}], "weights": [1, 3]}

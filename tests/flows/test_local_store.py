@@ -147,7 +147,7 @@ def test_store_config_expands_variables(tmp_path, monkeypatch):
 def test_shipped_enhance_configs_are_strict_and_valid(tmp_path):
     from pathlib import Path
 
-    from domainsr.pipeline import audit_thresholds
+    from domainsr.app.audits import audit_thresholds
 
     configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert len(configs) >= 4

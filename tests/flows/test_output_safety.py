@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from flow_inputs import write_geotiff_crop, write_mr_series, write_nifti_crop
 
-from domainsr import pipeline
+from domainsr.app.enhance import enhance_item
+from domainsr.app.runs import RunSpec, plan_run, split_done
 from domainsr.config import EnhanceConfig, ModelRef
 from domainsr.errors import ConfigError
 from domainsr.stores.local import LocalStore, OutputRefused
@@ -22,8 +23,8 @@ def _fingerprint(path: Path) -> tuple[str, int, int]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_ino, st.st_mtime_ns
 
 
-def _spec(**kw) -> pipeline.RunSpec:
-    return pipeline.plan_run(EnhanceConfig(name="t", model=ModelRef(name="cubic", scale=2), run_audit=False, **kw))
+def _spec(**kw) -> RunSpec:
+    return plan_run(EnhanceConfig(name="t", model=ModelRef(name="cubic", scale=2), run_audit=False, **kw))
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_default_suffix_keeps_outputs_beside_their_inputs(scene_dir):
     assert store.output_path(item) == scene_dir.resolve() / "lr_sr.tif"
     store.check_output(item)  # nothing there yet
     before = _fingerprint(scene_dir / "lr.tif")
-    result = pipeline.enhance_item(store, item, _spec())
+    result = enhance_item(store, item, _spec())
     assert Path(result.output).name == "lr_sr.tif" and _fingerprint(scene_dir / "lr.tif") == before
     store.check_output(item)  # our own earlier output: may be redone
 
@@ -53,7 +54,7 @@ def test_an_output_that_is_an_input_is_always_refused(scene_dir, overwrite):
     assert str(scene_dir / "lr.tif") in str(err.value)
     with pytest.raises(OutputRefused):  # and the writer itself refuses, whatever the planning said
         store.open_output(item)
-    todo, settled = pipeline.split_done(store, [item], _spec())
+    todo, settled = split_done(store, [item], _spec())
     assert todo == [] and settled[0].status == "failed" and settled[0].error == "OutputRefused"
     assert _fingerprint(scene_dir / "lr.tif") == before
 
@@ -95,7 +96,7 @@ def test_our_own_output_is_recognised_by_provenance_or_by_its_marker(sample_data
     write_nifti_crop(sample_data, tmp_path / "in" / "head.nii.gz")
     store = LocalStore(tmp_path / "in", tmp_path / "out")
     (item,) = store.list_items()
-    pipeline.enhance_item(store, item, _spec())
+    enhance_item(store, item, _spec())
     store.provenance_path(item).unlink()  # e.g. a run killed between the output and its provenance
     store.check_output(item)  # the NIfTI description says it is ours
     (tmp_path / "out" / "head_sr.nii.gz").write_bytes((tmp_path / "in" / "head.nii.gz").read_bytes())
@@ -121,7 +122,7 @@ def test_one_refused_item_does_not_stop_the_batch(sample_data, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "b_sr.tif").write_text("not ours")
     store = LocalStore([tmp_path / "a.tif", tmp_path / "b.tif"], tmp_path / "out")
-    todo, settled = pipeline.split_done(store, store.list_items(), _spec())
+    todo, settled = split_done(store, store.list_items(), _spec())
     assert [i.id for i in todo] == ["a"]
     assert [(r.item_id, r.status, r.error) for r in settled] == [("b", "failed", "OutputRefused")]
 

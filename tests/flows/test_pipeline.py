@@ -11,12 +11,17 @@ import pytest
 import torch
 from flow_inputs import write_geotiff_crop
 
-from domainsr import pipeline
+from domainsr.app.audits import consistency_operator
+from domainsr.app.enhance import enhance_item
+from domainsr.app.inputs import select_input
+from domainsr.app.models import find_checkpoint, model_identity, parse_scale, slice_axis_of, slicewise_module
+from domainsr.app.runs import plan_run
 from domainsr.config import EnhanceConfig, ModelRef
 from domainsr.engine import PatchInferer, enhance_image
 from domainsr.errors import ConfigError, InputError, ModelError, OutputError, ResourceLimitError, StoreError
 from domainsr.image import MedicalGeometry, SpatialImage
 from domainsr.models import build_model
+from domainsr.retry import is_transient
 from domainsr.stores.local import LocalStore
 
 
@@ -25,27 +30,27 @@ def _cfg(**kw) -> EnhanceConfig:
 
 
 def test_run_key_follows_what_changes_the_output():
-    base = pipeline.plan_run(_cfg()).run_key
-    assert pipeline.plan_run(_cfg()).run_key == base
-    assert pipeline.plan_run(_cfg(name="other", runner={"retries": 5}, tiling={"threads": 1})).run_key == base
+    base = plan_run(_cfg()).run_key
+    assert plan_run(_cfg()).run_key == base
+    assert plan_run(_cfg(name="other", runner={"retries": 5}, tiling={"threads": 1})).run_key == base
     for change in ({"model": {"name": "cubic", "scale": 4}}, {"model": {"name": "linear", "scale": 2}},
                    {"bands": ["B02"]}, {"audit": {"alpha": 0.01}}, {"tiling": {"overlap": 8}},
                    {"output": {"format": "nifti"}}, {"run_audit": False}):
-        assert pipeline.plan_run(_cfg(**change)).run_key != base, change
+        assert plan_run(_cfg(**change)).run_key != base, change
 
 
 def test_plan_refuses_unusable_models_and_settings():
     with pytest.raises(ModelError, match="no checkpoint or registered model"):
-        pipeline.plan_run(_cfg(model={"name": "no-such-model"}))
+        plan_run(_cfg(model={"name": "no-such-model"}))
     with pytest.raises(ConfigError, match="give a scale"):
-        pipeline.plan_run(_cfg(model={"name": "cubic"}))
+        plan_run(_cfg(model={"name": "cubic"}))
     with pytest.raises(ModelError, match="cannot enhance"):
-        pipeline.plan_run(_cfg(model={"name": "unet_discriminator", "scale": 2}))
+        plan_run(_cfg(model={"name": "unet_discriminator", "scale": 2}))
     with pytest.raises(ConfigError, match="audit.tta"):
-        pipeline.plan_run(_cfg(audit={"tta": "sometimes"}), "my.yaml")
-    assert pipeline.parse_scale("1,1,4") == [1, 1, 4] and pipeline.parse_scale("2") == 2
+        plan_run(_cfg(audit={"tta": "sometimes"}), "my.yaml")
+    assert parse_scale("1,1,4") == [1, 1, 4] and parse_scale("2") == 2
     with pytest.raises(ConfigError):
-        pipeline.parse_scale("two")
+        parse_scale("two")
 
 
 def _volume(shape=(12, 10, 6), spacing=(0.8, 0.8, 3.2)) -> SpatialImage:
@@ -63,11 +68,11 @@ def test_slicewise_module_equals_separable_interpolation(axis):
     if axis == 0:
         img = img.derive(np.ascontiguousarray(np.moveaxis(img.data, 3, 1)),
                          geometry=MedicalGeometry(np.diag([3.2, 0.8, 0.8, 1.0]), (6, 12, 10)))
-    assert pipeline.slice_axis_of(img) == axis
+    assert slice_axis_of(img) == axis
     net2d = build_model("cubic", spatial_dims=2, in_channels=1, scale=(1, 4))
     net2d.card = SimpleNamespace(scale=(1, 4), receptive_radius=(3, 3), name="cubic-slices", in_channels=1)
     net2d.prepare = lambda image: None
-    module = pipeline.slicewise_module(net2d, axis)
+    module = slicewise_module(net2d, axis)
     scale3d = tuple(4 if a == axis else 1 for a in range(3))
     assert module.scale == scale3d and module.spatial_dims == 3
     ref = build_model("cubic", spatial_dims=3, in_channels=1, scale=scale3d)
@@ -84,37 +89,37 @@ def test_select_input_bands(sample_data):
     from domainsr.io import read_image
 
     s2 = read_image(sample_data["sentinel2"])
-    assert pipeline.select_input(s2, None).band_names == ("B02", "B03", "B04", "B08")  # the finest group
-    assert pipeline.select_input(s2, ["B8A", "B11"]).band_names == ("B8A", "B11")
+    assert select_input(s2, None).band_names == ("B02", "B03", "B04", "B08")  # the finest group
+    assert select_input(s2, ["B8A", "B11"]).band_names == ("B8A", "B11")
     with pytest.raises(InputError, match="B99"):
-        pipeline.select_input(s2, ["B99"])
-    rgbn = pipeline.select_input(s2, None)
-    assert pipeline.select_input(rgbn, ["b08", "B02"]).band_names == ("B08", "B02")
+        select_input(s2, ["B99"])
+    rgbn = select_input(s2, None)
+    assert select_input(rgbn, ["b08", "B02"]).band_names == ("B08", "B02")
 
 
 def test_item_time_limit_stops_the_engine(sample_data, tmp_path):
     write_geotiff_crop(sample_data, tmp_path / "in" / "scene.tif")
     store = LocalStore(tmp_path / "in", tmp_path / "out")
     (item,) = store.list_items()
-    spec = pipeline.plan_run(_cfg(runner={"item_timeout_s": 1e-6}, run_audit=False))
+    spec = plan_run(_cfg(runner={"item_timeout_s": 1e-6}, run_audit=False))
     with pytest.raises(ResourceLimitError, match="time limit"):
-        pipeline.enhance_item(store, item, spec)
+        enhance_item(store, item, spec)
     assert not (tmp_path / "out" / "scene_sr.tif").exists()
 
 
 def test_only_transient_errors_are_retried():
-    assert pipeline.is_transient(OSError("disk")) and pipeline.is_transient(StoreError("PACS timeout"))
-    assert pipeline.is_transient(OutputError("nfs")) and pipeline.is_transient(RuntimeError("CUDA OOM"))
-    assert not pipeline.is_transient(InputError("corrupt"))
-    assert not pipeline.is_transient(ConfigError("bad"))
-    assert not pipeline.is_transient(ModelError("bad weights"))
-    assert not pipeline.is_transient(ResourceLimitError("too slow"))
+    assert is_transient(OSError("disk")) and is_transient(StoreError("PACS timeout"))
+    assert is_transient(OutputError("nfs")) and is_transient(RuntimeError("CUDA OOM"))
+    assert not is_transient(InputError("corrupt"))
+    assert not is_transient(ConfigError("bad"))
+    assert not is_transient(ModelError("bad weights"))
+    assert not is_transient(ResourceLimitError("too slow"))
 
 
 def test_registry_model_needs_no_checkpoint():
-    ident = pipeline.model_identity(ModelRef(name="lanczos", scale=[1, 1, 2]))
+    ident = model_identity(ModelRef(name="lanczos", scale=[1, 1, 2]))
     assert ident == {"kind": "registry", "name": "lanczos", "family": "baseline", "scale": [1, 1, 2], "kwargs": {}}
-    assert pipeline.find_checkpoint("lanczos") is None
+    assert find_checkpoint("lanczos") is None
 
 
 def _guided_checkpoint(folder):
@@ -149,9 +154,9 @@ def test_guided_checkpoint_enhances_a_band_set(sample_data, tmp_path):
     store = LocalStore(tmp_path / "in", tmp_path / "out")
     (item,) = store.list_items()
     assert item.kind == "sentinel2"
-    spec = pipeline.plan_run(_cfg(model={"name": str(card)}, run_audit=True, audit={"tta": "flips"}))
+    spec = plan_run(_cfg(model={"name": str(card)}, run_audit=True, audit={"tta": "flips"}))
     assert spec.model["guided"]
-    result = pipeline.enhance_item(store, item, spec)
+    result = enhance_item(store, item, spec)
     out = read_raster(result.output)
     lr = store.read(item).select(["B05", "B06", "B07", "B8A", "B11", "B12"])
     assert out.band_names == ("B05", "B06", "B07", "B8A", "B11", "B12") and out.geometry.res == (10.0, 10.0)
@@ -189,8 +194,8 @@ def test_slicewise_checkpoint_on_a_thick_slice_volume(sample_data, tmp_path, mon
     save_checkpoint(net, card, tmp_path / "ckpt" / card.name)
     monkeypatch.setenv("DOMAINSR_CHECKPOINTS", str(tmp_path / "ckpt"))
     store = LocalStore(tmp_path / "in", tmp_path / "out")
-    spec = pipeline.plan_run(_cfg(model={"name": "mri_slices_test"}, audit={"tta": "flips"}))
-    result = pipeline.enhance_item(store, store.list_items()[0], spec)
+    spec = plan_run(_cfg(model={"name": "mri_slices_test"}, audit={"tta": "flips"}))
+    result = enhance_item(store, store.list_items()[0], spec)
     out = read_nifti(result.output)
     assert out.spatial_shape == (40, 36, 64) and out.geometry.almost_equal(thick.geometry.scaled((1, 1, 4)))
     assert result.message == "mri-slices-test x1x1x4" and "audit.html" in result.extras
@@ -208,9 +213,9 @@ def test_large_rasters_stream_to_the_same_output(sample_data, tmp_path):
     results = {}
     for name, mpx in (("memory", None), ("stream", 0.001)):
         store = LocalStore(tmp_path / "in", tmp_path / name)
-        spec = pipeline.plan_run(_cfg(model={"name": "lanczos", "scale": 2}, audit={"tta": "off"},
+        spec = plan_run(_cfg(model={"name": "lanczos", "scale": 2}, audit={"tta": "off"},
                                       tiling={"stream_above_mpx": mpx, "stream_audit_window": 64}))
-        results[name] = pipeline.enhance_item(store, store.list_items()[0], spec)
+        results[name] = enhance_item(store, store.list_items()[0], spec)
     mem, streamed = (read_raster(results[k].output) for k in ("memory", "stream"))
     np.testing.assert_array_equal(streamed.data, mem.data)
     assert streamed.geometry.almost_equal(mem.geometry) and streamed.band_names == mem.band_names
@@ -255,28 +260,28 @@ def test_reference_free_audit_uses_the_cards_own_degradation(tmp_path):
                          domain="optical", spatial_dims=2, scale=(2, 2), in_channels=1, out_channels=1, units="DN",
                          normalization=FixedNormalization(offset=[0.0], scale=[1.0]), degradation=degradation,
                          receptive_radius=tuple(int(r) for r in net.receptive_radius))
-        return pipeline.model_identity(ModelRef(name=str(save_checkpoint(net, card, tmp_path / "c"))))
+        return model_identity(ModelRef(name=str(save_checkpoint(net, card, tmp_path / "c"))))
 
     spec = {"kind": "gaussian_mean", "scale": [2, 2], "sigma": 1.0}
-    down = pipeline.consistency_operator(card_with(spec), (2, 2), 1)
+    down = consistency_operator(card_with(spec), (2, 2), 1)
     x = np.random.default_rng(0).normal(size=(1, 16, 12)).astype(np.float32)
     np.testing.assert_array_equal(down(x), build_degradation(spec)(x, None))
     assert down.describe()["kind"] == "gaussian_mean"
     # a card trained with noise and PSF jitter: the consistency check uses the same optics, noise-free
     noisy = {"kind": "optical", "scale": [2, 2], "mtf": 0.3, "noise_sigma": 2.0, "mtf_jitter": 0.1}
-    down = pipeline.consistency_operator(card_with(noisy), (2, 2), 1)
+    down = consistency_operator(card_with(noisy), (2, 2), 1)
     clean = build_degradation({"kind": "optical", "scale": [2, 2], "mtf": 0.3})
     np.testing.assert_array_equal(down(x), clean(x, None))
-    assert pipeline.consistency_operator(card_with({"kind": "blind", "scale": 2}), (2, 2), 1) is None
-    cubic = pipeline.model_identity(ModelRef(name="cubic", scale=2))
-    assert pipeline.consistency_operator(cubic, (2, 2), 1) is None  # registry models: the audit's block mean
+    assert consistency_operator(card_with({"kind": "blind", "scale": 2}), (2, 2), 1) is None
+    cubic = model_identity(ModelRef(name="cubic", scale=2))
+    assert consistency_operator(cubic, (2, 2), 1) is None  # registry models: the audit's block mean
 
 
 def test_guided_card_degradation_is_the_target_bands_operator():
     """A guided card stores {protocol, target, guide}; the audit re-degrades the target bands."""
+    from domainsr.app.audits import card_degradation
     from domainsr.degrade import build_degradation
     from domainsr.models.checkpoints import resolve_checkpoint
-    from domainsr.pipeline import card_degradation
 
     spec = card_degradation({"kind": "checkpoint", "path": resolve_checkpoint("sentinel2-20m-guided")}, (2, 2))
     assert spec["kind"] == "optical" and len(spec["mtf"]) == 6

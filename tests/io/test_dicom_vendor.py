@@ -20,7 +20,9 @@ from dicom_series import (
 )
 from pydicom.data import get_testdata_file
 
-from domainsr import pipeline
+from domainsr.app.enhance import enhance_item
+from domainsr.app.models import load_model, slice_axis_of
+from domainsr.app.runs import config_from_model, plan_run
 from domainsr.config import ModelRef
 from domainsr.errors import GeometryError, InputError, UnsupportedFormatError
 from domainsr.image import MedicalGeometry, SpatialImage
@@ -71,13 +73,13 @@ def test_ct_slices_x4_upsamples_the_slice_axis_of_an_oblique_series(tmp_path):
     oblique_ct_series(tmp_path / "oblique")
     img = read_dicom_series(tmp_path / "oblique")
     assert img.data.shape == (1, 80, 80, 80)
-    assert stack_axis(img) == 2 and pipeline.slice_axis_of(img) == 2
-    module, ident = pipeline.load_model(ModelRef(name="ct_slices_x4"), img)
+    assert stack_axis(img) == 2 and slice_axis_of(img) == 2
+    module, ident = load_model(ModelRef(name="ct_slices_x4"), img)
     assert tuple(module.scale) == (1, 1, 4) and ident["scale"] == [1, 1, 4]
     # the stacking axis follows the geometry, whatever the array order
     moved = img.derive(np.ascontiguousarray(np.moveaxis(img.data, 3, 1)),
                        geometry=MedicalGeometry(img.geometry.affine[:, [2, 0, 1, 3]], (80, 80, 80)))
-    assert stack_axis(moved) == 0 and pipeline.slice_axis_of(moved) == 0
+    assert stack_axis(moved) == 0 and slice_axis_of(moved) == 0
 
 
 def test_ct_slices_x4_end_to_end_writes_more_slices_not_wider_ones(tmp_path):
@@ -85,7 +87,7 @@ def test_ct_slices_x4_end_to_end_writes_more_slices_not_wider_ones(tmp_path):
 
     oblique_ct_series(tmp_path / "oblique", shape=(24, 24, 6))
     img = read_dicom_series(tmp_path / "oblique")
-    module, _ = pipeline.load_model(ModelRef(name="ct_slices_x4"), img)
+    module, _ = load_model(ModelRef(name="ct_slices_x4"), img)
     sr = enhance_image(img, PatchInferer(module, device="cpu", threads=1))
     assert sr.data.shape == (1, 24, 24, 24)
     out = write_derived_series(sr, tmp_path / "derived", model_name="ct-slices-x4")
@@ -102,13 +104,13 @@ def test_ct_slices_x4_end_to_end_writes_more_slices_not_wider_ones(tmp_path):
 ])
 def test_slice_axis_of_other_volumes_is_the_thickest_robust_to_rounding(spacing, axis):
     img = SpatialImage(np.zeros((1, 4, 5, 6), np.float32), "mri", MedicalGeometry(np.diag([*spacing, 1.0]), (4, 5, 6)))
-    assert stack_axis(img) is None and pipeline.slice_axis_of(img) == axis
+    assert stack_axis(img) is None and slice_axis_of(img) == axis
 
 
 def test_slice_axis_of_a_single_slice_is_refused():
     img = read_dicom_series(get_testdata_file("CT_small.dcm"))
     with pytest.raises(InputError, match="single slice"):
-        pipeline.slice_axis_of(img)
+        slice_axis_of(img)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +279,8 @@ def test_a_multi_volume_series_is_a_batch_of_one_item_per_volume(tmp_path):
     store = LocalStore([str(folder)], output=str(tmp_path / "out"))
     items = store.list_items()
     assert len(items) == 2 and [i.id.rsplit("-", 1)[1] for i in items] == ["v0", "v1"]
-    spec = pipeline.plan_run(pipeline.config_from_model("nearest", "1,1,2").model_copy(update={"run_audit": False}))
-    results = [pipeline.enhance_item(store, item, spec) for item in items]
+    spec = plan_run(config_from_model("nearest", "1,1,2").model_copy(update={"run_audit": False}))
+    results = [enhance_item(store, item, spec) for item in items]
     assert [r.status for r in results] == ["enhanced", "enhanced"], [r.message for r in results]
     for result, block in zip(results, built["blocks"]):
         np.testing.assert_array_equal(read_dicom_series(result.output).data[0], np.repeat(block, 2, axis=2))
@@ -295,8 +297,8 @@ def test_scale_2_on_a_single_slice_enhances_it_in_plane(tmp_path):
     shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "in" / "slice.dcm")
     store = LocalStore([str(tmp_path / "in")], output=str(tmp_path / "out"))
     (item,) = store.list_items()
-    spec = pipeline.plan_run(pipeline.config_from_model("cubic", 2).model_copy(update={"run_audit": False}))
-    result = pipeline.enhance_item(store, item, spec)
+    spec = plan_run(config_from_model("cubic", 2).model_copy(update={"run_audit": False}))
+    result = enhance_item(store, item, spec)
     assert result.status == "enhanced", result.message
     (ds,) = _headers(Path(result.output))
     assert (ds.Rows, ds.Columns, float(ds.SliceThickness)) == (256, 256, 5.0)

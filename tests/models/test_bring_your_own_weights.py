@@ -150,10 +150,10 @@ def test_tiled_output_equals_a_whole_image_pass(tmp_path, kind):
     """Odd sizes and small tiles: halo tiling with the measured receptive radius (and, for the
     pixel-unshuffling RRDBNet, windows aligned to its multiple-of-4 rule) gives spandrel's
     whole-image result."""
+    from domainsr.app.models import load_model
     from domainsr.config import ModelRef
     from domainsr.engine import PatchInferer, enhance_image
     from domainsr.io import read_image
-    from domainsr.pipeline import load_model
 
     weights, _ = save(kind, tmp_path / "w")
     shape = (3, 45, 61) if kind == "compact" else (3, 118, 150)  # not multiples of the RRDBNet's 4
@@ -226,9 +226,9 @@ def test_multispectral_input_needs_a_declared_range(prefect_home, tmp_path):
 
 
 def test_range_from_a_card_beside_the_weights_and_refusals(tmp_path):
+    from domainsr.app.models import load_model, model_identity
     from domainsr.config import ModelRef
     from domainsr.io import read_image
-    from domainsr.pipeline import load_model, model_identity
 
     weights = tmp_path / "rgbn.pth"
     torch.save({"params": compact(channels=4).state_dict()}, weights)
@@ -289,10 +289,10 @@ def test_spandrel_imports_without_torchvision():
 def test_medical_volume_runs_slice_by_slice_in_plane_with_a_declared_range(tmp_path):
     """A 2D network on a volume: each slice across the thick axis, in its plane (scale s, s, 1);
     a medical input without a declared range is refused."""
+    from domainsr.app.models import load_model
     from domainsr.config import ModelRef
     from domainsr.engine import PatchInferer, enhance_image
     from domainsr.image import MedicalGeometry, SpatialImage
-    from domainsr.pipeline import load_model
 
     weights = tmp_path / "gray.pth"
     torch.save({"params": compact(channels=1).state_dict()}, weights)

@@ -72,8 +72,8 @@ def test_errors_name_the_model_and_the_problem():
 
 
 def test_baselines_answer_to_their_usual_names():
+    from domainsr.app.models import model_identity
     from domainsr.config import ModelRef
-    from domainsr.pipeline import model_identity
 
     assert get_spec("bicubic").name == "cubic" and get_spec("tricubic").name == "cubic"
     assert get_spec("bilinear").name == "linear" and get_spec("trilinear").name == "linear"

@@ -88,13 +88,14 @@ def tiles(sample_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiles, tmp_path_factory) -> dict[str, np.ndarray]:
     """The same batch run in this process without interruption: item id -> output pixels."""
-    from domainsr import pipeline
+    from domainsr.app.enhance import enhance_item
+    from domainsr.app.runs import config_from_model, plan_run
     from domainsr.stores import open_store
 
     out = tmp_path_factory.mktemp("fault_reference")
-    spec = pipeline.plan_run(pipeline.config_from_model(MODEL))
+    spec = plan_run(config_from_model(MODEL))
     store = open_store([str(tiles)], output=str(out))
-    return {item.id: np.asarray(read_raster(pipeline.enhance_item(store, item, spec).output).data)
+    return {item.id: np.asarray(read_raster(enhance_item(store, item, spec).output).data)
             for item in store.list_items()}
 
 

@@ -190,11 +190,12 @@ def test_gantry_tilt_is_kept_as_a_sheared_grid_through_the_derived_series(night,
 
 
 def test_good_items_come_out_as_if_alone(night, tmp_path):
-    from domainsr import pipeline
+    from domainsr.app.enhance import enhance_item
+    from domainsr.app.runs import config_from_model, plan_run
 
-    spec = pipeline.plan_run(pipeline.config_from_model("cubic", 2))
+    spec = plan_run(config_from_model("cubic", 2))
     for key in ("good nifti", "good geotiff"):
         alone = LocalStore([str(night["handled"][key])], output=str(tmp_path / key.replace(" ", "_")))
         item = alone.list_items()[0]
-        expect = read_image(pipeline.enhance_item(alone, item, spec).output)
+        expect = read_image(enhance_item(alone, item, spec).output)
         np.testing.assert_array_equal(np.asarray(read_image(_output(night, key)).data), np.asarray(expect.data))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from domainsr import pipeline
+from domainsr.app.runs import config_from_model, plan_run
 from domainsr.errors import StoreError
 from domainsr.io.raster import read_raster
 from domainsr.stores.local import PROVENANCE_SUFFIX, LocalStore
@@ -56,9 +56,9 @@ def inbox(small_geotiff, tmp_path) -> Path:
 def test_transient_store_failures_are_retried_until_complete_exactly_once(prefect_home, inbox, tmp_path, tally):
     from flows.enhance import Batch, enhance_items_flow
 
-    cfg = pipeline.config_from_model("cubic", 2).model_copy(update={"run_audit": False})
+    cfg = config_from_model("cubic", 2).model_copy(update={"run_audit": False})
     cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"retries": 2, "retry_delay_s": 0})})
-    spec = pipeline.plan_run(cfg)
+    spec = plan_run(cfg)
     out = tmp_path / "out"
     store = FlakyStore(inbox, output=out)
     items = store.list_items()

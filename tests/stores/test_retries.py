@@ -13,7 +13,7 @@ import pytest
 import requests
 from store_servers import RangeServer
 
-from domainsr import pipeline
+from domainsr.app import enhance
 from domainsr.errors import (
     ConfigError,
     DomainSRError,
@@ -26,6 +26,8 @@ from domainsr.errors import (
     StoreError,
 )
 from domainsr.retry import (
+    PERMANENT_ERRORS,
+    TRANSIENT_ERRORS,
     PermanentStoreError,
     RetryPolicy,
     TransientError,
@@ -103,8 +105,8 @@ def test_one_transient_table(exc, transient):
 
 
 def test_pipeline_flows_and_stores_share_the_one_rule():
-    assert pipeline.is_transient is http.is_transient is common.is_transient is is_transient
-    assert pipeline.PERMANENT_ERRORS and pipeline.TRANSIENT_ERRORS
+    assert enhance.is_transient is http.is_transient is common.is_transient is is_transient
+    assert PERMANENT_ERRORS and TRANSIENT_ERRORS
 
 
 def test_a_store_error_carries_its_verdict():

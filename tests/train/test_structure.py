@@ -1,45 +1,13 @@
-"""The training package's shape: one loop, no import cycle, no private name imported across modules
-(here or by the benchmarks), modules of a readable size."""
+"""The training package's shape: one loop, modules of a readable size. No import cycle (even
+through lazy imports) and no private name imported across modules: tests/test_architecture.py
+(``STRICT_PACKAGES``), for every module and the benchmarks."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "domainsr" / "train"
 MAX_LINES = 400
-
-
-def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """``(module, names)`` of every ``from domainsr... import`` in ``path`` (lazy ones included)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    return [(n.module, [a.name for a in n.names]) for n in ast.walk(tree)
-            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("domainsr")]
-
-
-def test_no_import_cycle_in_the_training_package():
-    graph = {p.stem: {m.rsplit(".", 1)[1] for m, _ in _imports(p) if m.startswith("domainsr.train.")}
-             for p in TRAIN.glob("*.py")}
-    state: dict[str, str] = {}
-
-    def visit(node: str, trail: list[str]) -> None:
-        assert state.get(node) != "open", f"import cycle: {' -> '.join([*trail, node])}"
-        if state.get(node) == "done":
-            return
-        state[node] = "open"
-        for dep in sorted(graph.get(node, ())):
-            visit(dep, [*trail, node])
-        state[node] = "done"
-
-    for module in sorted(graph):
-        visit(module, [])
-
-
-def test_no_private_name_is_imported_from_another_module():
-    files = [*TRAIN.glob("*.py"), ROOT / "benchmarks" / "quality.py"]
-    private = [(f.name, m, n) for f in files for m, names in _imports(f) if m.startswith("domainsr.train")
-               for n in names if n.startswith("_")]
-    assert not private
 
 
 def test_modules_stay_readable():

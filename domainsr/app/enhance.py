@@ -1,0 +1,310 @@
+"""One item path: :func:`enhance_item` reads an item, checks it against the model (a checkpoint's
+card: domain, bands, units, value range), enhances it, audits the output without a reference
+(``audit_output(sr, lr)``: LR consistency, and the spread under test-time augmentation) and
+writes the output, the audit report (HTML + JSON) and the risk map, provenance last.
+
+How the image is enhanced is a strategy; the steps around it are shared:
+
+* :class:`InMemory`: the whole image in memory through the patch engine (the default);
+* :class:`Guided`: a guided checkpoint (e.g. Sentinel-2 20 m bands guided by the 10 m bands):
+  the card's target bands of a band set, on the guide grid;
+* :class:`Streamed`: a large single-file raster, window by window into the output COG (bounded
+  memory), audited on a central window.
+
+Errors of a DICOM item name the item (its series id) and never a file path: folders of DICOM
+exports are often named after the patient, and these messages reach logs and Prefect artifacts.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domainsr.app.audits import audit_item
+from domainsr.app.inputs import input_for, mapped_band_names, raster_bands, read_item
+from domainsr.app.models import load_model
+from domainsr.app.progress import tile_progress
+from domainsr.app.runs import ItemResult, RunSpec
+from domainsr.bands import apply_band_map
+from domainsr.config import EnhanceConfig
+from domainsr.errors import DomainSRError, InputError, ModelCardMismatch, StoreError
+from domainsr.image import MultiResolutionImage, SpatialImage
+from domainsr.io.formats import FORMATS
+from domainsr.limits import check_disk, check_fits, decoded_bytes, fits, memory_budget
+from domainsr.retry import is_transient
+from domainsr.stores.base import Item, Store
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Enhanced:
+    """What a strategy made, for the shared audit and write steps."""
+
+    lr: SpatialImage  #: the input as the model saw it (streamed: its central audit window)
+    info: dict[str, Any]  #: the model's identity, for provenance and the report
+    scale: tuple[int, ...]
+    module: Any = None  #: what the audit re-runs under test-time augmentation (None: nothing)
+    sr: SpatialImage | None = None  #: the output, when it is in memory
+    run: dict[str, Any] = field(default_factory=dict)  #: more of the run's provenance
+    window: dict[str, int] | None = None  #: the audited window of a streamed raster
+    note: str = ""  #: the end of the item's message
+
+
+def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
+    """Read, enhance, audit and write one item; raises a DomainSRError (or an I/O error) on failure."""
+    cfg = spec.config
+    t0 = time.monotonic()
+    limit = cfg.runner.item_timeout_s
+    progress = tile_progress(item.id, t0 + limit if limit else None, limit)
+    with errors_named_by_item(item), memory_budget(cfg.runner.memory_budget_gb):
+        strategy = strategy_for(store, item, spec)
+        made = strategy.enhance(store, item, spec, progress)
+        run: dict[str, Any] = {"run_key": spec.run_key, "task": cfg.name, "config": spec.source, "item": item.id,
+                               **made.run}
+        extras: dict[str, Path] = {}
+        verdict, reasons = None, []
+        with tempfile.TemporaryDirectory(prefix="domainsr-audit-") as tmp:
+            if cfg.run_audit:
+                extras, verdict, reasons = audit_item(strategy.audited(made), made.lr, made.scale, spec,
+                                                      made.module, made.info, tmp)
+                run["audit"] = {"verdict": verdict, "reasons": reasons,
+                                **({"window": made.window} if made.window else {})}
+            written = strategy.write(store, item, spec, made, run, extras)
+        return ItemResult(item.id, item.kind, "enhanced", output=written.uri, extras=dict(written.extras),
+                          verdict=verdict, reasons=reasons, seconds=round(time.monotonic() - t0, 2),
+                          message=f"{made.info['name']} x{scale_text(made.info['scale'])}{made.note}")
+
+
+def strategy_for(store: Store, item: Item, spec: RunSpec) -> Strategy:
+    """Streamed for a large single-file raster (:func:`streams`), guided for a guided
+    checkpoint, else in memory."""
+    if streams(store, item, spec):
+        return Streamed()
+    return Guided() if spec.model.get("guided") else InMemory()
+
+
+class Strategy:
+    """How one item is enhanced (:meth:`enhance`), what its audit sees and how it is written."""
+
+    def enhance(self, store: Store, item: Item, spec: RunSpec, progress: Progress) -> Enhanced:
+        raise NotImplementedError
+
+    def audited(self, made: Enhanced) -> SpatialImage:
+        """The output the audit compares with ``made.lr``."""
+        assert made.sr is not None
+        return made.sr
+
+    def write(self, store: Store, item: Item, spec: RunSpec, made: Enhanced, run: dict[str, Any],
+              extras: dict[str, Path]) -> Any:
+        """Write the output in memory with its provenance, and the extras (``store.write``)."""
+        assert made.sr is not None
+        made.sr.provenance["model"] = made.info
+        made.sr.provenance["run"] = run
+        return store.write(item, made.sr, spec.run_key, extras=extras)
+
+
+class InMemory(Strategy):
+    """The bands to enhance (:func:`~domainsr.app.inputs.input_for`), the model built and checked
+    for them, and the patch engine over the whole image (within the memory budget)."""
+
+    def enhance(self, store: Store, item: Item, spec: RunSpec, progress: Progress) -> Enhanced:
+        import torch
+
+        cfg = spec.config
+        img = input_for(read_item(store, item, cfg), cfg.bands, spec.model)
+        check_domain(img, cfg, item)
+        if img.mask is not None and not img.mask.any():
+            raise InputError("every pixel is nodata, NaN or masked: nothing to enhance (no output written)", item.id)
+        module, info = load_model(cfg.model, img)
+        check_job_memory(img.channels, img.spatial_shape, module.scale, item.id)
+        with torch.inference_mode():
+            sr = enhance_image_checked(img, patch_inferer(module, cfg, progress), item)
+        return Enhanced(img, info, scale_of(sr, img), module=module, sr=sr)
+
+
+class Guided(Strategy):
+    """A guided checkpoint: the card's target bands of a band set and its guide bands, through the
+    guided engine. The audit has no test-time augmentation (the model cannot run on LR alone)."""
+
+    def enhance(self, store: Store, item: Item, spec: RunSpec, progress: Progress) -> Enhanced:
+        import torch
+
+        from domainsr.engine.guided import enhance_guided, guided_inferer, guided_inputs
+        from domainsr.models.guided import guided_bands, load_guided_checkpoint
+
+        raw = read_item(store, item, spec.config)
+        model, card = load_guided_checkpoint(spec.model["path"])
+        target, guide = guided_bands(card)
+        if not isinstance(raw, MultiResolutionImage):
+            raise ModelCardMismatch(f"guided model {card.name!r} needs a band set (e.g. a Sentinel-2 folder) with "
+                                    f"bands {target + guide}", item.id)
+        missing = [b for b in (*target, *guide) if b not in raw.band_names]
+        if missing:
+            raise ModelCardMismatch(f"guided model {card.name!r} needs bands {missing}, the band set has "
+                                    f"{list(raw.band_names)}", item.id)
+        lr, g = guided_inputs(raw, target, guide, card.scale)
+        del raw
+        t = spec.config.tiling
+        inferer = guided_inferer(model, tile=t.tile, batch_size=t.batch_size, device=t.device, amp=t.amp,
+                                 threads=t.threads, progress=progress)
+        with torch.inference_mode():
+            sr = enhance_guided(lr, g, inferer)
+        info = {k: v for k, v in spec.model.items() if k != "path"}
+        return Enhanced(lr, info, scale_of(sr, lr), sr=sr)
+
+
+class Streamed(Strategy):
+    """A large raster: the model checked on (and, per image, normalised by) a central window, the
+    whole file enhanced window by window into the output COG (bounded memory), and the
+    reference-free audit run on that central window of the input and the written output."""
+
+    def __init__(self) -> None:
+        self.out: Path | None = None
+        self.history: dict[str, Any] = {}
+
+    def enhance(self, store: Store, item: Item, spec: RunSpec, progress: Progress) -> Enhanced:
+        import torch
+
+        from domainsr.engine.streaming import enhance_raster_file
+        from domainsr.image import now_iso
+        from domainsr.io.raster import raster_info, read_raster
+
+        cfg = spec.config
+        path = item.meta.get("path", item.uri)
+        header = raster_info(path)
+        _, rows, cols = header["shape"]
+        bands = raster_bands(header, cfg, spec.model, path)
+        side = cfg.tiling.stream_audit_window
+        h, w = min(side, rows), min(side, cols)
+        r0, c0 = (rows - h) // 2, (cols - w) // 2
+        probe = read_raster(path, window=((r0, r0 + h), (c0, c0 + w)), bands=bands)
+        names = mapped_band_names(header, cfg.band_map, path)
+        if names != list(header["band_names"]):
+            probe = apply_band_map(probe, {k + 1: names[i - 1]
+                                           for k, i in enumerate(bands or range(1, len(names) + 1))})
+        check_domain(probe, cfg, item)
+        module, info = load_model(cfg.model, probe)
+        inferer = patch_inferer(module, cfg, progress)
+        f = inferer.scale_for(2)
+        out_path = store.output_path(item)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        # the tiled work file and the COG made from it: together about the uncompressed size
+        check_disk(out_path.parent, decoded_bytes((probe.channels, rows * f[0], cols * f[1]), probe.data.dtype),
+                   f"the x{scale_text(f)} output of {probe.channels}x{rows}x{cols} pixels", path)
+        self.out = store.open_output(item)
+        with torch.inference_mode():
+            enhance_raster_file(path, self.out, inferer, bands=bands, model_info=info, band_names=probe.band_names)
+        self.history = {"time": now_iso(), "step": "enhance (streamed)", "model": info["name"], "scale": list(f),
+                        "tiles": {"computed": inferer.stats.computed, "skipped": inferer.stats.skipped}}
+        note = f" (streamed; audit on a central {h}x{w} window)" if cfg.run_audit else " (streamed)"
+        return Enhanced(probe, info, tuple(f), module=module, run={"streamed": True},
+                        window={"row_off": r0, "col_off": c0, "height": h, "width": w}, note=note)
+
+    def audited(self, made: Enhanced) -> SpatialImage:
+        """The written output's window over the input's audit window."""
+        from domainsr.io.raster import read_raster
+
+        assert made.window is not None and self.out is not None
+        (f0, f1), win = made.scale, made.window
+        r0, c0, h, w = win["row_off"], win["col_off"], win["height"], win["width"]
+        return read_raster(self.out, window=((r0 * f0, (r0 + h) * f0), (c0 * f1, (c0 + w) * f1)))
+
+    def write(self, store: Store, item: Item, spec: RunSpec, made: Enhanced, run: dict[str, Any],
+              extras: dict[str, Path]) -> Any:
+        """Commit the output written in place, with the extras and its provenance (``store.commit``)."""
+        prov = {"format": "raster", "model": made.info, "run": run, "history": [self.history]}
+        return store.commit(item, spec.run_key, extras, prov)
+
+
+def streams(store: Store, item: Item, spec: RunSpec) -> bool:
+    """Whether ``item`` is a single-file raster to stream (the store can take a file written in
+    place: ``open_output``/``commit``): one of ``tiling.stream_above_mpx`` LR megapixels or more,
+    or one too large to enhance in memory within the memory budget."""
+    limit = spec.config.tiling.stream_above_mpx
+    fmt = FORMATS.get(item.kind)
+    if limit is None or fmt is None or not fmt.windowed or spec.model.get("guided") or not hasattr(store, "open_output"):
+        return False
+    from domainsr.io.raster import raster_info
+
+    count, rows, cols = raster_info(item.meta.get("path", item.uri))["shape"]
+    return rows * cols >= limit * 1e6 or not fits(job_bytes(count, (rows, cols), spec.model["scale"]))
+
+
+@contextmanager
+def errors_named_by_item(item: Item) -> Iterator[None]:
+    """For a DICOM item, re-raise any error with its file paths replaced by pseudonyms and the
+    item id as its subject, without the original chained (a logged traceback would show it).
+    DomainSRErrors keep their type; other errors become StoreError (transient: retried) or
+    InputError."""
+    if item.kind != "dicom":
+        yield
+        return
+    from domainsr.audit.privacy import file_labels, relabel, replace_paths
+
+    labels = file_labels([str(f) for f in item.meta.get("files", [])] or [item.uri], item.id, item.uri)
+    try:
+        yield
+    except DomainSRError as exc:
+        raise relabel(exc, labels, item.id) from None
+    except Exception as exc:  # noqa: BLE001 - any error: its text may carry a path
+        kind = StoreError if is_transient(exc) else InputError
+        raise kind(f"{type(exc).__name__}: {replace_paths(str(exc), labels)}", item.id) from None
+
+
+def check_domain(img: SpatialImage, cfg: EnhanceConfig, item: Item) -> None:
+    """InputError when the config is for another domain than the image's."""
+    if cfg.domain is not None and img.domain != cfg.domain:
+        raise InputError(f"this is a {img.domain} image but task {cfg.name!r} is for {cfg.domain}", item.id)
+
+
+def patch_inferer(model: Any, config: EnhanceConfig, progress: Progress | None) -> Any:
+    """The patch engine for ``model`` (a ModelDescriptor from :func:`load_model`) with the config's tiling."""
+    from domainsr.engine import PatchInferer
+
+    t = config.tiling
+    return PatchInferer(model, tile=t.tile, overlap=t.overlap, batch_size=t.batch_size, device=t.device,
+                        amp=t.amp, blend=t.blend, threads=t.threads, progress=progress)
+
+
+def enhance_image_checked(img: SpatialImage, inferer: Any, item: Item) -> SpatialImage:
+    """``engine.enhance_image`` with the item named in a shape/scale error."""
+    from domainsr.engine import enhance_image
+
+    try:
+        return enhance_image(img, inferer)
+    except DomainSRError as exc:
+        if exc.path:
+            raise
+        raise type(exc)(exc.message, item.id) from exc
+
+
+def job_bytes(channels: int, spatial_shape: Sequence[int], scale: int | Sequence[int]) -> int:
+    """Memory of enhancing a whole image at once: its float32 copy and the float32 output."""
+    factors = np.broadcast_to(np.asarray(scale, dtype=np.int64), (len(spatial_shape),))
+    return decoded_bytes((channels, *spatial_shape), np.float32) * (1 + math.prod(int(f) for f in factors))
+
+
+def check_job_memory(channels: int, spatial_shape: Sequence[int], scale: int | Sequence[int], item_id: str) -> None:
+    """ResourceLimitError when enhancing the whole image at once would exceed the memory budget."""
+    shape = "x".join(str(int(s)) for s in spatial_shape)
+    check_fits(job_bytes(channels, spatial_shape, scale), f"enhancing {channels}x{shape} at x{scale_text(scale)}",
+               item_id, "crop or split the input, or raise the budget")
+
+
+def scale_of(sr: SpatialImage, lr: SpatialImage) -> tuple[int, ...]:
+    """The factor per axis between an output and its input."""
+    return tuple(a // b for a, b in zip(sr.spatial_shape, lr.spatial_shape))
+
+
+def scale_text(scale: int | Sequence[int]) -> str:
+    """``2`` or ``[2, 2]`` -> ``"2"``; ``[1, 1, 4]`` -> ``"1x1x4"``."""
+    vals = [scale] if isinstance(scale, int) else list(scale)
+    return str(vals[0]) if len(set(vals)) == 1 else "x".join(str(v) for v in vals)
