@@ -82,17 +82,6 @@ class _RowBand:
         self.top = upto
 
 
-def model_record(model: Any) -> dict[str, Any]:
-    """Provenance identity of a module: a checkpoint's card name, version and weights sha256, else
-    its ``name`` attribute (or class name)."""
-    card = getattr(model, "card", None)
-    if card is not None:
-        return {"name": card.name, "version": getattr(card, "version", None),
-                "sha256": getattr(card, "weights_sha256", None)}
-    return {"name": getattr(model, "name", None) or type(model).__name__,
-            "sha256": getattr(model, "checksum", None)}
-
-
 def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], inferer: PatchInferer, *,
                         bands: Sequence[int | str] | None = None, dtype: str | None = None,
                         cache_mb: int = 64, blocksize: int = 512, overviews: bool = True,
@@ -104,7 +93,7 @@ def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]
     (default: the source's, rounded and clipped); nodata and masks carry over. ``cache_mb`` caps
     GDAL's block cache; GDAL compresses with all CPUs unless ``GDAL_NUM_THREADS`` says otherwise.
     The COG is tagged as AI-derived (:func:`~domainsr.io.raster.derived_tags`) by ``model_info``
-    (the app's model identity), default :func:`model_record` of the inferer's model.
+    (the app's model identity), default the inferer's model descriptor's record.
     ``band_names`` names the selected bands (e.g. from a ``--band-map``) instead of the source's.
     """
     src, dst = Path(src), Path(dst)
@@ -124,14 +113,14 @@ def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]
             scale = inferer.scale_for(2)
             align = [blocksize // f if blocksize % f == 0 else 1 for f in scale]
             plan = inferer.plan(geometry.shape, channels=n, align=align)
-            c_out = int(getattr(inferer.model, "out_channels", None) or n)
+            c_out = int(inferer.descriptor.out_channels or n)
             meta = reader.meta(storage)
             names = list(reader.band_names) if band_names is None else list(band_names)
             if c_out != n:
                 names = None
             elif len(names) != n:
                 raise InputError(f"{len(band_names or [])} band names for {n} selected bands", src)
-            model = dict(model_info) if model_info else model_record(inferer.model)
+            model = dict(model_info) if model_info else inferer.descriptor.record()
             meta["tags"] = {**meta["tags"], "DOMAINSR_ENHANCE": json.dumps({
                 "time": now_iso(), "source": src.name, "model": model.get("name"),
                 "model_checksum": model.get("sha256"), "scale": list(plan.scale),
