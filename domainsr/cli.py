@@ -626,6 +626,8 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
     for name, p in result.paths.items():
         table.add_row(name, str(p))
     console.print(table)
+    for label, v in result.verdicts.items():  # what a reviewer reads first; the exit code stays 0
+        _line(f"{escape(label)}: {_verdict_text(v['verdict'], v['reasons'], v['report'])}")
     for w in result.warnings:
         warn(w)
     for e in result.errors:

@@ -39,6 +39,8 @@ class DemoResult:
     warnings: list[str] = field(default_factory=list)
     summaries: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    #: per task label: the audit's ``verdict`` (None: not audited), its ``reasons`` and ``report`` path
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def demo_runs(out: Path, data: dict[str, Path]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -98,4 +100,7 @@ def run_demo(out: Path, *, on_warning: Any = None) -> DemoResult:
                 result.paths[f"{label}: risk map"] = Path(risk)
             if item["status"] == "failed":
                 result.errors.append(f"{label}: {item['message']}")
+            else:
+                result.verdicts[label] = {"verdict": item.get("verdict"), "reasons": list(item.get("reasons") or []),
+                                          "report": item["extras"].get("audit.html")}
     return result

@@ -142,6 +142,35 @@ def test_demo_uses_shipped_checkpoints_else_falls_back_with_a_warning(sample_dat
     assert load_enhance_config(runs[0]["config"]).model.name == "sentinel2_rgbn_x2"
 
 
+def test_demo_prints_each_verdict_with_its_reason_and_report(sample_data, tmp_path, monkeypatch):
+    """``domainsr demo`` says each task's audit verdict (the flow's rows, read by run_demo), and a
+    FAIL verdict does not fail ``make demo`` (exit 0)."""
+    import flows.demo
+    from domainsr import demo
+
+    def row(name: str, verdict: str, reason: str) -> dict:
+        out = tmp_path / name
+        return {"item_id": name, "status": "enhanced", "output": str(out), "message": "", "verdict": verdict,
+                "reasons": [reason], "extras": {"audit.html": str(out) + ".audit.html"}}
+
+    summaries = {"a": {"items": [row("s2_sr.tif", "fail", "3 region(s) LR-inconsistent")]},
+                 "b": {"items": [row("t1_sr.nii.gz", "review", "2 flagged region(s) need attention")]}}
+
+    class State:
+        def result(self, raise_on_failure: bool = False) -> dict:
+            return summaries
+
+    monkeypatch.setattr(demo, "fetch_sample_data", lambda: sample_data)
+    monkeypatch.setattr(demo, "demo_runs", lambda out, data: ([], []))
+    monkeypatch.setattr(flows.demo, "demo_flow", lambda runs, return_state: State())
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == EXIT_OK, res.output
+    text = " ".join(res.output.split())
+    assert f"Sentinel-2 10 m bands x2: audit FAIL: 3 region(s) LR-inconsistent (report {tmp_path}/s2_sr.tif.audit.html)" \
+        in text
+    assert "MNI152 T1 x2: audit REVIEW: 2 flagged region(s) need attention" in text
+
+
 def test_train_usage_and_config_errors_exit_2(prefect_home, tmp_path):
     assert runner.invoke(app, ["train", str(tmp_path / "missing.yaml")]).exit_code == EXIT_INPUT
     cfg = tmp_path / "t.yaml"
