@@ -37,7 +37,6 @@ from domainsr.engine.sources import (
     fill_invalid,
     mask_output,
     pad_window,
-    upsample_nearest,  # noqa: F401 - re-exported (engine.streaming imports it here)
 )
 from domainsr.engine.tiling import Blend, Border, Tile, TilePlan, per_axis
 from domainsr.errors import ConfigError, ModelCardMismatch, ModelError

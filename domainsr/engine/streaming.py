@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from domainsr.engine.inferer import PatchInferer, upsample_nearest
+from domainsr.engine.inferer import PatchInferer
+from domainsr.engine.sources import upsample_nearest
 from domainsr.engine.tiling import TilePlan
 from domainsr.errors import InputError, ModelCardMismatch
 from domainsr.image import now_iso

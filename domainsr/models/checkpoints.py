@@ -4,7 +4,7 @@ The card (schema: :mod:`domainsr.models.card`, re-exported here) drives inferenc
 the input checks and the intensity normalisation below. Loading verifies the card's sha256 of
 the weights and reads them with ``torch.load(weights_only=True)`` (no pickled code runs), then
 builds the network from the registry. Where checkpoints are found by name:
-:mod:`domainsr.models.names` (``SHIPPED_DIR`` and ``user_checkpoint_dirs`` are re-exported here).
+:mod:`domainsr.models.names` (``SHIPPED_DIR``, ``user_checkpoint_dirs``: patch them there).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from domainsr.models.card import (  # noqa: F401 - re-exported: the card schema'
     TrainingData,
     TrainingSettings,
 )
-from domainsr.models.names import SHIPPED_DIR, checkpoint_roots, user_checkpoint_dirs  # noqa: F401 - re-exported
+from domainsr.models.names import checkpoint_roots
 from domainsr.models.normalized import Normalized
 
 _MAX_STAT_SAMPLES = 2_000_000  # per channel, for percentiles over very large images

@@ -74,17 +74,14 @@ from domainsr.image import GeoGeometry, SpatialImage, now_iso
 from domainsr.io.atomic import atomic_path
 from domainsr.io.formats import FORMATS, OUTPUTS
 from domainsr.io.raster import SUPPORTED_DTYPES, write_raster
+from domainsr.retry import RetryPolicy, TransientError, http_status, is_transient
 from domainsr.stores import url_option
 from domainsr.stores.base import Item, Store, WriteResult
 from domainsr.stores.http import (
     HttpAuth,
-    RetryPolicy,
-    TransientError,
     call_with_retries,
     extra_file_name,
     http_session,
-    http_status,
-    is_transient,
     redact_url,
     same_origin,
     split_store_url,

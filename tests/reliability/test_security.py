@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from domainsr.errors import ModelError, StoreError
-from domainsr.models.checkpoints import SHIPPED_DIR, load_checkpoint, sha256_file
+from domainsr.models.checkpoints import load_checkpoint, sha256_file
+from domainsr.models.names import SHIPPED_DIR
 from domainsr.stores.base import Item
 from domainsr.stores.local import LocalStore
 
