@@ -34,7 +34,7 @@ from rich.table import Table
 from domainsr.errors import ConfigError, DomainSRError, InputError
 
 if TYPE_CHECKING:
-    from domainsr.audit import AuditOutcome
+    from domainsr.app.audits import AuditRow
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL, EXIT_AUDIT_FAIL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 EXIT_INPUT = EXIT_USAGE  # the name this code had first
@@ -65,8 +65,7 @@ data_app = typer.Typer(help="Sample data (real Sentinel-2, Landsat 8, MNI152, DI
                        no_args_is_help=True)
 models_app = typer.Typer(help="Models: registered networks and interpolation baselines, and checkpoints "
                          "(trained weights with a model card).", no_args_is_help=True)
-audit_app = typer.Typer(help="Fidelity audits: held-out (degrade a real high-resolution image, enhance, "
-                        "compare) or of an SR file made by any tool.", no_args_is_help=True)
+audit_app = typer.Typer(no_args_is_help=True)  # its help: the docstring of audit_cmd
 schedule_app = typer.Typer(help="Scheduled deployments (defined in prefect.yaml): list, register with a "
                            "Prefect server, or serve them from this process.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -155,7 +154,8 @@ def _csv(values: list[str] | None) -> list[str] | None:
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[None]:
     """Rich progress bars (done/total, elapsed, ETA) fed by the progress events of :mod:`domainsr.app.progress`:
-    one for the items of a batch, one per item's tiles, one for training steps."""
+    one for the items of a batch, one per item's tiles, one per item's audit windows, one for training
+    steps."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -173,7 +173,7 @@ def progress_bars(enabled: bool = True) -> Iterator[None]:
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=False)
     tasks: dict[tuple[str, str], Any] = {}
-    names = {"items": "items", "tiles": "tiles", "steps": "steps"}
+    names = {"items": "items", "tiles": "tiles", "steps": "steps", "windows": "audit windows"}
 
     def on_event(kind: str, key: str, done: int, total: int) -> None:
         ident = (kind, key)
@@ -529,21 +529,25 @@ def _audit_settings(config: Path | None) -> dict[str, Any]:
     return _checked(lambda: load_enhance_config(config).audit)
 
 
-def _audit_outcomes(data: dict[str, Any]) -> list[AuditOutcome]:
-    """The audit flow's rows as :class:`~domainsr.audit.AuditOutcome`."""
-    from domainsr.audit import AuditOutcome
+def _audit_outcomes(data: dict[str, Any]) -> list[AuditRow]:
+    """The audit flow's rows as :class:`~domainsr.app.audits.AuditRow` (an AuditOutcome)."""
+    from domainsr.app.audits import AuditRow
 
-    return [AuditOutcome.model_validate(row) for row in data["audits"]]
+    return [AuditRow.model_validate(row) for row in data["audits"]]
 
 
 def _show_audits(data: dict[str, Any]) -> None:
-    """One line per audit: what was audited, the verdict with its reasons and the report path
-    (and the PSNR gain over interpolation of a held-out audit); then the audits that could not run."""
+    """One line per audit: what was audited (the item of a batch), the verdict with its reasons and
+    the report path, the LR-consistency operator and why (and the PSNR gain over interpolation of a
+    held-out audit); then the audits that could not run."""
     for o in _audit_outcomes(data):
         gain = None if o.psnr is None else o.psnr.gain_mean
         numbers = "" if gain is None else f", PSNR gain {gain:+.2f} dB"
-        _line(f"  {escape(o.reference or o.sr or '')}: {o.regions} region(s){numbers}")
+        what = o.item or o.reference or o.sr or ""
+        _line(f"  {escape(what)}: {o.regions} region(s){numbers}")
         _line(f"    {_verdict_text(o.verdict, o.reasons, o.html)}")
+        if o.degradation:
+            _line(f"    degradation {escape(o.degradation['spec'])}: {escape(o.degradation['why'])}")
     for e in data["errors"]:
         say_error(e, "failed")
 
@@ -554,21 +558,106 @@ def _finish_audit(state: Any, as_json: bool) -> NoReturn:
     _finish(outcome_code((o.verdict for o in _audit_outcomes(data)), len(data["errors"])), as_json)
 
 
+#: The sensors ``--degradation mtf:SENSOR`` knows (``domainsr.degrade.optical.SENSORS``; a test
+#: keeps the two equal: importing the degrade package here would slow every usage error).
+MTF_SENSORS = ("landsat8", "landsat9", "sentinel2")
+DEGRADATION_HELP = (
+    "How the LR input relates to the SR grid (the LR-consistency check re-degrades SR with it): "
+    "auto (default: the card of the model the SR file's DomainSR provenance names, else area), "
+    "area (block mean), gaussian:SIGMA (Gaussian sigma in SR pixels, then block mean), "
+    + ", ".join(f"mtf:{s}" for s in MTF_SENSORS) + " (the sensor's per-band MTF), "
+    "card:MODEL (a checkpoint's model card degradation: a shipped or user checkpoint name, or a path).")
+
+
+def _check_degradation(spec: str | None) -> str:
+    """``--degradation`` checked before any work (exit 2 with the accepted forms)."""
+    from domainsr.app.degradation import parse_degradation
+
+    return _checked(lambda: parse_degradation(spec)).text
+
+
+def _plan_audits(sr: list[Path], lr: list[Path], reference: list[Path]) -> Any:
+    """The pairs ``audit --sr/--lr`` would audit, checked before any work (exit 2: counts, paths,
+    folders without images; the flow plans them again, as a deployment would)."""
+    from domainsr.app.audit_items import plan_audits
+
+    return _checked(lambda: plan_audits(sr, lr, reference))
+
+
+@audit_app.callback(invoke_without_command=True)
+def audit_cmd(
+    ctx: typer.Context,
+    sr: Annotated[list[Path] | None, typer.Option(
+        "--sr", help="The super-resolved image (made by any tool), or a folder of them; repeat for a batch.")] = None,
+    lr: Annotated[list[Path] | None, typer.Option(
+        "--lr", help="The low-resolution input it was made from (a folder: matched by stem, SR <id>_sr.* or "
+        "<id>.*); one per --sr.")] = None,
+    reference: Annotated[list[Path] | None, typer.Option(
+        "--reference", "-r", help="A real high-resolution image on the SR grid, when there is one (a folder: "
+        "<id>.* or <id>_hr.*); one per --sr.")] = None,
+    degradation: Annotated[str, typer.Option("--degradation", "-d", help=DEGRADATION_HELP)] = "auto",
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Folder for report.html, report.json and the risk map (a batch: one folder per "
+        "item).")] = Path("audit_out"),
+    bands: BandsOpt = None,
+    config: AuditConfigOpt = None,
+    as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Fidelity audits of an SR file made by any tool, or held-out (degrade real high-resolution images, enhance, compare).
+
+    domainsr audit --sr SR --lr LR [--reference HR] [--degradation SPEC] --out DIR
+
+    audits an SR output against its LR input (LR consistency; full-reference metrics with
+    --reference) and writes DIR/report.html, DIR/report.json and the risk map. Folders (items
+    matched by stem) or several --sr/--lr pairs are a batch: DIR/<item>/report.*; an item that
+    cannot be audited does not stop the others. `audit output SR LR` is the single-pair form;
+    `audit heldout HR... --model M` audits a model on real high-resolution images.
+
+    Exit codes: 0 every verdict pass or review, 1 some audits could not run, 2 usage error
+    (nothing done), 3 internal error, 4 a verdict is FAIL."""
+    if ctx.invoked_subcommand is not None:
+        if sr or lr or reference:
+            fail(ConfigError(f"--sr/--lr/--reference are not options of `audit {ctx.invoked_subcommand}`"))
+        return
+    if not sr or not lr:
+        fail(ConfigError("give --sr SR --lr LR (see domainsr audit --help), or a subcommand: heldout, output"))
+    spec = _check_degradation(degradation)
+    _plan_audits(sr, lr, reference or [])
+    _check_out(out)
+    settings = _audit_settings(config)
+    _run_output_audits(sr, lr, reference or [], out, settings, bands, spec, progress, as_json)
+
+
+def _run_output_audits(sr: list[Path], lr: list[Path], reference: list[Path], out: Path, settings: dict[str, Any],
+                       bands: list[str] | None, spec: str, progress: bool, as_json: bool) -> NoReturn:
+    """Run the audit flow on checked ``--sr``/``--lr``/``--reference`` and exit by its verdicts."""
+    from flows.audit import audit_flow
+
+    with progress_bars(progress and not as_json):
+        state = audit_flow(sr=[str(p) for p in sr], lr=[str(p) for p in lr],
+                           references=[str(p) for p in reference] or None, out=str(out), audit=settings,
+                           bands=_csv(bands), degradation=spec, return_state=True)
+    _finish_audit(state, as_json)
+
+
 @audit_app.command("heldout")
 def audit_heldout_cmd(
     references: Annotated[list[Path], typer.Argument(
         help="Real high-resolution images (files or band folders).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint or registered model.")],
     scale: Annotated[str | None, typer.Option("--scale", "-s", help="Scale (registered models).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports.")] = Path("audit_out"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report (several references: one "
+                                      "folder per reference).")] = Path("audit_out"),
     bands: BandsOpt = None,
     config: AuditConfigOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the degradation's noise.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Held-out audit: degrade each reference as the model's card says (else a block mean), enhance
-    it, compare model and interpolation with the reference; writes HTML + JSON reports and risk maps.
-    Exit codes as for enhance (4: a verdict is FAIL)."""
+    it, compare model and interpolation with the reference; writes report.html, report.json and the
+    risk map into --out (several references: --out/<item>/). Exit codes as for enhance (4: a
+    verdict is FAIL)."""
     from domainsr.app import parse_scale
 
     _check_model(model, scale)
@@ -585,25 +674,25 @@ def audit_heldout_cmd(
 
 @audit_app.command("output")
 def audit_output_cmd(
-    sr: Annotated[Path, typer.Argument(help="The super-resolved image (made by any tool).")],
-    lr: Annotated[Path, typer.Argument(help="The low-resolution input it was made from.")],
+    sr: Annotated[Path, typer.Argument(help="The super-resolved image (made by any tool), or a folder of them.")],
+    lr: Annotated[Path, typer.Argument(help="The low-resolution input it was made from (or a folder).")],
     reference: Annotated[Path | None, typer.Option("--reference", "-r", help="A real high-resolution image "
-                                             "the SR grid, when there is one.")] = None,
+                                             "on the SR grid, when there is one.")] = None,
+    degradation: Annotated[str, typer.Option("--degradation", "-d", help=DEGRADATION_HELP)] = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report.")] = Path("audit_out"),
     bands: BandsOpt = None,
     config: AuditConfigOpt = None,
     as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
-    """Audit an SR output against its LR input (LR consistency; full-reference metrics with --reference).
+    """Audit an SR output against its LR input: the same as `domainsr audit --sr SR --lr LR`.
     Exit codes as for enhance (4: the verdict is FAIL)."""
-    _check_paths([sr, lr, *([reference] if reference else [])])
+    spec = _check_degradation(degradation)
+    refs = [reference] if reference else []
+    _plan_audits([sr], [lr], refs)
     _check_out(out)
     settings = _audit_settings(config)
-    from flows.audit import audit_flow
-
-    state = audit_flow(references=[str(reference)] if reference else None, sr=str(sr), lr=str(lr),
-                       out=str(out), audit=settings, bands=_csv(bands), return_state=True)
-    _finish_audit(state, as_json)
+    _run_output_audits([sr], [lr], refs, out, settings, bands, spec, progress, as_json)
 
 
 @app.command()

@@ -1,12 +1,56 @@
 """Shared fixtures: sample data is fetched once into the ignored cache (see domainsr.data)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _schema_check():
+    """tests/audit/schema_check.py, loaded by path (tests/ is no package)."""
+    path = Path(__file__).resolve().parent / "audit" / "schema_check.py"
+    spec = importlib.util.spec_from_file_location("domainsr_tests_schema_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _is_report(path: Path) -> bool:
+    """A file named as an audit report that says it is one (tests also write stand-in JSON)."""
+    if not (path.name == "report.json" or path.name.endswith("audit.json")):
+        return False
+    try:
+        return '"domainsr_audit"' in path.read_text(encoding="utf-8")[:4096]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def check_report():
+    """``check_report(path_or_dict)``: assert that an audit report validates against
+    docs/audit.schema.json (returns it parsed)."""
+    return _schema_check().check_report
+
+
+@pytest.fixture(autouse=True)
+def _every_report_validates(request):
+    """The contract: every audit report a test writes under its ``tmp_path`` (``report.json``,
+    ``*audit.json`` carrying ``domainsr_audit``) validates against docs/audit.schema.json."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    tmp = request.getfixturevalue("tmp_path")  # before the test: torn down after this check
+    yield
+    reports = [p for p in tmp.rglob("*.json") if _is_report(p)]
+    if reports:
+        check = _schema_check().check_report
+        for path in reports:
+            check(path)
 
 
 @pytest.fixture(scope="session")

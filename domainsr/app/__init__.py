@@ -7,7 +7,9 @@ Prefect (flows hold no image logic).
 * :mod:`~domainsr.app.runs`: :class:`RunSpec`, :func:`plan_run` and the run key, skipping, results;
 * :mod:`~domainsr.app.inputs`: which bands of an item are enhanced;
 * :mod:`~domainsr.app.enhance`: :func:`enhance_item` and its strategies (in memory, guided, streamed);
-* :mod:`~domainsr.app.audits`: the audit of an enhanced item, the held-out and the output audits.
+* :mod:`~domainsr.app.audits`: the audit of an enhanced item, the held-out and the output audits;
+* :mod:`~domainsr.app.degradation`: ``--degradation``: the LR-consistency operator of an audit and why;
+* :mod:`~domainsr.app.audit_items`: what ``domainsr audit --sr --lr`` audits (one pair, or a batch).
 
 Dependency direction (``tests/test_architecture.py``): flows, cli -> app -> stores, audit, train,
 engine -> models, degrade, io -> image, config; never the other way.

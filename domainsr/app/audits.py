@@ -1,26 +1,55 @@
-"""Audits at model level: the audit settings of a run, the degradation a checkpoint was trained to
-invert (its card) and its noise-free form for the LR-consistency check, the reference-free audit
-of one enhanced item, and the two stand-alone audits: held-out (a real HR reference degraded,
-enhanced, compared with interpolation and the reference) and of an SR file made by any tool.
+"""Audits at model level: the audit settings of a run, the reference-free audit of one enhanced
+item, and the two stand-alone audits: held-out (a real HR reference degraded, enhanced, compared
+with interpolation and the reference) and of an SR file made by any tool (``domainsr audit --sr SR
+--lr LR``).
+
+A stand-alone audit writes its files into one folder (the contract of docs/audit.md):
+``report.html``, ``report.json`` (:data:`REPORT_STEM`), the risk map ``risk.tif`` /
+``risk.nii.gz`` and the exports (``regions.geojson``, ``regions.tif`` / ``regions.nii.gz``,
+``risk.dcm``); an enhanced item's audit the same files as its extras (``audit.html``,
+``audit.json``, ...: the store names them after the output). The operator the LR-consistency check re-degrades SR with is chosen in
+:mod:`domainsr.app.degradation` (``--degradation``); the report records it and why.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from domainsr.app.degradation import (
+    AuditOperator,
+    DegradationSpec,
+    card_degradation,
+    choose_operator,
+    consistency_operator,
+    model_operator,
+)
 from domainsr.app.inputs import input_for, select_input
 from domainsr.app.models import load_model, model_identity
+from domainsr.audit.outcome import AuditOutcome
 from domainsr.config import EnhanceConfig, ModelRef
-from domainsr.degrade import NoiseFreeOperator, noise_free_operator
+from domainsr.degrade import noise_free_operator
 from domainsr.errors import ConfigError
 from domainsr.image import SpatialImage
 from domainsr.io.formats import risk_label
 
 if TYPE_CHECKING:
-    from domainsr.audit import AuditOutcome
+    from domainsr.audit import AuditResult
+
+#: The stem of a stand-alone audit's report files: ``report.html``, ``report.json``.
+REPORT_STEM = "report"
+Progress = Callable[[int, int], None]
+
+
+class AuditRow(AuditOutcome):
+    """:class:`~domainsr.audit.AuditOutcome` with what ``domainsr audit`` also shows: the item (its
+    report folder in a batch) and the LR-consistency operator used (``spec``, ``why``)."""
+
+    OMIT_NONE = AuditOutcome.OMIT_NONE | {"item", "degradation"}
+    item: str | None = None
+    degradation: dict[str, str] | None = None
 
 
 def audit_thresholds(config: EnhanceConfig, source: str | None = None) -> Any:
@@ -37,52 +66,82 @@ def audit_thresholds(config: EnhanceConfig, source: str | None = None) -> Any:
 
 
 def audit_item(sr: SpatialImage, lr: SpatialImage, scale: Sequence[int], spec: Any, module: Any,
-               info: dict[str, Any], out_dir: str | Path) -> tuple[dict[str, Path], str, list[str]]:
+               info: dict[str, Any], out_dir: str | Path, progress: Progress | None = None,
+               link_stem: str | None = None) -> tuple[dict[str, Path], str, list[str]]:
     """The reference-free audit of one enhanced item (``sr`` against its input ``lr``; a checkpoint
     is checked against its own degradation, and re-run under test-time augmentation when the
-    settings ask and ``module`` is given): report (HTML + JSON) and risk map written into
-    ``out_dir``. Returns the extras (label -> path), the verdict and its reasons."""
-    from domainsr.audit import audit_output, write_report, write_risk_map
+    settings ask and ``module`` is given), written into ``out_dir`` as the item's extras:
+    ``audit.html``, ``audit.json``, ``risk.*`` and the exports (``regions.*``), which the store names
+    ``<output stem>.<label>`` (``link_stem``: that stem, for the report's links). Returns the
+    extras (label -> path), the verdict and its reasons."""
+    from domainsr.audit import audit_output
 
     th = audit_thresholds(spec.config, spec.source)
-    result = audit_output(sr, lr, degradation=consistency_operator(spec.model, scale, lr.channels), thresholds=th,
+    result = audit_output(sr, lr, degradation=model_operator(spec.model, scale, lr.channels), thresholds=th,
                           model=module if th.tta != "off" else None,
-                          model_info={k: v for k, v in info.items() if k != "path"})
-    html, js = write_report(result, out_dir, stem="audit")
-    risk_name = risk_label(lr.domain)
-    risk = write_risk_map(result, Path(out_dir) / risk_name)
-    return {"audit.html": html, "audit.json": js, risk_name: Path(risk)}, result.verdict, list(result.reasons)
+                          model_info={k: v for k, v in info.items() if k != "path"},
+                          progress=progress)
+    return _item_extras(result, out_dir, link_stem)
 
 
-def card_degradation(ident: dict[str, Any], scale: Sequence[int]) -> dict[str, Any] | None:
-    """The degradation a checkpoint was trained to invert (its card), on ``scale``'s axes (a
-    slice-wise card's 2D factors become the volume's), or ``None``. A training mix (``one_of``)
-    is audited against its primary (first) operator: the held-out pair and the LR-consistency
-    check must use one and the same physics."""
-    if ident["kind"] != "checkpoint":
-        return None
-    from domainsr.models.checkpoints import read_card
+def audit_item_files(sr_path: str | Path, lr_path: str | Path, scale: Sequence[int], spec: Any, module: Any,
+                     info: dict[str, Any], out_dir: str | Path, *, bands: Sequence[int | str] | None = None,
+                     progress: Progress | None = None, link_stem: str | None = None
+                     ) -> tuple[dict[str, Path], str, list[str]]:
+    """:func:`audit_item` of a raster too large for memory, from the files: the whole scene window
+    by window (:func:`~domainsr.audit.audit_files`; bounded memory), the risk map written as it
+    goes. ``bands``: the bands of both files to audit (names or indexes, the same in each)."""
+    from domainsr.audit.protocol import audit_files
 
-    spec = dict(read_card(ident["path"]).degradation) or None
-    if spec is not None and "kind" not in spec and isinstance(spec.get("target"), dict):
-        spec = dict(spec["target"])  # guided cards: {protocol, target, guide}; the output is the target bands
-    if spec is not None:
-        from domainsr.degrade import primary_spec
+    th = audit_thresholds(spec.config, spec.source)
+    channels = len(bands) if bands else _raster_channels(sr_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    risk = out / risk_label("optical")
+    result = audit_files(sr_path, lr_path, degradation=model_operator(spec.model, scale, channels), thresholds=th,
+                         model=module if th.tta != "off" else None,
+                         model_info={k: v for k, v in info.items() if k != "path"}, risk_map_path=risk,
+                         progress=progress, bands=bands)
+    return _item_extras(result, out_dir, link_stem, risk_map=risk)
 
-        spec = primary_spec(spec)
-    given = spec.get("scale") if spec is not None else None
-    if isinstance(given, (list, tuple)) and len(given) != len(scale):
-        spec["scale"] = list(scale)
-    return spec
+
+def _item_extras(result: AuditResult, out_dir: str | Path, link_stem: str | None, risk_map: Path | None = None
+                 ) -> tuple[dict[str, Path], str, list[str]]:
+    files = write_audit(result, out_dir, stem="audit", risk_map=risk_map, link_stem=link_stem)
+    extras = {"audit.html": files.pop("html"), "audit.json": files.pop("json")}
+    return {**extras, **files}, result.verdict, list(result.reasons)
 
 
-def consistency_operator(ident: dict[str, Any], scale: Sequence[int], channels: int) -> NoiseFreeOperator | None:
-    """The noise-free HR -> LR operator for the reference-free audit's LR-consistency check: the
-    checkpoint's own degradation (SR re-degraded that way should give back the input; see
-    :func:`~domainsr.degrade.noise_free_operator`), or ``None`` (the audit's default area average)
-    for registry models and degradations without a noise-free form."""
-    spec = card_degradation(ident, scale)
-    return None if spec is None else noise_free_operator(spec, scale, channels)
+def _raster_channels(path: str | Path) -> int:
+    from domainsr.io.raster import raster_info
+
+    return int(raster_info(path)["count"])
+
+
+def write_audit(result: AuditResult, out_dir: str | Path, *, stem: str = REPORT_STEM, risk_map: Path | None = None,
+                derived_series: str | Path | None = None, link_stem: str | None = None) -> dict[str, Path]:
+    """Write an audit's files into ``out_dir``: the risk map (``risk.tif`` / ``risk.nii.gz``;
+    ``risk_map``: one already written there, window by window), the exports
+    (:func:`~domainsr.audit.exports.write_exports`: ``regions.geojson``, the label map ``regions.tif``
+    / ``regions.nii.gz``, and ``risk.dcm`` for the DICOM series ``derived_series``), and last the
+    report ``<stem>.html`` (linking the others) and ``<stem>.json``. ``link_stem``: the files will be
+    renamed ``<link_stem>.<name>`` beside the report (a store's extras), and linked so. Returns
+    ``"html"``, ``"json"`` and each other file's name -> path. An export that does not apply is a
+    warning in the report (a Parametric Map without a derived series is not)."""
+    from domainsr.audit import write_report, write_risk_map
+    from domainsr.audit.exports import PARAMETRIC_MAP, write_exports
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    risk = Path(risk_map) if risk_map is not None else Path(write_risk_map(result, out / risk_label(result.sr.domain)))
+    exports = write_exports(result, out, risk_map=risk, derived_series=derived_series)
+    files: dict[str, Path] = {risk.name: risk, **{Path(p).name: Path(p) for p in exports.values()}}
+    for label, why in exports.skipped.items():
+        if label != PARAMETRIC_MAP or derived_series is not None:
+            result.warnings.append(f"{label} not written: {why}")
+    links = {name: f"{link_stem}.{name}" if link_stem else path for name, path in files.items()}
+    html, js = write_report(result, out, stem=stem, links=links)
+    return {"html": Path(html), "json": Path(js), **files}
 
 
 def _default_degradation(scale: Sequence[int]) -> dict[str, Any]:
@@ -91,14 +150,13 @@ def _default_degradation(scale: Sequence[int]) -> dict[str, Any]:
 
 def heldout_audit(reference: str | Path, model: ModelRef, out_dir: str | Path, *, audit: dict[str, Any] | None = None,
                   bands: Sequence[str] | None = None, degradation: dict[str, Any] | None = None, seed: int = 0,
-                  domain: str | None = None) -> AuditOutcome:
-    """Held-out audit: degrade the real high-resolution ``reference`` (the checkpoint's own
-    degradation from its card, else a block mean at the model's scale), enhance it with ``model``
-    and with the interpolation baseline, compare both with the reference, and write the report
-    (``<stem>.audit.html/.json``) and risk map into ``out_dir``. Returns the paths and headline
-    numbers (:class:`~domainsr.audit.AuditOutcome`)."""
-    from domainsr.audit import AuditOutcome, area_average, audit_heldout, write_report, write_risk_map
-    from domainsr.audit.privacy import public_stem
+                  domain: str | None = None) -> AuditRow:
+    """Held-out audit: degrade the real high-resolution ``reference`` (``degradation``, else the
+    checkpoint's own degradation from its card, else a block mean at the model's scale), enhance it
+    with ``model`` and with the interpolation baseline, compare both with the reference, and write
+    ``report.html``, ``report.json`` and the risk map into ``out_dir``. Returns the paths and
+    headline numbers."""
+    from domainsr.audit import audit_heldout
     from domainsr.degrade import build_degradation
     from domainsr.io import detect_format, read_image
 
@@ -112,39 +170,103 @@ def heldout_audit(reference: str | Path, model: ModelRef, out_dir: str | Path, *
     img = input_for(raw, bands, ident)
     module, info = load_model(model, img)
     scale = tuple(int(s) for s in np.broadcast_to(np.asarray(module.scale), (img.spatial_dims,)))
-    spec = degradation or card_degradation(ident, scale) or _default_degradation(scale)
-    consistency = noise_free_operator(spec, scale, img.channels) or area_average(scale)
+    card = None if degradation else card_degradation(ident, scale)
+    spec = degradation or card or _default_degradation(scale)
+    source = "the degradation given" if degradation else f"{ident['name']}'s model card" if card else "a block mean"
+    noise_free = noise_free_operator(spec, scale, img.channels)
+    consistency = AuditOperator(
+        f"card:{ident['name']}" if card and noise_free else "heldout" if noise_free else "area",
+        f"held-out: the reference was degraded with {source}; LR consistency is checked with "
+        + ("its noise-free form" if noise_free else "the area average (it has no noise-free form)"),
+        scale, noise_free, asked="heldout")
     result = audit_heldout(img, module, build_degradation(spec), scale=scale, consistency=consistency,
                            thresholds=th, seed=seed, model_info=info)
-    out = Path(out_dir)
-    stem = public_stem(reference, img.domain)
-    html, js = write_report(result, out, stem=f"{stem}.audit")
-    risk = write_risk_map(result, out / f"{stem}.{risk_label(img.domain)}")
+    files = write_audit(result, out_dir)
     table = None if result.metrics.reference is None else result.metrics.reference.per_metric
-    return AuditOutcome(verdict=result.verdict, reasons=list(result.reasons), html=str(html), json_path=str(js),
-                        risk_map=str(risk), model=info["name"], scale=list(scale), domain=img.domain,
-                        psnr=None if table is None else table.psnr.means(),
-                        ssim=None if table is None else table.ssim.means(), regions=len(result.regions))
+    return AuditRow(verdict=result.verdict, reasons=list(result.reasons), html=str(files["html"]),
+                    json_path=str(files["json"]), risk_map=str(files[risk_label(img.domain)]), model=info["name"],
+                    scale=list(scale),
+                    domain=img.domain, psnr=None if table is None else table.psnr.means(),
+                    ssim=None if table is None else table.ssim.means(), regions=len(result.regions),
+                    degradation=_said(consistency))
 
 
 def output_audit(sr: str | Path, lr: str | Path, out_dir: str | Path, *, reference: str | Path | None = None,
-                 audit: dict[str, Any] | None = None, bands: Sequence[str] | None = None) -> AuditOutcome:
+                 audit: dict[str, Any] | None = None, bands: Sequence[str] | None = None,
+                 degradation: DegradationSpec | str | None = None, progress: Progress | None = None) -> AuditRow:
     """Audit a super-resolved file made by any tool against its low-resolution input (and a
-    high-resolution reference when there is one); writes the report and risk map into ``out_dir``."""
-    from domainsr.audit import AuditOutcome, AuditThresholds, audit_output, write_report, write_risk_map
-    from domainsr.audit.privacy import public_stem
-    from domainsr.io import read_image
+    high-resolution reference when there is one): the LR-consistency check re-degrades SR with the
+    operator ``degradation`` names (:func:`~domainsr.app.degradation.choose_operator`; default
+    ``auto``). Single-file rasters are audited whole, window by window from the files (bounded
+    memory for any size); other images in memory. Writes ``report.html``, ``report.json``, the risk
+    map and the exports into ``out_dir`` (an SR that is a DICOM series gets its Parametric Map)."""
+    from domainsr.audit import AuditThresholds
+    from domainsr.io import detect_format
 
     th = AuditThresholds.model_validate(audit or {})
+    paths = [p for p in (sr, lr, reference) if p is not None]
+    if all(detect_format(p) == "raster" for p in paths):
+        result, operator = _raster_files_audit(sr, lr, reference, out_dir, th, bands, degradation, progress)
+        files = write_audit(result, out_dir, risk_map=Path(out_dir) / risk_label("optical"))
+    else:
+        result, operator = _in_memory_audit(sr, lr, reference, th, bands, degradation, progress)
+        dicom = Path(sr) if detect_format(sr) == "dicom" else None
+        files = write_audit(result, out_dir, derived_series=dicom)
+    reference_metrics = result.metrics.reference
+    return AuditRow(verdict=result.verdict, reasons=list(result.reasons), html=str(files["html"]),
+                    json_path=str(files["json"]), risk_map=str(files[risk_label(result.sr.domain)]),
+                    regions=len(result.regions), scale=list(result.scale), domain=result.sr.domain,
+                    degradation=_said(operator),
+                    psnr=None if reference_metrics is None else reference_metrics.per_metric.psnr.means())
+
+
+def _in_memory_audit(sr: str | Path, lr: str | Path, reference: str | Path | None, th: Any,
+                     bands: Sequence[str] | None, degradation: DegradationSpec | str | None,
+                     progress: Progress | None) -> tuple[AuditResult, AuditOperator]:
+    from domainsr.audit import audit_output
+    from domainsr.io import read_image
+
     sr_img = select_input(read_image(sr), bands)
     lr_img = select_input(read_image(lr), bands)
     ref_img = select_input(read_image(reference), bands) if reference is not None else None
-    result = audit_output(sr_img, lr_img, ref_img, thresholds=th)
+    operator = choose_operator(degradation, sr, pair_scale(sr_img.spatial_shape, lr_img.spatial_shape, sr),
+                               sr_img.channels, sr_img.band_names)
+    result = audit_output(sr_img, lr_img, ref_img, degradation=operator, thresholds=th,
+                          progress=progress)
+    return result, operator
+
+
+def _raster_files_audit(sr: str | Path, lr: str | Path, reference: str | Path | None, out_dir: str | Path, th: Any,
+                        bands: Sequence[str] | None, degradation: DegradationSpec | str | None,
+                        progress: Progress | None) -> tuple[AuditResult, AuditOperator]:
+    from domainsr.audit.protocol import audit_files
+    from domainsr.io.raster_read import RasterWindowReader
+
+    with RasterWindowReader(sr, bands) as s, RasterWindowReader(lr, bands) as low:
+        scale = pair_scale(s.shape, low.shape, sr)
+        channels, names = s.channels, list(s.band_names)
+    operator = choose_operator(degradation, sr, scale, channels, names)
     out = Path(out_dir)
-    stem = public_stem(sr, sr_img.domain)
-    html, js = write_report(result, out, stem=f"{stem}.audit")
-    risk = write_risk_map(result, out / f"{stem}.{risk_label(sr_img.domain)}")
-    reference_metrics = result.metrics.reference
-    return AuditOutcome(verdict=result.verdict, reasons=list(result.reasons), html=str(html), json_path=str(js),
-                        risk_map=str(risk), regions=len(result.regions),
-                        psnr=None if reference_metrics is None else reference_metrics.per_metric.psnr.means())
+    out.mkdir(parents=True, exist_ok=True)
+    result = audit_files(sr, lr, reference, degradation=operator, thresholds=th,
+                         risk_map_path=out / risk_label("optical"), progress=progress, bands=bands)
+    return result, operator
+
+
+def pair_scale(sr_shape: Sequence[int], lr_shape: Sequence[int], label: str | Path | None = None) -> tuple[int, ...]:
+    """The integer factor per axis from the LR grid to the SR grid (GeometryError naming ``label``
+    when SR is not a whole multiple of LR)."""
+    from domainsr.errors import GeometryError
+
+    if len(sr_shape) != len(lr_shape) or any(b == 0 or a % b for a, b in zip(sr_shape, lr_shape)):
+        raise GeometryError(f"SR grid {tuple(sr_shape)} is not a whole multiple of the LR grid {tuple(lr_shape)}",
+                            label)
+    return tuple(a // b for a, b in zip(sr_shape, lr_shape))
+
+
+def _said(op: AuditOperator) -> dict[str, str]:
+    return {"spec": op.spec, "why": op.why}
+
+
+__all__ = ["REPORT_STEM", "AuditRow", "audit_item", "audit_thresholds", "card_degradation", "consistency_operator",
+           "heldout_audit", "output_audit", "pair_scale", "write_audit"]

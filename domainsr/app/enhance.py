@@ -9,7 +9,7 @@ How the image is enhanced is a strategy; the steps around it are shared:
 * :class:`Guided`: a guided checkpoint (e.g. Sentinel-2 20 m bands guided by the 10 m bands):
   the card's target bands of a band set, on the guide grid;
 * :class:`Streamed`: a large single-file raster, window by window into the output COG (bounded
-  memory), audited on a central window.
+  memory), audited whole from the two files, window by window (``audit_files``; bounded memory).
 
 Errors of a DICOM item name the item (its series id) and never a file path: folders of DICOM
 exports are often named after the patient, and these messages reach logs and Prefect artifacts.
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from domainsr.app.audits import audit_item
+from domainsr.app.audits import audit_item, audit_item_files
 from domainsr.app.inputs import input_for, mapped_band_names, raster_bands, read_item
 from domainsr.app.models import load_model
-from domainsr.app.progress import tile_progress
+from domainsr.app.progress import audit_progress, tile_progress
 from domainsr.app.runs import ItemResult, RunSpec
 from domainsr.bands import apply_band_map
 from domainsr.config import EnhanceConfig
@@ -48,13 +48,13 @@ Progress = Callable[[int, int], None]
 class Enhanced:
     """What a strategy made, for the shared audit and write steps."""
 
-    lr: SpatialImage  #: the input as the model saw it (streamed: its central audit window)
+    lr: SpatialImage  #: the input as the model saw it (streamed: the central window it was checked on)
     info: dict[str, Any]  #: the model's identity, for provenance and the report
     scale: tuple[int, ...]
     module: Any = None  #: what the audit re-runs under test-time augmentation (None: nothing)
     sr: SpatialImage | None = None  #: the output, when it is in memory
     run: dict[str, Any] = field(default_factory=dict)  #: more of the run's provenance
-    window: dict[str, int] | None = None  #: the audited window of a streamed raster
+    window: dict[str, int] | None = None  #: the audited window of a streamed raster (None: all of it)
     note: str = ""  #: the end of the item's message
 
 
@@ -73,8 +73,8 @@ def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
         verdict, reasons = None, []
         with tempfile.TemporaryDirectory(prefix="domainsr-audit-") as tmp:
             if cfg.run_audit:
-                extras, verdict, reasons = audit_item(strategy.audited(made), made.lr, made.scale, spec,
-                                                      made.module, made.info, tmp)
+                stem = store.output_stem(item) if hasattr(store, "output_stem") else None
+                extras, verdict, reasons = strategy.audit(made, spec, tmp, audit_progress(item.id), stem)
                 run["audit"] = {"verdict": verdict, "reasons": reasons,
                                 **({"window": made.window} if made.window else {})}
             written = strategy.write(store, item, spec, made, run, extras)
@@ -101,6 +101,13 @@ class Strategy:
         """The output the audit compares with ``made.lr``."""
         assert made.sr is not None
         return made.sr
+
+    def audit(self, made: Enhanced, spec: RunSpec, out_dir: str, progress: Progress, link_stem: str | None
+              ) -> tuple[dict[str, Path], str, list[str]]:
+        """The reference-free audit of the output: its extras (report, risk map, exports), verdict
+        and reasons (:func:`~domainsr.app.audits.audit_item`)."""
+        return audit_item(self.audited(made), made.lr, made.scale, spec, made.module, made.info, out_dir,
+                          progress=progress, link_stem=link_stem)
 
     def write(self, store: Store, item: Item, spec: RunSpec, made: Enhanced, run: dict[str, Any],
               extras: dict[str, Path]) -> Any:
@@ -164,10 +171,16 @@ class Guided(Strategy):
 class Streamed(Strategy):
     """A large raster: the model checked on (and, per image, normalised by) a central window, the
     whole file enhanced window by window into the output COG (bounded memory), and the
-    reference-free audit run on that central window of the input and the written output."""
+    reference-free audit run on the whole input and written output, window by window from the
+    files (:func:`~domainsr.app.audits.audit_item_files`). Only when the two files cannot name the
+    same bands (a band map renamed a subset of undescribed bands) is the audit that of the central
+    window, as the item's message and provenance say."""
 
     def __init__(self) -> None:
         self.out: Path | None = None
+        self.path: str = ""
+        self.audit_bands: list[str] | None = None
+        self.whole = True
         self.history: dict[str, Any] = {}
 
     def enhance(self, store: Store, item: Item, spec: RunSpec, progress: Progress) -> Enhanced:
@@ -204,9 +217,24 @@ class Streamed(Strategy):
             enhance_raster_file(path, self.out, inferer, bands=bands, model_info=info, band_names=probe.band_names)
         self.history = {"time": now_iso(), "step": "enhance (streamed)", "model": info["name"], "scale": list(f),
                         "tiles": {"computed": inferer.stats.computed, "skipped": inferer.stats.skipped}}
-        note = f" (streamed; audit on a central {h}x{w} window)" if cfg.run_audit else " (streamed)"
-        return Enhanced(probe, info, tuple(f), module=module, run={"streamed": True},
-                        window={"row_off": r0, "col_off": c0, "height": h, "width": w}, note=note)
+        # the audit reads the same bands of input and output: all, or by name (the output names them as
+        # the input does, unless a band map renamed a subset of undescribed bands: then the window)
+        self.path = str(path)
+        self.whole = bands is None or names == list(header["band_names"])
+        self.audit_bands = None if bands is None else list(probe.band_names)
+        window = None if self.whole else {"row_off": r0, "col_off": c0, "height": h, "width": w}
+        note = (" (streamed)" if not cfg.run_audit else " (streamed; audit of the whole scene)" if self.whole
+                else f" (streamed; audit on a central {h}x{w} window: the band map renames a band subset)")
+        return Enhanced(probe, info, tuple(f), module=module, run={"streamed": True}, window=window, note=note)
+
+    def audit(self, made: Enhanced, spec: RunSpec, out_dir: str, progress: Progress, link_stem: str | None
+              ) -> tuple[dict[str, Path], str, list[str]]:
+        """The whole scene from the files (bounded memory), else the central window."""
+        if not self.whole:
+            return super().audit(made, spec, out_dir, progress, link_stem)
+        assert self.out is not None
+        return audit_item_files(self.out, self.path, made.scale, spec, made.module, made.info, out_dir,
+                                bands=self.audit_bands, progress=progress, link_stem=link_stem)
 
     def audited(self, made: Enhanced) -> SpatialImage:
         """The written output's window over the input's audit window."""

@@ -1,7 +1,8 @@
 """The progress bus: in-process listeners of ``(kind, key, done, total)`` events.
 
-Events: ``("tiles", item_id, ...)`` while an item is enhanced, ``("items", run_name, ...)`` as a
-batch's items finish and ``("steps", model_name, ...)`` while a model trains. The CLI draws its
+Events: ``("tiles", item_id, ...)`` while an item is enhanced, ``("windows", item, ...)`` while it
+is audited (the audit's windows), ``("items", run_name, ...)`` as a batch's items finish and
+``("steps", model_name, ...)`` while a model trains. The CLI draws its
 progress bars from them (:func:`listen`); flows send them (:func:`report`) and also log progress
 with an ETA.
 """
@@ -46,5 +47,19 @@ def tile_progress(item_id: str, deadline: float | None, limit: float | None) -> 
         if deadline is not None and time.monotonic() > deadline:
             raise ResourceLimitError(f"stopped after the time limit of {limit:g} s per item "
                                      f"({done}/{total} tiles done)", item_id)
+
+    return update
+
+
+def audit_progress(key: str) -> Callable[[int, int], None]:
+    """The audit's window callback for item ``key`` (``audit_output(progress=...)``): logged (with an
+    ETA) and reported as ``"windows"`` events."""
+    from domainsr.engine import log_progress
+
+    logged = log_progress(f"audit {key}")
+
+    def update(done: int, total: int) -> None:
+        logged(done, total)
+        report("windows", key, done, total)
 
     return update

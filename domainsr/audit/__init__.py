@@ -7,7 +7,7 @@ are typed (``results``: :class:`AuditSummary` is the JSON report; ``outcome``: t
 from domainsr.audit.heldout import audit_checkpoint, audit_heldout, crop_to_multiple, heldout_region
 from domainsr.audit.operators import area_average, as_enhancer, interpolation_enhancer, module_enhancer
 from domainsr.audit.outcome import AuditHeadline, AuditOutcome
-from domainsr.audit.protocol import AuditResult, audit_output, risk_image, write_risk_map
+from domainsr.audit.protocol import AuditResult, audit_files, audit_output, risk_image, write_risk_map
 from domainsr.audit.report import write_report
 from domainsr.audit.results import (
     AuditMetrics,
@@ -25,6 +25,6 @@ from domainsr.audit.settings import AuditThresholds
 
 __all__ = ["AuditHeadline", "AuditMetrics", "AuditOutcome", "AuditResult", "AuditSummary", "AuditThresholds",
            "ClassFractions", "Fractions", "MetricGain", "MetricMeans", "NoiseReport", "Region", "RegionEvidence",
-           "Verdict", "area_average", "as_enhancer", "audit_checkpoint", "audit_heldout", "audit_output",
+           "Verdict", "area_average", "as_enhancer", "audit_checkpoint", "audit_files", "audit_heldout", "audit_output",
            "crop_to_multiple", "heldout_region", "interpolation_enhancer", "module_enhancer", "risk_image",
            "write_report", "write_risk_map"]

@@ -2,12 +2,15 @@
 
 Rasters are shown as RGB / false-colour composites (or grey for one band), volumes as orthogonal
 slices after reorienting to RAS+ (neurological view: the patient's right on the right, anterior
-and superior up) with the physical aspect ratio. Colour bars are PNG strips labelled in the HTML.
+and superior up) with the physical aspect ratio. Every panel carries a scale bar (``scale_bar``,
+``decorate``) and, for volume slices, orientation letters at its edges; region boxes are drawn
+with their numbers. Colour bars are PNG strips labelled in the HTML.
 """
 from __future__ import annotations
 
 import base64
 import io
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -252,7 +255,78 @@ def draw_boxes(img: Image.Image, boxes: Sequence[tuple[int, Sequence[float], str
     return img
 
 
-def encode(img: Image.Image) -> str:
+@dataclass(frozen=True)
+class ScaleBar:
+    """A scale bar: ``length`` in ``unit`` drawn ``px`` display pixels long, with its ``label``."""
+
+    length: float
+    unit: str
+    px: int
+    label: str
+
+
+def nice_length(target: float) -> float:
+    """The largest 1, 2 or 5 times a power of ten that is at most ``target`` (> 0)."""
+    e = math.floor(math.log10(target))
+    for m in (5, 2, 1):
+        v = m * 10.0 ** e
+        if v <= target * (1 + 1e-9):
+            return float(f"{v:.12g}")
+    return float(f"{10.0 ** (e - 1) * 5:.12g}")
+
+
+def scale_bar(per_px: float, width_px: int, unit: str, fraction: float = 0.25, min_px: int = 12) -> ScaleBar | None:
+    """A bar about ``fraction`` of a panel ``width_px`` wide whose display pixels measure ``per_px``
+    ``unit`` ('mm', or 'm': labelled in km from 1000 m); None when it would be under ``min_px``."""
+    if not (per_px > 0 and math.isfinite(per_px)) or width_px <= 0:
+        return None
+    length = nice_length(fraction * width_px * per_px)
+    px = round(length / per_px)
+    if px < min_px:
+        return None
+    if unit == "m" and length >= 1000:
+        label = f"{length / 1000:g} km"
+    elif unit == "mm" and length < 1:
+        label = f"{length * 1000:g} µm"
+    else:
+        label = f"{length:g} {unit}"
+    return ScaleBar(length, unit, px, label)
+
+
+BAR_COLOUR = (255, 255, 255)
+LETTER_COLOUR = (255, 230, 60)
+
+
+def decorate(img: Image.Image, letters: dict[str, str] | None, bar: ScaleBar | None) -> Image.Image:
+    """Draw orientation ``letters`` (``left``/``right``/``top``/``bottom``) at the panel's edges
+    and the scale ``bar`` at its bottom left (white with a black outline, label above)."""
+    if not letters and bar is None:
+        return img
+    img = img.convert("RGB")
+    draw = ImageDraw.Draw(img)
+    w, h = img.size
+    font = _font(max(11, min(w, h) // 18))
+    if letters:
+        for edge, text in letters.items():
+            tw, th = draw.textbbox((0, 0), text, font=font)[2:]
+            x = {"left": 3, "right": w - tw - 3}.get(edge, (w - tw) // 2)
+            y = {"top": 2, "bottom": h - th - 4}.get(edge, (h - th) // 2)
+            draw.text((x, y), text, fill=LETTER_COLOUR, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+    if bar is not None:
+        x0, y1 = 6, h - 7
+        x1, y0 = x0 + bar.px - 1, y1 - 3
+        draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], fill=(0, 0, 0))
+        draw.rectangle([x0, y0, x1, y1], fill=BAR_COLOUR)
+        th = draw.textbbox((0, 0), bar.label, font=font)[3]
+        draw.text((x0, y0 - th - 4), bar.label, fill=BAR_COLOUR, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+    return img
+
+
+def encode(img: Image.Image, palette: bool = False) -> str:
+    """``data:image/png;base64,...`` of ``img``; ``palette``: as a 256-colour palette PNG (for
+    panels drawn through one colour map, where it is visually lossless and a third the size)."""
     buf = io.BytesIO()
+    if palette:
+        img = img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
     img.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

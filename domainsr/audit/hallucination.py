@@ -41,10 +41,21 @@ is. The thresholds are the noise variance and quantiles of the noise's own distr
 chosen false-alarm rate, not tuned constants. The baseline run through this rule is clean by
 construction (``d = 0``), and so is noise-level texture (tested).
 
-The continuous **risk** of a hallucinated pixel is the relative excess error
+The raw **score** of a hallucinated pixel is the relative excess error
 ``(sqrt(E2) - sqrt(R2)) / max(sqrt(R2), 1)``: how much larger the candidate's local error is than
-the baseline's (or than the noise, where the baseline is within noise). Region verdicts compare
-it to the thresholds of :class:`~domainsr.audit.settings.AuditThresholds`.
+the baseline's (or than the noise, where the baseline is within noise). Pixels that are
+significantly worse than the baseline but by smoothing (``excess - 1 > z s`` without the "added"
+test) are **lost** detail (``CorrectnessMaps.lost``, scored the same way): omission regions;
+lost pixels connected to a hallucination (within :func:`merge_reach`) belong to that change and
+are not reported as omission.
+
+Regions (:func:`find_regions`, :func:`make_region`, :func:`rank_regions`): connected flagged
+pixels; a region's raw ``score`` (its peak) becomes its ``peak_risk`` through the fitted
+calibration (:mod:`domainsr.audit.calibration`: risk 1 at the kind's review threshold, 2 at its
+fail threshold, one scale for every kind), and the verdict is a function of ``peak_risk`` alone
+(``review_risk`` / ``fail_risk`` of :class:`~domainsr.audit.settings.AuditThresholds`). An
+inconsistency region that is mostly unstable too gets the quadrature sum of both calibrated risks
+(:func:`agreed_risk`); omission and uncertain regions alone stay below ``fail_risk``.
 
 The same rule runs in two places: against the high-resolution reference on the SR grid (held-out
 audit), and without a reference on the LR grid, where the truth is the LR input and candidate and
@@ -53,22 +64,24 @@ support shows up there too.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import norm
 
+from domainsr.audit.calibration import AT_MOST_REVIEW, Calibration, load_calibration
 from domainsr.audit.results import (
-    VERDICT_ORDER,
     ClassFractions,
     MapBox,
     MedicalBox,
     Region,
+    RegionEvidence,
     RegionKind,
     verdict_for,
 )
+from domainsr.audit.settings import AuditThresholds
 from domainsr.image import GeoGeometry, Geometry, MedicalGeometry
 
 INVALID, UNCHANGED, IMPROVED, OMITTED, HALLUCINATED = 0, 1, 2, 3, 4
@@ -110,6 +123,8 @@ class CorrectnessMaps:
     sigma: np.ndarray  # (C,) noise sigma used per band, in data units
     window: tuple[float, ...]
     z: float
+    lost: np.ndarray | None = None  # bool (*spatial): detail the truth has that the candidate lost beyond the baseline
+    lost_score: np.ndarray | None = None  # float32 (*spatial): relative excess error where lost, else 0
 
     def fractions(self) -> ClassFractions:
         """Share of valid pixels in each class, and of the baseline-error ("detail") pixels."""
@@ -143,6 +158,9 @@ def correctness_maps(candidate: np.ndarray, baseline: np.ndarray, truth: np.ndar
 
     halluc = np.zeros(spatial, bool)
     core = np.zeros(spatial, bool)
+    lost = np.zeros(spatial, bool)
+    lost_core = np.zeros(spatial, bool)
+    lost_score = np.zeros(spatial, np.float32)
     improved = np.zeros(spatial, bool)
     has_detail = np.zeros(spatial, bool)
     risk = np.zeros(spatial, np.float32)
@@ -167,15 +185,23 @@ def correctness_maps(candidate: np.ndarray, baseline: np.ndarray, truth: np.ndar
         halluc |= h
         own = d * (d + 2.0 * r)  # this pixel's own excess error
         core |= h & (own > 1.0) & (own >= 0.5 * excess)
+        lo = (excess - 1.0 > z * spread) & ~added  # worse than the baseline by smoothing detail away
+        lost |= lo
+        lost_core |= lo & (own > 1.0) & (own >= 0.5 * excess)
         improved |= -excess > z * 2.0 * np.sqrt(ksq * a2)
         has_detail |= r2 > detail_bound
         rel = (np.sqrt(np.maximum(e2, 0)) - np.sqrt(np.maximum(r2, 0))) / np.maximum(np.sqrt(np.maximum(r2, 0)), 1.0)
         risk = np.maximum(risk, np.where(h, rel, 0.0).astype(np.float32))
+        lost_score = np.maximum(lost_score, np.where(lo, rel, 0.0).astype(np.float32))
         excess_max = np.maximum(excess_max, excess.astype(np.float32))
         detail_max = np.maximum(detail_max, np.sqrt(np.maximum(r2, 0)).astype(np.float32))
 
     halluc = refine(halluc, core)
     risk = np.where(halluc, risk, 0.0).astype(np.float32)
+    lost = refine(lost, lost_core) & ~halluc & valid
+    if halluc.any() and lost.any():  # one changed structure: lost pixels joined to a hallucination are its part
+        lost &= ~ndi.binary_dilation(halluc, np.ones((3,) * halluc.ndim, bool), merge_reach(win), mask=halluc | lost)
+    lost_score = np.where(lost, lost_score, 0.0).astype(np.float32)
     classes = np.full(spatial, UNCHANGED, np.uint8)
     classes[has_detail] = OMITTED
     classes[improved] = IMPROVED
@@ -184,7 +210,15 @@ def correctness_maps(candidate: np.ndarray, baseline: np.ndarray, truth: np.ndar
     risk[~valid] = 0.0
     return CorrectnessMaps(classes=classes, risk=risk, excess=np.where(valid, excess_max, 0).astype(np.float32),
                            detail=np.where(valid, detail_max, 0).astype(np.float32),
-                           sigma=np.asarray(sig, np.float64), window=win, z=z)
+                           sigma=np.asarray(sig, np.float64), window=win, z=z, lost=lost, lost_score=lost_score)
+
+
+def merge_reach(window: Sequence[float]) -> int:
+    """Pixels (two LR pixels: 4 window sigmas) over which lost-detail pixels connected to a
+    hallucination belong to it (not an omission): where a bright addition crosses a dark
+    structure, the pixels it moves towards their local level look like smoothing, but they are the
+    same change. A windowed run needs this much more halo for the reference rule."""
+    return int(np.ceil(4.0 * max(window)))
 
 
 def refine(flagged: np.ndarray, core: np.ndarray) -> np.ndarray:
@@ -207,8 +241,7 @@ def upsample_nearest(arr: np.ndarray, scale: Sequence[int]) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# regions
+# --------------------------------------------------------------------------------------------- regions
 
 def box_iou(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
     """IoU of two inclusive index boxes ``[[start, stop] per axis]``."""
@@ -273,16 +306,75 @@ def world_box(geometry: Geometry | None, bbox: Sequence[Sequence[int]],
     return None
 
 
-def find_regions(flagged: np.ndarray, risk: np.ndarray, *, kind: RegionKind, min_size: int,
-                 review: float, fail: float, geometry: Geometry | None = None,
-                 evidence_maps: Mapping[str, np.ndarray] | None = None, start_id: int = 1) -> list[Region]:
-    """Connected regions (full connectivity) of ``flagged`` with at least ``min_size`` pixels.
+AGREEMENT_FRACTION = 0.5  # an inconsistency region at least this unstable "agrees" with the uncertainty
+PEAK_EVIDENCE = frozenset({"uncertainty_peak_sigma"})  # evidence taken as the region's maximum, not its mean
 
-    Each gets its bounding box (inclusive index ranges), centroid, world coordinates, size, peak
-    and mean ``risk``, the mean of each ``evidence_maps`` entry inside it, and a verdict from the
-    peak risk. ``evidence_maps`` are named as the fields of
-    :class:`~domainsr.audit.results.RegionEvidence`. Regions are returned worst first (verdict,
-    then peak risk).
+
+def agreed_risk(inconsistency_risk: float, uncertain_risk: float) -> float:
+    """The risk of an inconsistency region that is also unstable: the two calibrated risks added
+    in quadrature, ``hypot(r_i, r_u)``. Monotone in both, never below either, so a region where
+    both kinds of evidence agree ranks above one with either alone, and its verdict is still the
+    one fixed function of its (raised) peak risk."""
+    return float(np.hypot(max(inconsistency_risk, 0.0), max(uncertain_risk, 0.0)))
+
+
+def _capped(kind: str, risk: float, th: AuditThresholds) -> float:
+    """Omission/uncertainty alone are at most a review: risk below ``fail_risk`` (by the 1e-4 rounding)."""
+    if kind in AT_MOST_REVIEW and risk >= th.fail_risk:
+        return max(th.review_risk, round(th.fail_risk - 1e-4, 4))
+    return risk
+
+
+def make_region(*, kind: RegionKind, size: int, bbox: Sequence[Sequence[int]], centroid: Sequence[float],
+                peak_score: float, mean_score: float, evidence: Mapping[str, float] | None,
+                geometry: Geometry | None, domain: str, thresholds: AuditThresholds | None = None,
+                calibration: Calibration | None = None, region_id: int = 0) -> Region:
+    """One region from its raw evidence: world box and physical size from ``geometry``, the
+    calibrated ``peak_risk``/``mean_risk`` of its ``peak_score``/``mean_score`` for ``kind`` in
+    ``domain`` (:meth:`~domainsr.audit.calibration.Calibration.risk`), and the verdict as a
+    function of the peak risk alone (``thresholds.review_risk`` / ``fail_risk``).
+
+    An ``inconsistency`` region whose ``evidence`` has ``unstable >= AGREEMENT_FRACTION`` and an
+    ``uncertainty_peak_sigma`` is raised to :func:`agreed_risk` of its own and that spread's
+    calibrated risk (``evidence.agreement``). ``omission`` and ``uncertain`` regions are capped
+    below ``fail_risk`` (at most a review).
+    """
+    cal, th = calibration or load_calibration(), thresholds or AuditThresholds()
+    ev = {k: v for k, v in dict(evidence or {}).items() if v is not None}
+    peak = cal.risk(kind, peak_score, domain)
+    mean = min(cal.risk(kind, mean_score, domain), peak)
+    spread = ev.get("uncertainty_peak_sigma")
+    if kind == "inconsistency" and spread is not None and float(ev.get("unstable", 0.0)) >= AGREEMENT_FRACTION:
+        peak = agreed_risk(peak, cal.risk("uncertain", float(spread), domain))
+        ev["agreement"] = True
+    peak = _capped(kind, round(peak, 4), th)
+    mean = min(_capped(kind, round(mean, 4), th), peak)
+    unit_size, unit = pixel_volume(geometry, len(bbox))
+    box, cen = [[int(a), int(b)] for a, b in bbox], [round(float(c), 2) for c in centroid]
+    return Region(
+        id=region_id, kind=kind, size=int(size), physical_size=round(float(size) * unit_size, 4), physical_unit=unit,
+        bbox_index=box, centroid_index=cen, score=round(float(peak_score), 4), peak_risk=peak, mean_risk=mean,
+        verdict=verdict_for(peak, th.review_risk, th.fail_risk), world=world_box(geometry, box, cen),
+        evidence=RegionEvidence(**{k: (bool(v) if k == "agreement" else round(float(v), 4)) for k, v in ev.items()}))
+
+
+def rank_regions(regions: Iterable[Region]) -> list[Region]:
+    """Regions worst first (peak risk descending; ties: larger first), renumbered from 1."""
+    ranked = sorted(regions, key=lambda r: (-r.peak_risk, -r.size, r.bbox_index))
+    return [r.model_copy(update={"id": i + 1}) for i, r in enumerate(ranked)]
+
+
+def find_regions(flagged: np.ndarray, score: np.ndarray, *, kind: RegionKind, min_size: int, domain: str,
+                 geometry: Geometry | None = None, thresholds: AuditThresholds | None = None,
+                 calibration: Calibration | None = None, evidence_maps: Mapping[str, np.ndarray] | None = None,
+                 peak_maps: Mapping[str, np.ndarray] | None = None) -> list[Region]:
+    """Connected regions (full connectivity) of ``flagged`` with at least ``min_size`` pixels, made
+    by :func:`make_region` and ranked by :func:`rank_regions`.
+
+    ``score`` is the raw evidence map (relative excess error; spread in noise sigma for
+    ``uncertain``): a region's ``peak_score``/``mean_score`` are its maximum and mean inside it.
+    ``evidence_maps`` are averaged and ``peak_maps`` maximised inside each region, named as the
+    fields of :class:`~domainsr.audit.results.RegionEvidence`.
     """
     structure = ndi.generate_binary_structure(flagged.ndim, flagged.ndim)
     labels, n = ndi.label(flagged, structure=structure)
@@ -290,25 +382,18 @@ def find_regions(flagged: np.ndarray, risk: np.ndarray, *, kind: RegionKind, min
         return []
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     objects = ndi.find_objects(labels)
-    unit_size, unit = pixel_volume(geometry, flagged.ndim)
     regions: list[Region] = []
     for lab in range(1, n + 1):
         if sizes[lab] < min_size:
             continue
         sl = objects[lab - 1]
         inside = labels[sl] == lab
-        vals = risk[sl][inside]
+        vals = score[sl][inside]
         idx = np.argwhere(inside) + np.array([s.start for s in sl])
-        bbox = [[int(s.start), int(s.stop - 1)] for s in sl]
-        centroid = idx.mean(0).round(2).tolist()
-        peak, mean = float(vals.max()), float(vals.mean())
-        ev = {k: round(float(v[sl][inside].mean()), 4) for k, v in (evidence_maps or {}).items()}
-        regions.append(Region(
-            id=0, kind=kind, size=int(sizes[lab]), physical_size=round(float(sizes[lab]) * unit_size, 4),
-            physical_unit=unit, bbox_index=bbox, centroid_index=centroid, peak_risk=round(peak, 4),
-            mean_risk=round(mean, 4), verdict=verdict_for(peak, review, fail),
-            world=world_box(geometry, bbox, centroid), evidence=ev))
-    regions.sort(key=lambda r: (-VERDICT_ORDER[r.verdict], -r.peak_risk))
-    for i, r in enumerate(regions):
-        r.id = start_id + i
-    return regions
+        ev = {k: float(v[sl][inside].mean()) for k, v in (evidence_maps or {}).items()}
+        ev.update({k: float(v[sl][inside].max()) for k, v in (peak_maps or {}).items()})
+        regions.append(make_region(
+            kind=kind, size=int(sizes[lab]), bbox=[[int(s.start), int(s.stop - 1)] for s in sl],
+            centroid=idx.mean(0).tolist(), peak_score=float(vals.max()), mean_score=float(vals.mean()),
+            evidence=ev, geometry=geometry, domain=domain, thresholds=thresholds, calibration=calibration))
+    return rank_regions(regions)

@@ -7,9 +7,10 @@ metrics return a ``(C,)`` array; spectral metrics (SAM, ERGAS) return one number
 ``data_range`` is the span of the *reference's own valid values* per band (max - min): 12- or
 16-bit counts, Hounsfield units or reflectance alike, never an assumed 255 or dtype maximum.
 Filters (SSIM's Gaussian window, HFEN's Laplacian of Gaussian, gradients) see invalid pixels
-filled with the band's valid mean, and their results are averaged only where the whole filter
-footprint is valid (the mask eroded by the filter radius); if the erosion leaves nothing, the
-plain mask is used.
+filled with the reference band's valid mean, and their results are averaged only where the whole
+filter footprint is valid (the mask eroded by the filter radius); if the erosion leaves nothing,
+the plain mask is used. :class:`MetricSums` computes them window by window (a whole scene in
+bounded memory) with the same numbers as the whole image at once.
 
 SSIM follows Wang et al. 2004 (Gaussian window sigma 1.5, 11 taps, K1 = 0.01, K2 = 0.03), in
 3D for volumes. It is written over ``scipy.ndimage.gaussian_filter`` rather than MONAI's
@@ -37,26 +38,6 @@ HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "hfen": False, "gradient_error":
 
 def _mask(mask: np.ndarray | None, spatial: Sequence[int]) -> np.ndarray:
     return np.ones(tuple(spatial), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-
-
-def _filled(band: np.ndarray, mask: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-    """``band`` as float with invalid (or non-finite) pixels set to the valid mean."""
-    b = np.asarray(band, dtype=dtype)
-    ok = mask & np.isfinite(b)
-    fill = float(b[ok].mean()) if ok.any() else 0.0
-    return np.where(ok, b, fill).astype(dtype, copy=False)
-
-
-def _eroded(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels whose whole ``(2 radius + 1)`` box lies in the mask and inside the array."""
-    if radius <= 0:
-        return mask
-    if mask.all():  # the common case: only the array border goes
-        inner = np.zeros_like(mask)
-        inner[tuple(slice(radius, max(radius, s - radius)) for s in mask.shape)] = True
-        return inner if inner.any() else mask
-    inner = ndi.minimum_filter(mask.view(np.uint8), size=2 * radius + 1, mode="constant", cval=0).astype(bool)
-    return inner if inner.any() else mask
 
 
 def data_range(reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -144,49 +125,151 @@ def reference_metrics(candidates: dict[str, np.ndarray], ref: np.ndarray, mask: 
                       data_range_: np.ndarray | None = None, spectral: bool | None = None
                       ) -> dict[str, dict[str, object]]:
     """All full-reference metrics of each candidate (e.g. ``{"model": sr, "baseline": b}``) against
-    ``ref``: ``{candidate: {metric: per-band list or number}}``.
-
-    The reference's filtered images (SSIM moments, LoG, gradients) are computed once per band and
-    shared by the candidates. Filters run in float32 on data centred on the band's valid mean (the
-    (co)variances are shift-invariant; SSIM's luminance term adds the mean back).
-    ``spectral`` (default: more than two bands) adds SAM and ERGAS.
-    """
+    ``ref``: ``{candidate: {metric: per-band list or number}}``; the whole image as one window of
+    :class:`MetricSums` (``spectral``, default: more than two bands, adds SAM and ERGAS)."""
     m = _mask(mask, ref.shape[1:])
-    rng = data_range(ref, m) if data_range_ is None else np.asarray(data_range_, np.float64)
-    names = list(candidates)
-    out: dict[str, dict[str, object]] = {n: {"psnr": psnr(c, ref, m, rng).tolist()} for n, c in candidates.items()}
-    for n in names:
-        out[n].update(ssim=[], hfen=[], gradient_error=[])
-    r_ssim = _eroded(m, int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5))
-    r_hfen = _eroded(m, int(4.0 * HFEN_SIGMA + 0.5))
-    r_grad = _eroded(m, 1)
-    sp = [1.0] * (ref.ndim - 1) if spacing is None else list(spacing)
-    for c in range(ref.shape[0]):
-        offset = float(np.asarray(ref[c], np.float64)[m].mean()) if m.any() else 0.0
-        b = _filled(ref[c], m, np.float32) - np.float32(offset)
-        mu_b, var_b = _moments(b)
-        log_b = _log(b)[r_hfen]
-        grad_b = [g[r_grad] for g in _gradients(b, sp)]
-        den_log = float(np.linalg.norm(log_b))
-        den_grad = sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grad_b)
-        c1, c2 = (K1 * float(rng[c])) ** 2, (K2 * float(rng[c])) ** 2
-        for n in names:
-            a = _filled(candidates[n][c], m, np.float32) - np.float32(offset)
-            mu_a, var_a = _moments(a)
-            cov = _g(a * b) - mu_a * mu_b
-            ma, mb = mu_a + np.float32(offset), mu_b + np.float32(offset)  # luminance needs the raw means
-            smap = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (var_a + var_b + c2))
-            out[n]["ssim"].append(float(smap[r_ssim].mean(dtype=np.float64)))
-            log_a = _log(a)[r_hfen]
-            out[n]["hfen"].append(float(np.linalg.norm(log_a - log_b) / den_log) if den_log > 0 else float("nan"))
-            num = sum(float(np.sum((ga[r_grad] - gb).astype(np.float64) ** 2))
-                      for ga, gb in zip(_gradients(a, sp), grad_b))
-            out[n]["gradient_error"].append(float(np.sqrt(num / den_grad)) if den_grad > 0 else float("nan"))
-    if spectral if spectral is not None else ref.shape[0] > 2:
-        for n, x in candidates.items():
-            out[n]["sam"] = sam(x, ref, m)
-            out[n]["ergas"] = ergas(x, ref, scale, m)
-    return out
+    sums = MetricSums(list(candidates), ref.shape[0], data_range(ref, m) if data_range_ is None else data_range_,
+                      valid_mean(ref, m), scale=scale, spacing=spacing,
+                      spectral=ref.shape[0] > 2 if spectral is None else spectral)
+    sums.add(candidates, ref, m)
+    return sums.result()
+
+
+def valid_mean(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-band mean of the valid, finite values (0 for a band with none)."""
+    m = _mask(mask, x.shape[1:])
+    out = []
+    for band in x:
+        v = np.asarray(band, np.float64)[m]
+        v = v[np.isfinite(v)]
+        out.append(float(v.mean()) if v.size else 0.0)
+    return np.asarray(out)
+
+
+class MetricSums:
+    """The full-reference metrics as sums over pixels, added window by window, so a whole scene
+    read in windows gives the numbers of the whole image at once.
+
+    Filters (SSIM's moments, LoG, gradients) run on each window as given, which must carry a halo
+    of at least :attr:`REACH` pixels around its ``core`` (the part summed); the windows' cores
+    partition the image. Filters see the data centred on the reference band's valid mean
+    ``ref_mean`` (a global number, passed in) with invalid pixels at that mean, and are summed
+    only where the whole filter footprint is valid (the mask eroded by the filter radius); where
+    the erosion leaves nothing in the whole image, over the plain mask instead.
+    """
+
+    #: pixels a filter reaches: LoG (Gaussian truncate 4 at sigma 1.5, plus the Laplacian)
+    REACH = int(4.0 * HFEN_SIGMA + 0.5) + 1
+
+    def __init__(self, names: Sequence[str], channels: int, data_range_: np.ndarray | Sequence[float],
+                 ref_mean: np.ndarray | Sequence[float], *, scale: Sequence[float] | float = 1.0,
+                 spacing: Sequence[float] | None = None, spectral: bool = False) -> None:
+        self.names, self.channels, self.spectral = list(names), int(channels), bool(spectral)
+        self.rng = np.broadcast_to(np.asarray(data_range_, np.float64), (channels,)).copy()
+        self.ref_mean = np.asarray(ref_mean, np.float64)
+        self.scale, self.spacing = scale, spacing
+        z = lambda: np.zeros((len(self.names), channels, 2))  # [.., 0]: eroded mask, [.., 1]: plain
+        self.count = 0
+        self.sq = np.zeros((len(self.names), channels))
+        self.ssim, self.log, self.grad = z(), z(), z()
+        self.log_den, self.grad_den = np.zeros((channels, 2)), np.zeros((channels, 2))
+        self.n_ssim, self.n_log, self.n_grad = np.zeros(2), np.zeros(2), np.zeros(2)
+        self.angle = np.zeros(len(self.names))
+        self.n_angle = np.zeros(len(self.names))
+
+    def add(self, candidates: dict[str, np.ndarray], ref: np.ndarray, mask: np.ndarray | None = None,
+            core: tuple[slice, ...] | None = None) -> None:
+        """Add the pixels of ``core`` (default: all) of one window of the candidates and ``ref``."""
+        m = _mask(mask, ref.shape[1:])
+        core = core or tuple(slice(None) for _ in ref.shape[1:])
+        mc = m[core]
+        self.count += int(mc.sum())
+        r_ssim = np.stack([_eroded_window(m, int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5))[core], mc])
+        r_log = np.stack([_eroded_window(m, int(4.0 * HFEN_SIGMA + 0.5))[core], mc])
+        r_grad = np.stack([_eroded_window(m, 1)[core], mc])
+        self.n_ssim += r_ssim.reshape(2, -1).sum(1)
+        self.n_log += r_log.reshape(2, -1).sum(1)
+        self.n_grad += r_grad.reshape(2, -1).sum(1)
+        sp = [1.0] * (ref.ndim - 1) if self.spacing is None else list(self.spacing)
+        for c in range(self.channels):
+            offset = np.float32(self.ref_mean[c])
+            b = _centred(ref[c], m, offset)
+            mu_b, var_b = _moments(b)
+            log_b = _log(b)
+            grad_b = _gradients(b, sp)
+            for k in range(2):
+                self.log_den[c, k] += float(np.sum(np.square(log_b[core][r_log[k]], dtype=np.float64)))
+                self.grad_den[c, k] += sum(float(np.sum(g[core][r_grad[k]].astype(np.float64) ** 2)) for g in grad_b)
+            c1, c2 = (K1 * float(self.rng[c])) ** 2, (K2 * float(self.rng[c])) ** 2
+            for i, n in enumerate(self.names):
+                raw = np.asarray(candidates[n][c], np.float32)
+                diff = raw[core] - np.asarray(ref[c], np.float32)[core]
+                self.sq[i, c] += float(np.square(diff[mc], dtype=np.float32).sum(dtype=np.float64))
+                a = _centred(candidates[n][c], m, offset)
+                mu_a, var_a = _moments(a)
+                cov = _g(a * b) - mu_a * mu_b
+                ma, mb = mu_a + offset, mu_b + offset  # luminance needs the raw means
+                smap = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (var_a + var_b + c2))
+                dlog = _log(a) - log_b
+                dgrad = [ga - gb for ga, gb in zip(_gradients(a, sp), grad_b)]
+                for k in range(2):
+                    self.ssim[i, c, k] += float(smap[core][r_ssim[k]].sum(dtype=np.float64))
+                    self.log[i, c, k] += float(np.sum(np.square(dlog[core][r_log[k]], dtype=np.float64)))
+                    self.grad[i, c, k] += sum(float(np.sum(g[core][r_grad[k]].astype(np.float64) ** 2))
+                                              for g in dgrad)
+        if self.spectral:
+            b = np.asarray(ref, np.float64)[(slice(None), *core)][:, mc]
+            nb = np.linalg.norm(b, axis=0)
+            for i, n in enumerate(self.names):
+                a = np.asarray(candidates[n], np.float64)[(slice(None), *core)][:, mc]
+                na = np.linalg.norm(a, axis=0)
+                ok = (na > 0) & (nb > 0)
+                cos = np.clip(np.sum(a[:, ok] * b[:, ok], axis=0) / (na[ok] * nb[ok]), -1.0, 1.0)
+                self.angle[i] += float(np.degrees(np.arccos(cos)).sum())
+                self.n_angle[i] += int(ok.sum())
+
+    def result(self) -> dict[str, dict[str, object]]:
+        """``{candidate: {metric: per-band list or number}}`` over everything added."""
+        k_ssim, k_log, k_grad = (0 if n[0] > 0 else 1 for n in (self.n_ssim, self.n_log, self.n_grad))
+        n = max(self.count, 1)
+        out: dict[str, dict[str, object]] = {}
+        for i, name in enumerate(self.names):
+            err = self.sq[i] / n
+            with np.errstate(divide="ignore"):
+                psnr_ = np.where(err > 0, 10.0 * np.log10(self.rng ** 2 / np.maximum(err, 1e-300)), np.inf)
+            den_log, den_grad = self.log_den[:, k_log], self.grad_den[:, k_grad]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                hfen_ = np.where(den_log > 0, np.sqrt(self.log[i, :, k_log] / np.where(den_log > 0, den_log, 1)),
+                                 np.nan)
+                grad_ = np.where(den_grad > 0, np.sqrt(self.grad[i, :, k_grad] / np.where(den_grad > 0, den_grad, 1)),
+                                 np.nan)
+            out[name] = {"psnr": psnr_.tolist(),
+                         "ssim": (self.ssim[i, :, k_ssim] / max(self.n_ssim[k_ssim], 1)).tolist(),
+                         "hfen": hfen_.tolist(), "gradient_error": grad_.tolist()}
+            if self.spectral:
+                out[name]["sam"] = float(self.angle[i] / self.n_angle[i]) if self.n_angle[i] else float("nan")
+                f = np.atleast_1d(np.asarray(self.scale, np.float64))
+                ratio = 1.0 / float(np.exp(np.mean(np.log(f))))
+                mu = self.ref_mean
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rel = np.where(np.abs(mu) > 0, np.sqrt(err) / np.abs(mu), np.nan)
+                out[name]["ergas"] = float(100.0 * ratio * np.sqrt(np.nanmean(rel ** 2)))
+        return out
+
+
+def _centred(band: np.ndarray, mask: np.ndarray, offset: np.float32) -> np.ndarray:
+    """``band`` as float32 minus ``offset``, with invalid (or non-finite) pixels at 0 (the offset)."""
+    b = np.asarray(band, np.float32)
+    ok = mask & np.isfinite(b)
+    return np.where(ok, b, offset) - offset
+
+
+def _eroded_window(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels whose whole ``(2 radius + 1)`` box lies in the mask and inside the array (no
+    fallback: :class:`MetricSums` decides that over the whole image)."""
+    if radius <= 0:
+        return mask
+    return ndi.minimum_filter(mask.view(np.uint8), size=2 * radius + 1, mode="constant", cval=0).astype(bool)
 
 
 def _g(v: np.ndarray) -> np.ndarray:

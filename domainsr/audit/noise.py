@@ -17,10 +17,16 @@ Only coefficients whose whole footprint lies inside the valid mask are used, and
 values are all identical are skipped: flat areas (zero background, clipped highlights, nodata
 fill) carry no information about the noise and would pull the median to zero. For integer-valued
 data the estimate is floored at the quantisation noise ``1/sqrt(12)`` of one grey level.
+
+An image read from a file window by window (the whole-scene audit) is estimated on a
+deterministic grid of sampled windows (:func:`sample_windows`: the whole image up to 4 Mpx,
+else 512-pixel windows on a regular grid with about 4 Mpx in all), the coefficients of all
+windows pooled (:func:`estimate_noise_windows`).
 """
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -42,8 +48,8 @@ def _mad(values: np.ndarray) -> float:
     return float(np.median(v) / MAD_TO_SIGMA) if v.size else float("inf")
 
 
-def _haar(x: np.ndarray, ok: np.ndarray) -> float:
-    """MAD sigma of the all-high-pass Haar coefficients of the non-flat blocks inside ``ok``."""
+def _haar(x: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """All-high-pass Haar coefficients (unit gain) of the non-flat blocks inside ``ok``."""
     d = x.ndim
     core = tuple(slice(0, (s // 2) * 2) for s in x.shape)
     coef = np.zeros(tuple(s // 2 for s in x.shape), np.float64)
@@ -56,17 +62,42 @@ def _haar(x: np.ndarray, ok: np.ndarray) -> float:
         lo = part if lo is None else np.minimum(lo, part)
         hi = part if hi is None else np.maximum(hi, part)
         use &= ok[core][sl]
-    return _mad(coef[use & (lo != hi)] / 2.0 ** (d / 2.0))
+    return coef[use & (lo != hi)] / 2.0 ** (d / 2.0)
 
 
-def _second_difference(x: np.ndarray, ok: np.ndarray) -> float:
-    """MAD sigma of the separable [1, -2, 1] response at non-flat pixels with a valid 3^d footprint."""
+def _second_difference(x: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Separable [1, -2, 1] responses (unit gain) at non-flat pixels with a valid 3^d footprint."""
     y = x
     for ax in range(x.ndim):
         y = ndi.correlate1d(y, [1.0, -2.0, 1.0], axis=ax, mode="reflect")
     inside = ndi.minimum_filter(ok.view(np.uint8), size=3, mode="constant", cval=0).astype(bool)
     flat = ndi.maximum_filter(x, size=3) == ndi.minimum_filter(x, size=3)
-    return _mad(y[inside & ~flat] / 6.0 ** (x.ndim / 2.0))
+    return y[inside & ~flat] / 6.0 ** (x.ndim / 2.0)
+
+
+def _band_sigma(pieces: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                integer_valued: bool | None) -> float:
+    """One band's sigma from ``(raw band, float64 band, valid)`` pieces (the whole image, or
+    sampled windows of it): the coefficients of all pieces are pooled."""
+    haar, second = [], []
+    for _, x, ok in pieces:
+        if all(s >= 3 for s in x.shape) and ok.any():
+            haar.append(_haar(x, ok))
+            second.append(_second_difference(x, ok))
+    sigma = min(_mad(np.concatenate(haar)), _mad(np.concatenate(second))) if haar else 0.0
+    sigma = 0.0 if not np.isfinite(sigma) else sigma
+    is_int = integer_valued
+    if is_int is None:
+        raw, x, ok = pieces[0]
+        sample = x[ok][:: max(1, int(ok.sum()) // 100_000)]
+        is_int = raw.dtype.kind in "iub" or bool(sample.size and np.all(np.mod(sample, 1.0) == 0))
+    return max(sigma, QUANTISATION_SIGMA) if is_int else sigma
+
+
+def _piece(band: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = np.asarray(band, np.float64)
+    ok = mask & np.isfinite(x)
+    return band, np.where(ok, x, 0.0), ok
 
 
 def estimate_noise(data: np.ndarray, mask: np.ndarray | None = None,
@@ -77,20 +108,45 @@ def estimate_noise(data: np.ndarray, mask: np.ndarray | None = None,
     floor. Returns a ``(C,)`` float64 array; a band with no usable footprint gets the floor (or 0).
     """
     data = np.asarray(data)
-    spatial = data.shape[1:]
-    mask = np.ones(spatial, bool) if mask is None else np.asarray(mask, bool)
-    sigmas = []
-    for band in data:
-        x = np.asarray(band, np.float64)
-        ok = mask & np.isfinite(x)
-        x = np.where(ok, x, 0.0)
-        sigma = 0.0
-        if all(s >= 3 for s in spatial) and ok.any():
-            sigma = min(_haar(x, ok), _second_difference(x, ok))
-            sigma = 0.0 if not np.isfinite(sigma) else sigma
-        is_int = integer_valued
-        if is_int is None:
-            sample = x[ok][:: max(1, int(ok.sum()) // 100_000)]
-            is_int = band.dtype.kind in "iub" or bool(sample.size and np.all(np.mod(sample, 1.0) == 0))
-        sigmas.append(max(sigma, QUANTISATION_SIGMA) if is_int else sigma)
-    return np.asarray(sigmas, np.float64)
+    mask = np.ones(data.shape[1:], bool) if mask is None else np.asarray(mask, bool)
+    return np.asarray([_band_sigma([_piece(band, mask)], integer_valued) for band in data], np.float64)
+
+
+def sample_windows(shape: Sequence[int], budget: int = _MAX_SAMPLES, side: int = 512
+                   ) -> list[tuple[tuple[int, int], ...]]:
+    """The deterministic grid of windows the noise of a large image is estimated on: the whole
+    image when it has at most ``budget`` pixels, else ``side``-wide windows (per axis) centred on
+    a regular ``k x k (x k)`` grid with about ``budget`` pixels in all."""
+    shape = tuple(int(s) for s in shape)
+    if int(np.prod(shape)) <= budget:
+        return [tuple((0, s) for s in shape)]
+    sides = [min(side, s) for s in shape]
+    k = max(1, int(np.floor((budget / float(np.prod(sides))) ** (1.0 / len(shape)))))
+    starts = [sorted({round((i + 0.5) * s / k - w / 2) for i in range(k)}) for s, w in zip(shape, sides)]
+    starts = [[min(max(v, 0), s - w) for v in st] for st, s, w in zip(starts, shape, sides)]
+    return [tuple((a, a + w) for a, w in zip(corner, sides)) for corner in itertools.product(*starts)]
+
+
+def estimate_noise_windows(read: Callable[[tuple[tuple[int, int], ...]], tuple[np.ndarray, np.ndarray | None]],
+                           shape: Sequence[int], integer_valued: bool | None = None) -> tuple[np.ndarray, str]:
+    """Per-band noise sigma of an image too large to hold, from the windows of
+    :func:`sample_windows` (``read(box) -> (data (C, *w), valid (*w) or None)``, ``box`` [start,
+    stop) per axis; coefficients
+    pooled), and a sentence saying what was sampled. Equal to :func:`estimate_noise` when the
+    image fits the sampling budget (one window: the whole image)."""
+    boxes = sample_windows(shape)
+    pieces: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+    for box in boxes:
+        data, valid = read(box)
+        ok = np.ones(data.shape[1:], bool) if valid is None else np.asarray(valid, bool)
+        for c, band in enumerate(data):
+            if len(pieces) <= c:
+                pieces.append([])
+            pieces[c].append(_piece(band, ok))
+    sigma = np.asarray([_band_sigma(p, integer_valued) for p in pieces], np.float64)
+    if len(boxes) == 1:
+        return sigma, "the whole image"
+    w = "x".join(str(b - a) for a, b in boxes[0])
+    px = sum(int(np.prod([b - a for a, b in box])) for box in boxes)
+    return sigma, (f"{len(boxes)} windows of {w} px on a regular grid ({px / float(np.prod(shape)):.1%} "
+                   "of the image)")

@@ -6,6 +6,7 @@ A degradation's noise-free operator (the LR-consistency check of a known physics
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,7 +83,43 @@ def interpolation_enhancer(method: str, channels: int, scale: Sequence[int]) -> 
         return img.derive(out, geometry=img.geometry.scaled(scale), mask=mask,
                           step={"step": "baseline", "method": method, "scale": list(scale)})
 
+    run.receptive_radius = tuple(int(r) for r in np.atleast_1d(net.receptive_radius))  # type: ignore[attr-defined]
     return run
 
 
-__all__ = ["Degrader", "area_average", "as_enhancer", "interpolation_enhancer", "module_enhancer"]
+def receptive_radius(enhancer: Any, spatial_dims: int) -> tuple[int, ...] | None:
+    """How far (LR pixels per axis) an enhancer's output at a pixel looks around its parent LR
+    pixel: its ``receptive_radius`` (torch SR modules, the interpolation baseline), else ``None``
+    (unknown: it must see the whole image)."""
+    r = getattr(enhancer, "receptive_radius", None)
+    if r is None:
+        return None
+    vals = np.broadcast_to(np.ceil(np.asarray(r, np.float64)).astype(int), (spatial_dims,))
+    return tuple(int(v) for v in vals)
+
+
+def degrader_reach(down: Degrader, scale: Sequence[int], channels: int, probe: int = 24) -> tuple[int, ...] | None:
+    """How far (LR pixels per axis) the HR pixels an LR pixel of ``down`` depends on lie from its
+    own footprint, measured on impulses (one per position inside an LR pixel) on a grid of
+    ``probe`` LR pixels per axis; ``None`` when the response reaches the probe's border (a global
+    operator, such as k-space truncation). Area averaging reaches 0."""
+    f = tuple(int(v) for v in scale)
+    d = len(f)
+    n = probe if d < 3 else max(12, probe // 2)
+    reach = [0] * d
+    centre = n // 2
+    for phase in itertools.product(*(range(k) for k in f)):
+        x = np.zeros((channels, *(n * k for k in f)), np.float32)
+        x[(slice(None), *(centre * k + p for k, p in zip(f, phase)))] = 1.0
+        y = np.asarray(down(x), np.float64)
+        hit = np.argwhere(np.any(y != 0.0, axis=0))
+        if hit.size == 0:
+            continue
+        if np.any(hit.min(0) == 0) or np.any(hit.max(0) == n - 1):
+            return None
+        reach = [max(r, int(np.max(np.abs(hit[:, a] - centre)))) for a, r in enumerate(reach)]
+    return tuple(reach)
+
+
+__all__ = ["Degrader", "area_average", "as_enhancer", "degrader_reach", "interpolation_enhancer", "module_enhancer",
+           "receptive_radius"]

@@ -33,7 +33,7 @@ from domainsr.audit.settings import AuditThresholds
 
 Verdict = Literal["pass", "review", "fail"]
 VERDICT_ORDER: dict[str, int] = {"pass": 0, "review": 1, "fail": 2}
-RegionKind = Literal["hallucination", "lr-inconsistency", "uncertainty"]
+RegionKind = Literal["hallucination", "omission", "inconsistency", "uncertain"]
 
 
 def worst(verdicts: Iterable[Verdict]) -> Verdict:
@@ -44,11 +44,6 @@ def worst(verdicts: Iterable[Verdict]) -> Verdict:
 def verdict_for(peak_risk: float, review: float, fail: float) -> Verdict:
     """The verdict of a region from its peak risk and the review/fail thresholds."""
     return "fail" if peak_risk >= fail else "review" if peak_risk >= review else "pass"
-
-
-def escalate(verdict: Verdict) -> Verdict:
-    """One level more severe (``fail`` stays ``fail``)."""
-    return "review" if verdict == "pass" else "fail"
 
 
 def jsonable(obj: Any) -> Any:
@@ -270,21 +265,27 @@ class MapBox(Record):
 
 
 class RegionEvidence(Record):
-    """Means of the evidence maps inside a region (fractions in [0, 1], spread in noise sigma);
-    ``agreement`` when LR-inconsistent and unstable agree (the region was escalated)."""
+    """Evidence inside a region: means of the maps (fractions in [0, 1], spread in noise sigma),
+    the peak spread (``uncertainty_peak_sigma``), and ``agreement`` when an inconsistency region is
+    mostly unstable too (its risk was raised: see ``hallucination.agreed_risk``)."""
 
-    OMIT_NONE = frozenset({"lr_inconsistent", "uncertainty_sigma", "unstable", "agreement"})
+    OMIT_NONE = frozenset({"lr_inconsistent", "uncertainty_sigma", "uncertainty_peak_sigma", "unstable",
+                           "agreement"})
     lr_inconsistent: float | None = None
     uncertainty_sigma: float | None = None
+    uncertainty_peak_sigma: float | None = None
     unstable: float | None = None
     agreement: bool | None = None
 
 
 class Region(Record):
     """One connected region of risk, located in index and world coordinates (``world`` is ``{}``
-    in the JSON for an image without a known geometry)."""
+    in the JSON for an image without a known geometry). ``score`` is the raw evidence (peak
+    relative excess error; peak spread in noise sigma for ``uncertain``); ``peak_risk`` its
+    calibrated risk on the one scale of every kind, which alone sets the verdict."""
 
     model_config = ConfigDict(validate_assignment=True)
+    OMIT_NONE = frozenset({"score"})
     id: int
     kind: RegionKind
     size: int = Field(description="pixels / voxels")
@@ -292,6 +293,7 @@ class Region(Record):
     physical_unit: str
     bbox_index: list[list[int]] = Field(description="[start, stop_inclusive] per spatial axis")
     centroid_index: list[float]
+    score: float | None = Field(None, description="raw evidence of the region before calibration")
     peak_risk: float
     mean_risk: float
     verdict: Verdict
@@ -315,16 +317,50 @@ class Region(Record):
 # the report
 
 
+class Coverage(Record):
+    """What an audit covered (written by ``audit.windowed``): the windows it ran over (their cores
+    partition the audited box; each was read with ``halo`` more SR pixels per side so every
+    per-pixel value equals the whole-image computation), the audited share of the scene, and the
+    decimation ``stride`` of the report's arrays (1: full resolution)."""
+
+    OMIT_NONE = frozenset({"box", "noise_sampling"})
+    windows: int
+    window_shape: list[int] = Field(description="core window, SR pixels per axis")
+    halo: list[int] = Field(description="SR pixels per axis read around each core")
+    scene_fraction: float = Field(description="audited SR pixels / SR pixels of the scene")
+    sr_pixels: int = Field(description="SR pixels audited")
+    valid_fraction: float = Field(description="share of the audited SR pixels that are valid")
+    stride: int = Field(1, description="decimation of the result's arrays (1: full resolution)")
+    box: list[list[int]] | None = Field(None, description="the audited box, [start, stop_inclusive] per axis")
+    noise_sampling: str | None = Field(None, description="what the noise sigma was estimated on")
+
+
 class Grid(Record):
     lr_shape: list[int]
     sr_shape: list[int]
     valid_fraction: float
 
 
+class ConformalReport(Record):
+    """The split-conformal per-pixel error bound of this audit: ``|SR - truth| <= q * u`` with
+    probability ``1 - alpha`` per pixel, ``u`` the local scale (``calibration.local_scale``);
+    coverage measured on held-out calibration data, and the median bound per band (data units)."""
+
+    alpha: float
+    q: float
+    coverage_holdout: float | None
+    median_bound: list[float]
+    bands: list[str]
+    scale_rule: str
+
+
 class AuditSummary(Record):
     """The machine-readable report (the JSON file beside the HTML): every number the HTML shows.
-    ``model`` and ``provenance`` are the caller's model record and the inputs' public provenance."""
+    ``model`` and ``provenance`` are the caller's model record and the inputs' public provenance;
+    ``calibration`` what the risk scale was fitted on (``Calibration.describe``), ``conformal``
+    the per-pixel error bound."""
 
+    OMIT_NONE = frozenset({"calibration", "conformal", "coverage"})
     domainsr_audit: int = 1
     created: str
     mode: Literal["held-out", "output"]
@@ -346,13 +382,16 @@ class AuditSummary(Record):
     provenance: dict[str, Any] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
     timings_s: dict[str, float] = Field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    conformal: ConformalReport | None = None
+    coverage: Coverage | None = None
 
     def to_json(self) -> str:
         """The report's JSON text (non-finite numbers as ``null``)."""
         return json.dumps(jsonable(self), indent=2, allow_nan=False) + "\n"
 
 
-__all__ = ["VERDICT_ORDER", "AuditMetrics", "AuditSummary", "ClassFractions",
+__all__ = ["VERDICT_ORDER", "AuditMetrics", "AuditSummary", "ClassFractions", "ConformalReport", "Coverage",
            "Fractions", "Grid", "LRConsistencyMetrics", "MapBox", "MedicalBox", "MetricGain", "MetricMeans", "MetricSet",
            "NoiseReport", "ReferenceMetrics", "ReferenceTable", "Region", "RegionEvidence", "RegionKind",
-           "UncertaintyReport", "Verdict", "escalate", "jsonable", "verdict_for", "worst"]
+           "UncertaintyReport", "Verdict", "jsonable", "verdict_for", "worst"]

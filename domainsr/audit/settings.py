@@ -18,8 +18,13 @@ class AuditThresholds(BaseModel):
     alpha: float = Field(1e-3, gt=0.0, lt=0.5, description="per-pixel false-alarm rate of the significance tests")
     min_region_size: int | None = Field(
         None, ge=1, description="pixels/voxels on the SR grid; default: 2 LR pixels along every axis")
-    review_risk: float = Field(1.0, gt=0.0, description="peak relative excess error that needs review")
-    fail_risk: float = Field(4.0, gt=0.0, description="peak relative excess error that fails")
+    review_risk: float = Field(1.0, gt=0.0, description="calibrated peak risk that needs review (1.0: the "
+                               "calibration's review threshold)")
+    fail_risk: float = Field(2.0, gt=0.0, description="calibrated peak risk that fails (2.0: the calibration's "
+                             "fail threshold)")
+    region_floor: float = Field(0.25, ge=0.0, lt=1.0, description="flagged pixels whose own calibrated risk is below "
+                                "this share of review_risk join no region (hysteresis: a strong flag does not "
+                                "swallow the weak flags around it)")
     min_gain_db: float = Field(0.0, description="held-out: mean PSNR gain over the baseline below this is 'review'")
     noise_method: Literal["mad-haar", "fixed"] = "mad-haar"
     noise_sigma: list[float] | None = Field(None, description="per-band noise sigma (data units) for 'fixed'")
@@ -46,9 +51,15 @@ RULE_TEXT = (
     "level mu (mean_w(d (d + baseline - mu)) > 0); improved when -excess > z 2 sqrt(sum w^2 mean_w2(d^2)); omitted when "
     "the baseline's error is significantly above "
     "noise and was not reduced. Flags are then shrunk to the pixels that carry the excess. "
-    "Risk = (RMS error of SR - RMS error of baseline) / max(RMS error of baseline, noise). Truth = the HR "
+    "Score = (RMS error of SR - RMS error of baseline) / max(RMS error of baseline, noise); significantly worse "
+    "than the baseline without adding structure is lost detail (omission). Truth = the HR "
     "reference (held-out) or the LR input after re-degrading SR and baseline (LR consistency). Regions: "
-    "connected flagged pixels >= min_region_size; verdict from the peak risk (review_risk, fail_risk)."
+    "connected flagged pixels >= min_region_size whose own calibrated risk is at least region_floor x review_risk "
+    "(hysteresis); a region's peak score becomes its risk through the fitted "
+    "calibration (risk 1 at the review threshold, 2 at the fail threshold that honest outputs reach at the stated "
+    "rate / never); the verdict is a function of the peak risk alone (review_risk, fail_risk). An inconsistency "
+    "region that is mostly unstable under TTA gets hypot(its risk, the spread's risk); omission and uncertainty "
+    "alone are at most a review."
 )
 
 __all__ = ["RULE_TEXT", "AuditThresholds"]

@@ -18,7 +18,10 @@ Outputs are named ``<id><output_suffix>`` (suffix default ``_sr``) and keep the 
 (``output_format="same"``): NIfTI -> ``<id>_sr.nii.gz`` (``.nii`` stays ``.nii``), DICOM -> a
 derived series folder ``<id>_sr/``, rasters and band sets -> a COG ``<id>_sr.tif``; ``"nifti"``,
 ``"dicom"`` or ``"cog"`` force one format. Extras (audit report, risk map) land beside it as
-``<id>_sr.<label>``. Every file is written atomically (temporary sibling, rename), and
+``<id>_sr.<label>``; a derived DICOM series whose extras hold the audit's risk map (and region
+label map and report) also gets them as DICOM on its planes: ``<id>_sr.risk.dcm`` (Parametric Map)
+and ``<id>_sr.regions.seg.dcm`` (Segmentation) (:mod:`domainsr.stores.maps`).
+Every file is written atomically (temporary sibling, rename), and
 ``<output>.provenance.json`` is written last: an output without it, or whose ``run_key`` differs,
 is not done, so an interrupted run is simply redone. Nothing can be written outside the output root.
 
@@ -47,6 +50,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -70,11 +74,12 @@ from domainsr.io.formats import (
     suffix_of,
 )
 from domainsr.stores.base import Item, Store, WriteResult
+from domainsr.stores.maps import EXPORT_LABELS, dicom_maps
 
 PROVENANCE_SUFFIX = ".provenance.json"
 DEFAULT_SUFFIX = "_sr"
 #: Labels of the extras an enhanced item gets (checked before a run like the output).
-EXTRA_LABELS = ("audit.html", "audit.json", *RISK_LABELS)
+EXTRA_LABELS = ("audit.html", "audit.json", *RISK_LABELS, *EXPORT_LABELS)
 KINDS = (*FORMATS, "unknown")
 OUTPUT_FORMATS = ("same", *OUTPUTS)
 QUERY_KEYS = ("kinds", "glob", "modified_within_hours")
@@ -397,8 +402,13 @@ class LocalStore(Store):
         problem = fmt.problem(image)
         if problem:  # a config error, not worth a retry
             raise ConfigError(f"output format {fmt.name!r} does not fit this {item.kind} item: {problem}", item.id)
-        fmt.write(image, self.open_output(item), replace=True)  # check_output decided it may be replaced
-        return self.commit(item, run_key, extras, _public(image.provenance, image.domain, item))
+        out = fmt.write(image, self.open_output(item), replace=True)  # check_output decided it may be replaced
+        with tempfile.TemporaryDirectory(prefix="domainsr-map-") as tmp:
+            extras = dict(extras or {})
+            if self.output_format_of(item) == "dicom":  # the audit's risk and regions beside the series, as DICOM
+                extras.update(dicom_maps(extras, image.domain, sorted(Path(out).glob("*.dcm")), Path(tmp),
+                                         item_id=item.id))
+            return self.commit(item, run_key, extras, _public(image.provenance, image.domain, item))
 
     def open_output(self, item: Item) -> Path:
         """Where to write ``item``'s output (e.g. by a streaming writer, atomically); from now on any

@@ -34,8 +34,13 @@ source series UID and the run key (``2.25.`` UUID form), and every instance carr
 (group 0x0077, creator ``DomainSR 1``) with the run key and the series' instance count. So a
 re-run finds the series (``existing`` counts only a series whose instances are all there), and an
 upload interrupted half-way is completed by the next run under the same UIDs instead of being
-duplicated. A PACS cannot hold HTML/JSON audit files: ``extras`` are copied to ``extras_dir``
-when it is set (else they are not kept, with a warning).
+duplicated. When the extras hold the audit's risk map (and region label map and report), they
+are sent too, first, as DICOM on the derived series' planes: a Parametric Map of the risk and a
+Segmentation of the review/fail regions (same study and frame of reference, UIDs derived from the
+derived series', :mod:`domainsr.stores.maps`); such map series are not listed as inputs
+(``include_derived`` lists them). A PACS cannot hold HTML/JSON audit files: ``extras`` (and copies
+of the maps, ``risk.dcm``, ``regions.seg.dcm``) are copied to ``extras_dir`` when it is set (else
+they are not kept, with a warning).
 
 Size: two protocols (DICOMweb and DIMSE) behind one Store, sharing the reduction of query answers
 (no patient identifier passes it) and the resumable, duplicate-free upload rule.
@@ -62,7 +67,7 @@ import pydicom
 from domainsr.errors import ConfigError, InputError, StoreError
 from domainsr.image import SpatialImage
 from domainsr.io.atomic import atomic_path
-from domainsr.io.dicom import quiet_pydicom, read_dicom_series, write_derived_series
+from domainsr.io.dicom import MAP_SERIES_PREFIX, quiet_pydicom, read_dicom_series, write_derived_series
 from domainsr.retry import PermanentStoreError
 from domainsr.stores.base import Item, Store, WriteResult
 from domainsr.stores.http import (
@@ -77,6 +82,7 @@ from domainsr.stores.http import (
     split_store_url,
     tls_verify,
 )
+from domainsr.stores.maps import dicom_maps
 
 log = logging.getLogger("domainsr.stores.pacs")
 
@@ -609,8 +615,8 @@ class PacsStore(Store):
             k = dict(keys, **({"Modality": str(modality)} if modality else {}))
             for s in self._call("series query", lambda k=k: self.backend.find_series(k)):
                 found.setdefault(s["series_uid"], s)
-        series = [s for s in found.values()
-                  if query.get("include_derived") or DERIVED_MARK not in s["image_type"]]
+        series = [s for s in found.values() if query.get("include_derived") or not (
+            DERIVED_MARK in s["image_type"] or s["description"].startswith(MAP_SERIES_PREFIX))]
         series.sort(key=lambda s: (s["study_date"], s["study_uid"], s["series_uid"]))
         if query.get("limit"):
             series = series[: int(query["limit"])]
@@ -657,12 +663,18 @@ class PacsStore(Store):
             return done
         study, series = self._uids(item)
         uid = derived_series_uid(series, run_key)
+        extras = dict(extras or {})
         with tempfile.TemporaryDirectory(prefix="domainsr-derived-") as tmp:
             folder = write_derived_series(image, Path(tmp) / "series", model_name=_model_name(image))
             files = sorted(folder.glob("*.dcm"))
             _stamp(files, uid, run_key)
-            self._call(f"upload of the derived series of {item.id}", lambda: self.backend.store(files, study))
-        self._keep_extras(item, run_key, extras or {})
+            maps = dicom_maps(extras, image.domain, files, Path(tmp), item_id=item.id,
+                              uid_for=lambda what: _name_uid(what, uid))
+            # the maps go first: once the series is complete (``existing``), its maps are there too
+            sent = [*maps.values(), *files]
+            self._call(f"upload of the derived series of {item.id}", lambda: self.backend.store(sent, study))
+            extras.update(maps)
+            self._keep_extras(item, run_key, extras)
         result = self.existing(item, run_key)
         if result is None:
             raise StoreError(f"the derived series of {item.id} is incomplete in the PACS after upload", self.url)

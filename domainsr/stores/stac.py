@@ -101,7 +101,8 @@ EO_COMMON_NAMES = frozenset({
     "rededge078", "nir", "nir08", "nir09", "cirrus", "swir16", "swir22", "lwir", "lwir11", "lwir12"})
 _BAND_KEYS = ("description", "unit", "eo:common_name", "eo:center_wavelength", "eo:full_width_half_max")
 _MEDIA_BY_SUFFIX = {".html": "text/html", ".json": "application/json", ".png": "image/png",
-                    OUTPUTS["cog"].suffix: COG_MEDIA_TYPE, ".pdf": "application/pdf", ".txt": "text/plain"}
+                    OUTPUTS["cog"].suffix: COG_MEDIA_TYPE, ".pdf": "application/pdf", ".txt": "text/plain",
+                    ".geojson": "application/geo+json"}  # the audit's regions (domainsr.audit.exports)
 # GDAL reading COGs over HTTP: no directory listing of the server, only .tif/.tiff files probed,
 # no retries of its own (ours apply), and nothing kept in /vsicurl/'s cache once a file is closed:
 # GDAL would otherwise remember a failed attempt ("does not exist") and fail every retry with it.

@@ -34,10 +34,13 @@ def test_metric_gain_is_signed_so_that_positive_is_better():
 
 
 def test_region_world_and_evidence_serialise_as_documented():
-    box = {"id": 1, "kind": "lr-inconsistency", "size": 4, "physical_size": 400.0, "physical_unit": "m²",
+    box = {"id": 1, "kind": "inconsistency", "size": 4, "physical_size": 400.0, "physical_unit": "m²",
            "bbox_index": [[0, 1], [0, 1]], "centroid_index": [0.5, 0.5], "peak_risk": 2.0, "mean_risk": 1.0,
            "verdict": "review"}
     assert jsonable(Region(**box))["world"] == {}  # no geometry
+    assert "score" not in jsonable(Region(**box)) and jsonable(Region(**box, score=0.7))["score"] == 0.7
+    with pytest.raises(ValueError):
+        Region(**{**box, "kind": "lr-inconsistency"})  # the contract's kinds only
     local = MapBox(space="LOCAL", min=[0.0, 0.0], max=[1.0, 1.0], centroid=[0.5, 0.5], lonlat_centroid=None)
     assert jsonable(Region(**box, world=local))["world"] == {"space": "LOCAL", "min": [0.0, 0.0], "max": [1.0, 1.0],
                                                              "centroid": [0.5, 0.5], "lonlat_centroid": None}
@@ -72,3 +75,20 @@ def test_headline_of_a_written_report(tmp_path):
     (tmp_path / "odd.json").write_text(json.dumps({"verdict": "maybe"}))
     for name in ("bad.json", "odd.json", "missing.json"):
         assert AuditHeadline.read(tmp_path / name) is None
+
+
+def test_summary_states_calibration_and_conformal_bound():
+    from domainsr.audit.calibration import NEUTRAL
+    from domainsr.audit.results import ConformalReport
+
+    data = json.loads((SHIPPED[0]).read_text(encoding="utf-8")) if SHIPPED else None
+    if data is None:
+        pytest.skip("no shipped report")
+    bound = ConformalReport(alpha=0.1, q=1.8, coverage_holdout=0.91, median_bound=[12.5], bands=["band1"],
+                            scale_rule="u = ...")
+    summary = AuditSummary.model_validate({**data, "calibration": NEUTRAL.describe("mri"), "conformal": bound})
+    out = json.loads(summary.to_json())
+    assert out["conformal"] == {"alpha": 0.1, "q": 1.8, "coverage_holdout": 0.91, "median_bound": [12.5],
+                                "bands": ["band1"], "scale_rule": "u = ..."}
+    assert out["calibration"]["kinds"]["hallucination"] == {"review": 1.0, "fail": 2.0}
+    assert AuditSummary.model_validate(out) == summary

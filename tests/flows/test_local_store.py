@@ -184,7 +184,8 @@ def test_output_and_extra_names_of_every_kind_come_from_the_format_table(tmp_pat
     assert names == {"dicom:mr": names["dicom:mr"], "nifti:brain": "brain_sr.nii.gz", "nifti:head": "head_sr.nii",
                      "raster:scene": "scene_sr.tif", "raster:ortho": "ortho_sr.tif", "sentinel2:s2": "s2_sr.tif"}
     assert names["dicom:mr"].startswith("mr-") and names["dicom:mr"].endswith("_sr")
-    assert EXTRA_LABELS == ("audit.html", "audit.json", "risk.nii.gz", "risk.tif")  # <stem>.<label> beside it
+    assert EXTRA_LABELS == ("audit.html", "audit.json", "risk.nii.gz", "risk.tif",  # <stem>.<label> beside it
+                            "regions.geojson", "regions.nii.gz", "regions.tif", "risk.dcm", "regions.seg.dcm")
     forced = LocalStore(src, tmp_path / "out", output_format="nifti")
     assert {forced.output_path(i).name for i in forced.list_items() if i.kind == "raster"} == {"scene_sr.nii.gz",
                                                                                              "ortho_sr.nii.gz"}

@@ -206,7 +206,7 @@ def test_slicewise_checkpoint_on_a_thick_slice_volume(sample_data, tmp_path, mon
 
 def test_large_rasters_stream_to_the_same_output(sample_data, tmp_path):
     """Above ``tiling.stream_above_mpx`` a raster is enhanced window by window into the COG (bounded
-    memory) and audited on a central window; the pixels equal the in-memory path's."""
+    memory) and audited whole, window by window from the files; the pixels equal the in-memory path's."""
     from domainsr.io.raster import read_raster
 
     write_geotiff_crop(sample_data, tmp_path / "in" / "scene.tif")
@@ -221,10 +221,11 @@ def test_large_rasters_stream_to_the_same_output(sample_data, tmp_path):
     assert streamed.geometry.almost_equal(mem.geometry) and streamed.band_names == mem.band_names
     assert "streamed" in results["stream"].message and results["stream"].verdict is not None
     report = json.loads(Path(results["stream"].extras["audit.json"]).read_text())
-    assert report["grid"]["lr_shape"] == [64, 64] and report["grid"]["sr_shape"] == [128, 128]
+    assert report["grid"]["lr_shape"] == [96, 80] and report["grid"]["sr_shape"] == [192, 160]  # the whole scene
+    assert report["coverage"]["scene_fraction"] == 1.0
     prov = json.loads(Path(results["stream"].output + ".provenance.json").read_text())["provenance"]
-    assert prov["run"]["streamed"] and prov["run"]["audit"]["window"] == {"row_off": 16, "col_off": 8,
-                                                                          "height": 64, "width": 64}
+    assert prov["run"]["streamed"] and "window" not in prov["run"]["audit"]
+    assert {"audit.html", "audit.json", "risk.tif", "regions.geojson"} <= set(results["stream"].extras)
 
 
 def test_the_config_switch_picks_the_task_runner(tmp_path):

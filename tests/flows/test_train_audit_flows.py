@@ -2,6 +2,7 @@
 model card decides which bands are enhanced and refuses an input of another domain)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -68,6 +69,15 @@ def test_enhance_flow_with_the_trained_checkpoint(trained, sample_data, tmp_path
     assert prov["model"]["kind"] == "checkpoint" and prov["model"]["sha256"] == sha
 
 
+def _check_report(path: Path) -> dict:
+    """tests/audit/schema_check.py's check_report (loaded by path: tests/ is no package)."""
+    spec = importlib.util.spec_from_file_location("domainsr_tests_schema_check",
+                                                  Path(__file__).resolve().parents[1] / "audit" / "schema_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.check_report(path)
+
+
 def test_heldout_audit_flow(prefect_home, sample_data, tmp_path):
     from flows.audit import audit_flow
 
@@ -77,7 +87,8 @@ def test_heldout_audit_flow(prefect_home, sample_data, tmp_path):
     (row,) = state.result(raise_on_failure=False)["audits"]
     # the model is the baseline itself: no gain, and the report says so
     assert row["psnr_gain_db"] == pytest.approx(0.0, abs=1e-6) and row["scale"] == [2, 2, 2]
-    report = json.loads(Path(row["json"]).read_text())
+    assert row["json"] == str(tmp_path / "audit" / "report.json")  # one reference: straight into out
+    report = _check_report(Path(row["json"]))
     assert report["mode"] == "held-out" and Path(row["html"]).exists() and Path(row["risk_map"]).exists()
 
     bad = audit_flow(references=[str(tmp_path / "missing.nii.gz")], model="cubic", scale=2,

@@ -202,7 +202,8 @@ def test_worker_killed_mid_write_and_mid_batch_then_rerun_completes_every_item_o
     tally("items lost", len(lost))
     assert not lost
     expected = {f"{i}_sr{end}" for i in reference
-                for end in (".tif", f".tif{PROVENANCE_SUFFIX}", ".audit.html", ".audit.json", ".risk.tif")}
+                for end in (".tif", f".tif{PROVENANCE_SUFFIX}", ".audit.html", ".audit.json", ".risk.tif",
+                            ".regions.geojson", ".regions.tif")}
     assert {p.name for p in _visible(out, "*")} == expected  # one of each, nothing else
     for item, (ino, mtime) in stamps.items():  # not rewritten: complete exactly once
         st = done[item].stat()

@@ -300,6 +300,14 @@ def test_enhance_flow_against_pacs(pacs_env, mr_in_pacs, tmp_path, prefect_home)
     assert len(derived) == 1 and len(derived[0]["Instances"]) == SERIES_SHAPE[2] * SCALE[2]
     assert row["output"].endswith(derived[0]["MainDicomTags"]["SeriesInstanceUID"])
     assert Path(row["extras"]["audit.html"]).is_file()  # the audit report is kept next to the PACS
+    # the audit's maps went in as DICOM objects referencing the derived series, in the same study
+    derived_uid = derived[0]["MainDicomTags"]["SeriesInstanceUID"]
+    maps = [s for s in study_series(pacs_env, mr_in_pacs["study"])
+            if s["MainDicomTags"]["SeriesInstanceUID"] not in (mr_in_pacs["series"], derived_uid)]
+    found = {d.SOPClassUID: d for s in maps for d in fetch_instances(pacs_env, s)}
+    assert "1.2.840.10008.5.1.4.1.1.30" in found  # the risk as a Parametric Map (a Segmentation if flagged)
+    assert all(d.ReferencedSeriesSequence[0].SeriesInstanceUID == derived_uid for d in found.values())
+    assert Path(row["extras"]["risk.dcm"]).is_file()
     second = flows.enhance_flow(config=str(config))
     assert (second["enhanced"], second["skipped"]) == (0, 1)
-    assert len(study_series(pacs_env, mr_in_pacs["study"])) == 2
+    assert len(study_series(pacs_env, mr_in_pacs["study"])) == 2 + len(maps)  # nothing new

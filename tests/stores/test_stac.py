@@ -46,7 +46,9 @@ def extras(tmp_path) -> dict[str, Path]:
     html.write_text("<!doctype html><title>audit</title><p>hallucination regions: 0</p>")
     js = tmp_path / "report.json"
     js.write_text(json.dumps({"regions": [], "psnr_vs_baseline": 0.0}))
-    return {"audit_report": html, "audit_json": js}
+    regions = tmp_path / "regions.geojson"
+    regions.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    return {"audit_report": html, "audit_json": js, "regions.geojson": regions}
 
 
 def source_window(sample_data, band: str, item_id: str, size: int = 256) -> np.ndarray:
@@ -111,6 +113,7 @@ def test_round_trip_over_http_writes_valid_cog_and_item_once(stac_server, stac_c
     for key in ("audit_report", "audit_json"):
         asset = new.assets[key]
         assert asset.roles == ["metadata"] and Path(asset.get_absolute_href()).read_bytes() == extras[key].read_bytes()
+    assert new.assets["regions.geojson"].media_type == "application/geo+json"  # QGIS opens it from the item
     assert [b["eo:common_name"] for b in new.assets["data"].extra_fields["bands"]] == list(S2_BANDS.values())
 
     # Re-running writes nothing new.

@@ -49,6 +49,12 @@ _NOT_CARRIED = frozenset((
 ))
 
 
+#: Parametric Map and Segmentation storage: maps on an image grid (e.g. an audit's, next to a
+#: derived series), not images to read as a volume; :func:`list_series` skips them.
+MAP_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
+                             "1.2.840.10008.5.1.4.1.1.66.7"})
+
+
 @lru_cache(maxsize=2)
 def carried_keywords(modality: str) -> frozenset[str]:
     """Keywords a derived ``modality`` image copies from its source (module-level attributes of
@@ -145,15 +151,18 @@ def _read_header(path: Path) -> Dataset:
 
 
 def _header_problem(ds: Dataset) -> str | None:
-    """Why a parsed header is not a usable image, or ``None``; ``"skip"`` for non-image objects.
+    """Why a parsed header is not a usable image, or ``None``; ``"skip"`` for non-image objects
+    (and maps: :data:`MAP_SOP_CLASSES`).
 
     pydicom parses truncated files leniently, so a file cut short shows up as a header without
     its SOP class or without the image attributes its (image) SOP class requires.
     """
-    if "SeriesInstanceUID" in ds and "Rows" in ds and "Columns" in ds:
-        return None
     meta = getattr(ds, "file_meta", None)
     sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    if sop and str(sop) in MAP_SOP_CLASSES:
+        return "skip"
+    if "SeriesInstanceUID" in ds and "Rows" in ds and "Columns" in ds:
+        return None
     if not sop:
         return "no SOP Class UID (truncated or corrupt header)"
     if "Image Storage" in pydicom.uid.UID(str(sop)).name:
