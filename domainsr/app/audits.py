@@ -127,9 +127,9 @@ def write_audit(result: AuditResult, out_dir: str | Path, *, stem: str = REPORT_
     report ``<stem>.html`` (linking the others) and ``<stem>.json``. ``link_stem``: the files will be
     renamed ``<link_stem>.<name>`` beside the report (a store's extras), and linked so. Returns
     ``"html"``, ``"json"`` and each other file's name -> path. An export that does not apply is a
-    warning in the report (a Parametric Map without a derived series is not)."""
+    warning in the report (a Parametric Map without a derived series, or a Segmentation, is not)."""
     from domainsr.audit import write_report, write_risk_map
-    from domainsr.audit.exports import PARAMETRIC_MAP, write_exports
+    from domainsr.audit.exports import PARAMETRIC_MAP, SEGMENTATION, write_exports
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,9 @@ def write_audit(result: AuditResult, out_dir: str | Path, *, stem: str = REPORT_
     exports = write_exports(result, out, risk_map=risk, derived_series=derived_series)
     files: dict[str, Path] = {risk.name: risk, **{Path(p).name: Path(p) for p in exports.values()}}
     for label, why in exports.skipped.items():
-        if label != PARAMETRIC_MAP or derived_series is not None:
+        # no Segmentation is no news when no region needs review; a DICOM map off the series' grid
+        # is reported once, by the Parametric Map
+        if label not in (PARAMETRIC_MAP, SEGMENTATION) or (label == PARAMETRIC_MAP and derived_series is not None):
             result.warnings.append(f"{label} not written: {why}")
     links = {name: f"{link_stem}.{name}" if link_stem else path for name, path in files.items()}
     html, js = write_report(result, out, stem=stem, links=links)
