@@ -127,10 +127,7 @@ def parametric_map(image: SpatialImage, series: Sequence[Dataset], *, label: str
         lut_label=label[:16], lut_explanation=explanation[:64], unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
         value_range=(lo, hi if hi > lo else lo + 1.0), slope=1.0, intercept=0.0)
     first = planes[0]
-    try:
-        number = int(first.get("SeriesNumber")) + 1
-    except (TypeError, ValueError):
-        number = 1
+    number = _series_number(first, 1)
     pm = hd.pm.ParametricMap(
         source_images=planes, pixel_array=frames, series_instance_uid=series_uid or hd.UID(),
         series_number=number, sop_instance_uid=instance_uid or hd.UID(), instance_number=1,
@@ -174,11 +171,7 @@ def segmentation(image: SpatialImage, names: dict[int, str], series: Sequence[Da
         segment_number=number, segment_label=names[k][:64], segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
         segmented_property_type=codes.DCM.ImageArtifacts, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm) for number, k in enumerate(present, start=1)]
-    first = planes[0]
-    try:
-        number = int(first.get("SeriesNumber")) + 2
-    except (TypeError, ValueError):
-        number = 2
+    number = _series_number(planes[0], 2)
     seg = hd.seg.Segmentation(
         source_images=planes, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments, series_instance_uid=series_uid or hd.UID(), series_number=number,
@@ -249,6 +242,14 @@ def write_risk_parametric_map(risk_map: str | Path, series_files: Sequence[str |
                         software_version=__version__)
     return _save(pm, out)
 
+
+
+def _series_number(source: pydicom.Dataset, offset: int) -> int:
+    """The derived series' number plus ``offset`` (the map's own series), or ``offset`` without one."""
+    try:
+        return int(source.get("SeriesNumber")) + offset
+    except (TypeError, ValueError):
+        return offset
 
 
 def _save(ds: pydicom.Dataset, out: str | Path) -> Path:
