@@ -13,8 +13,11 @@ checkpoints on the region their card held out of training. Every output is audit
 the reference (hallucination / omission regions) and without (inconsistency regions, and
 uncertain regions from test-time augmentation for the checkpoints).
 
-False alarms: every region on an interpolation / back-projection output; on a checkpoint's output
-only a region the truth contradicts (the model's RMS error there is not above interpolation's).
+False alarms (:func:`false_alarm`): every region on an interpolation output; every reference-free
+region on back-projection (LR-consistent by construction); otherwise only a region the truth
+contradicts (the output's RMS error in its box is not above interpolation's): with a reference, a
+hallucination / omission flag on back-projection or a checkpoint claims exactly what the truth
+checks, and the planted benchmark judges it the same way.
 
 Split: whole scenes / subjects. Optical: calibration = the Sentinel-2 tile, held-out = the Landsat 8
 scene. MRI: calibration = the MNI152 template and pydicom's MR_small slice, held-out = pydicom's
@@ -55,6 +58,7 @@ from domainsr.audit.calibration import (
     ConformalBound,
     DomainCalibration,
     KindRates,
+    KindThresholds,
 )
 from domainsr.audit.results import Region
 from domainsr.degrade import build_degradation, noise_free_operator
@@ -63,9 +67,9 @@ from domainsr.image import SpatialImage
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "audit_calibrate" / "cache"  # per-item results (large; not for committing)
-CODE_VERSION = "3"  # bump when the corpus or the audit rule changes (invalidates the cache)
+CODE_VERSION = "5"  # bump when the corpus or the audit rule changes (invalidates the cache)
 CONFORMAL_VERSION = 2  # the stored terms of the local scale
-IBP_VERSION = 2  # back-projection stopped at the noise level (discrepancy principle)
+IBP_VERSION = 3  # 3: regions store "contradicted" (reference kinds judged by the truth); 2: stopped at the noise level
 RATE = 0.1  # stated honest review regions per million pixels/voxels
 ALPHA = 0.1  # conformal miscoverage
 BLOCK = 4  # conformal block subsampling (SR px per axis)
@@ -312,6 +316,14 @@ def corpus(quick: bool = False) -> list[Item]:
             get = _cached(name, lambda r=rel, d=domain: _cache_file(r, d))
             add(domain, part, f"pyradiomics-{name}", get, [("c", *crop)], vol_degs, interp if not quick else
                 ["linear", "ibp"], (2, 2, 1))
+    iso_degs = [("area-iso", block_mean((2, 2, 2), 0.0, 0.0)), ("gauss1-iso", block_mean((2, 2, 2), 1.0, 0.0))]
+    for name, part, rel, crop in [  # CT volumes x2 on every axis too (an audit of a 3D model's output)
+            ("invesalius-cranium", "calibration", "invesalius/cranium_ct.nii.gz", ((32, 96, 0), (128, 128, 108))),
+            ("pyradiomics-lung1", "calibration", "pyradiomics/lung1_image.nii.gz", ((160, 224, 0), (128, 128, 48))),
+            ("pyradiomics-lung2", "holdout", "pyradiomics/lung2_image.nii.gz", ((192, 128, 0), (128, 128, 60)))]:
+        if have(rel) and not quick:
+            get = _cached(name, lambda r=rel: _cache_file(r, "ct"))
+            add("ct", part, name, get, [("iso-full", *crop)], iso_degs, interp, (2, 2, 2))
     if have("invesalius/cranium_ct.nii.gz"):  # a head CT the ct checkpoint never saw: 1.5 mm -> 6 mm slices
         cran = _cached("cranium", lambda: _cache_file("invesalius/cranium_ct.nii.gz", "ct"))
         add("ct", "calibration", "invesalius-cranium", cran, [("c", (64, 64, 20), (128, 128, 16))], vol_degs,
@@ -357,17 +369,54 @@ def back_projection(lr: SpatialImage, down: Callable[[np.ndarray], np.ndarray], 
     return out.derive(x, step={"step": "iterative back-projection"})
 
 
-def _contradicted(region: Region, sr: np.ndarray, base: np.ndarray, ref: np.ndarray) -> bool:
-    """The truth contradicts a flag where the model's RMS error in its box is not above the baseline's."""
-    sl = (slice(None), *region.slices())
-    e_m = float(np.sqrt(np.mean((sr[sl] - ref[sl]) ** 2)))
-    e_b = float(np.sqrt(np.mean((base[sl] - ref[sl]) ** 2)))
+def _contradicted(region: Region, sr: np.ndarray, base: np.ndarray, ref: np.ndarray, result: Any) -> bool:
+    """The truth contradicts a flag where the output's RMS error is not above the baseline's: on the
+    region's flagged pixels (the hallucinated pixels of the class map in its box for hallucination /
+    inconsistency regions; else the valid box) and in the band it names (``Region.band``; else all
+    bands): the planted benchmark's judge (``audit_planted.true_flag``)."""
+    box = region.slices()
+    px = np.asarray(result.mask[box], bool)
+    cls = {"hallucination": result.classes, "inconsistency": result.lr_classes}.get(region.kind)
+    if cls is not None and np.any(flag := px & (cls[box] == hal.HALLUCINATED)):
+        px = flag
+    bands = list(result.sr.band_names)
+    b = [bands.index(region.band)] if region.band in bands else list(range(sr.shape[0]))
+    e_m = float(np.mean((sr[(b, *box)] - ref[(b, *box)])[:, px] ** 2))
+    e_b = float(np.mean((base[(b, *box)] - ref[(b, *box)])[:, px] ** 2))
     return e_m <= e_b
 
 
-def _regions_json(regions: list[Region], contradicted: list[bool], honest: bool) -> list[dict[str, Any]]:
+#: the kinds a reference decides: their flags can be judged against the truth on any output
+REFERENCE_KINDS = ("hallucination", "omission")
+INTERPOLATIONS = ("cubic", "linear", "lanczos")
+
+
+def false_alarm(kind: str, method: str, contradicted: bool) -> bool:
+    """Whether a region counts against the honest false-alarm rate.
+
+    A region of a reference kind claims "the error here exceeds interpolation's", which the truth
+    checks: on back-projection or a checkpoint it is a false alarm only where the truth contradicts
+    it (the planted benchmark's judgement). Interpolation is the baseline's own family: any
+    hallucination or inconsistency region on it is a false alarm (honest interpolation is never to
+    be flagged as inventing), while an omission region on it (linear interpolation loses the detail
+    cubic keeps) is judged by the truth too. A reference-free region on back-projection
+    (LR-consistent by construction) is always false; on a checkpoint, where the truth contradicts it."""
+    if kind == "omission" or (kind in REFERENCE_KINDS and method not in INTERPOLATIONS):
+        return contradicted
+    if method in INTERPOLATIONS or method == "ibp":
+        return True
+    return contradicted
+
+
+def _is_false(region: dict[str, Any], result: dict[str, Any]) -> bool:
+    """:func:`false_alarm` of a cached corpus region (its stored ``contradicted`` flag)."""
+    return false_alarm(region["kind"], result["method"], bool(region["contradicted"]))
+
+
+def _regions_json(regions: list[Region], contradicted: list[bool], method: str) -> list[dict[str, Any]]:
     return [{"kind": r.kind, "score": r.score, "size": r.size, "bbox": r.bbox_index,
-             "evidence": r.evidence.model_dump(exclude_none=True), "false_alarm": bool(honest or c)}
+             "evidence": r.evidence.model_dump(exclude_none=True), "contradicted": bool(c),
+             "false_alarm": false_alarm(r.kind, method, bool(c))}
             for r, c in zip(regions, contradicted)]
 
 
@@ -386,22 +435,24 @@ def run_item(item: Item) -> dict[str, Any]:
     lr_data = np.asarray(lr.data, np.float32)
     base_enh = interpolation_enhancer("cubic", ref.channels, scale)
     honest = model is None
-    th_ref = AuditThresholds(tta="off")
+    # no hysteresis here: the corpus records every candidate region with its raw score, so the fit
+    # does not depend on the calibration it replaces (the floor is a fraction of the review risk)
+    th_ref = AuditThresholds(tta="off", region_floor=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         held = audit_output(sr, lr, ref, down, thresholds=th_ref, baseline=base_enh, mode="held-out")
-        free = audit_output(sr, lr, None, down, thresholds=AuditThresholds(tta="flips", tta_max=4),
+        free = audit_output(sr, lr, None, down, thresholds=AuditThresholds(tta="flips", tta_max=4, region_floor=0.0),
                             baseline=base_enh, model=model)
     srd = np.asarray(held.sr.data, np.float32)
     based = np.asarray(held.baseline.data, np.float32)
     refd = np.asarray(ref.data, np.float32)
     regions = held.regions + free.regions
-    contra = [_contradicted(r, srd, based, refd) for r in regions]
+    contra = [_contradicted(r, srd, based, refd, res) for res in (held, free) for r in res.regions]
     _conformal_terms(item, lr, down, sr)
     del lr_data
     out = {"name": item.name, "domain": item.domain, "part": item.part, "image": item.image, "method": item.method,
            "degradation": item.degradation, "scale": list(scale), "pixels": int(np.prod(srd.shape[1:])),
-           "honest": honest, "regions": _regions_json(regions, contra, honest),
+           "honest": honest, "regions": _regions_json(regions, contra, item.method),
            "psnr_gain": held.metrics.reference.per_metric.psnr.gain_mean if held.metrics.reference else None,
            "seconds": round(time.perf_counter() - t0, 2)}
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -480,23 +531,39 @@ def _applies(kind: str, res: dict[str, Any]) -> bool:
     return kind != "uncertain" or not res["honest"]
 
 
+def never_on_interpolation(th: KindThresholds, results: list[dict[str, Any]], margin: float = 0.05) -> KindThresholds:
+    """Hallucination thresholds raised so that no calibration interpolation output has a review region:
+    the rate target allows ``RATE`` honest regions per million, but interpolation adds nothing to
+    its input and must never be said to invent structure (the planted benchmark's "zero
+    hallucination regions on honest outputs")."""
+    top = max((g["score"] for r in results if r["method"] in INTERPOLATIONS for g in r["regions"]
+               if g["kind"] == "hallucination"), default=0.0)
+    review = max(th.review, round(top * (1.0 + margin), 4))
+    if review == th.review:
+        return th
+    return KindThresholds(review=review, fail=max(th.fail or 0.0, round(2.0 * review, 4)))
+
+
 def fit(results: list[dict[str, Any]]) -> Calibration:
     domains = sorted({r["domain"] for r in results})
 
     def scores(rs, kind):
-        return [g["score"] for r in rs for g in r["regions"] if g["kind"] == kind and g["false_alarm"]]
+        return [g["score"] for r in rs for g in r["regions"] if g["kind"] == kind and _is_false(g, r)]
 
     def area(rs, kind):
         return sum(r["pixels"] for r in rs if _applies(kind, r)) / 1e6
 
+    def thresholds(rs, kind, fallback=None):
+        th = calib.fit_thresholds(scores(rs, kind), area(rs, kind), rate=RATE, fallback=fallback,
+                                  at_most_review=kind in calib.AT_MOST_REVIEW)
+        return never_on_interpolation(th, rs) if kind == "hallucination" else th
+
     cal_all = [r for r in results if r["part"] == "calibration"]
-    pooled = {k: calib.fit_thresholds(scores(cal_all, k), area(cal_all, k), rate=RATE,
-                                      at_most_review=k in calib.AT_MOST_REVIEW) for k in calib.KINDS}
+    pooled = {k: thresholds(cal_all, k) for k in calib.KINDS}
     out: dict[str, DomainCalibration] = {"default": DomainCalibration(unit="M", kinds=pooled)}
     for d in domains:
         rs = [r for r in cal_all if r["domain"] == d]
-        kinds = {k: calib.fit_thresholds(scores(rs, k), area(rs, k), rate=RATE, fallback=pooled[k],
-                                         at_most_review=k in calib.AT_MOST_REVIEW) for k in calib.KINDS}
+        kinds = {k: thresholds(rs, k, pooled[k]) for k in calib.KINDS}
         out[d] = DomainCalibration(
             unit=UNITS.get(d, "M"), kinds=kinds,
             calibration_items=sorted(r["name"] for r in rs),
@@ -541,11 +608,15 @@ def fit(results: list[dict[str, Any]]) -> Calibration:
         created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), source="calibration.json",
         method=("honest outputs (cubic/linear/lanczos interpolation, iterative back-projection, shipped checkpoints "
                 "on their held-out regions) under block-mean, Gaussian+mean and card degradations with read noise; "
-                "false alarms = every region on interpolation/back-projection, regions the truth contradicts on "
-                f"checkpoints; review at the (k+1)-th largest honest score x1.05, k = floor({RATE} x area in M); "
+                "false alarms = every hallucination/inconsistency region on interpolation, every reference-free region "
+                "on back-projection, otherwise the regions the truth contradicts (the output's error on the region's "
+                "pixels in its band not above interpolation's); "
+                f"review at the (k+1)-th largest honest score x1.05, k = floor({RATE} x area in M), for hallucination at "
+                "least 1.05 x the largest score on interpolation; "
                 "fail = max(1.5 x largest honest score, 2 x review); omission/uncertain at most review; "
-                f"conformal split at alpha={ALPHA} on one pixel per {BLOCK}-px block of the calibration part, the local "
-                "scale's weights chosen there too (smallest median bound on a grid); coverage on one pixel per "
+                f"conformal split at alpha={ALPHA} on one pixel per {BLOCK}-px block of the calibration part, group-robust: "
+                "q = the largest per-group quantile over the calibration groups (subject/scene x scale factors x method), "
+                "the local scale's weights chosen there too (smallest median bound on a grid); coverage on one pixel per "
                 f"{DENSE}-px block of the held-out part"),
         target_review_per_m=RATE, corpus=corpus_info, domains=out)
 
@@ -561,7 +632,7 @@ def measure(cal: Calibration, results: list[dict[str, Any]]) -> None:
                 rs = [r for r in results if r["domain"] == d and r["part"] == part and _applies(kind, r)]
                 if not rs:
                     continue
-                fa = [g for r in rs for g in r["regions"] if g["kind"] == kind and g["false_alarm"]]
+                fa = [g for r in rs for g in r["regions"] if g["kind"] == kind and _is_false(g, r)]
                 risks = [_risk(cal, g, d) for g in fa]
                 setattr(rates, part, calib.rate_stats([g["score"] for g in fa], risks,
                                                       sum(r["pixels"] for r in rs) / 1e6, len(rs)))
@@ -571,10 +642,22 @@ def measure(cal: Calibration, results: list[dict[str, Any]]) -> None:
 WEIGHT_GRID = (0.0, 0.25, 1.0, 4.0, 16.0, 64.0)
 
 
+def group_robust_quantile(groups: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ...]) -> float:
+    """The largest split-conformal quantile of ``|error| / u`` over the calibration groups.
+
+    A pooled quantile covers the calibration mix; a new subject or scene, another scale factor or
+    another method's output is a shift away from it (the pooled fit gave 0.82 held-out coverage on
+    CT; groups of subject x scale alone 0.90). Taking the worst group's quantile makes the bound
+    hold for every calibration subject x scale x method group, the guarantee a reviewer needs for
+    a scan of a kind not seen, at the price of a wider bound."""
+    return max(calib.conformal_quantile(e / np.maximum(calib.combine_scale(t, weights), 1e-12), ALPHA)
+               for e, t in groups)
+
+
 def conformal(cal: Calibration, results: list[dict[str, Any]], items: dict[str, Item]) -> None:
     """Per domain: the local scale's weights (the smallest median bound on the calibration part's
-    fit samples, over :data:`WEIGHT_GRID` cubed), ``q`` on those samples, coverage on the dense
-    samples of both parts."""
+    fit samples, over :data:`WEIGHT_GRID` cubed), the group-robust ``q``
+    (:func:`group_robust_quantile`), coverage on the dense samples of both parts."""
     import itertools
 
     for d, dc in cal.domains.items():
@@ -582,6 +665,7 @@ def conformal(cal: Calibration, results: list[dict[str, Any]], items: dict[str, 
             continue
         data: dict[str, dict[str, list[np.ndarray]]] = {p: {"fe": [], "ft": [], "de": [], "dt": []}
                                                         for p in ("calibration", "holdout")}
+        groups: dict[tuple[str, tuple[int, ...], str], tuple[list[np.ndarray], list[np.ndarray]]] = {}
         for r in results:
             if r["domain"] != d:
                 continue
@@ -591,15 +675,20 @@ def conformal(cal: Calibration, results: list[dict[str, Any]], items: dict[str, 
             part["ft"].append(z["fit_terms"])
             part["de"].append(z["dense_err"])
             part["dt"].append(z["dense_terms"])
+            if r["part"] == "calibration":
+                g = groups.setdefault((r["image"], tuple(r["scale"]), r["method"]), ([], []))
+                g[0].append(z["fit_err"].ravel())
+                g[1].append(z["fit_terms"].reshape(4, -1))
         c = data["calibration"]
         if not c["fe"]:
             continue
-        fe, ft = np.concatenate([e.ravel() for e in c["fe"]]), np.concatenate([t.reshape(4, -1) for t in c["ft"]], 1)
+        fe = np.concatenate([e.ravel() for e in c["fe"]])
+        ft = np.concatenate([t.reshape(4, -1) for t in c["ft"]], 1)
+        per_group = [(np.concatenate(e), np.concatenate(t, 1)) for e, t in groups.values()]
         best = None
         for w in itertools.product(WEIGHT_GRID, repeat=3):
-            u = calib.combine_scale(ft, w)
-            q = calib.conformal_quantile(fe / np.maximum(u, 1e-12), ALPHA)
-            med = float(np.median(q * u))
+            q = group_robust_quantile(per_group, w)
+            med = float(np.median(q * calib.combine_scale(ft, w)))
             if np.isfinite(q) and (best is None or med < best[0] - 1e-9):
                 best = (med, w, q)
         assert best is not None

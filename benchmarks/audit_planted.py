@@ -52,7 +52,8 @@ reference-free with the model's flip TTA); fail / hallucination / review regions
 
 **Flags judged against the truth** (honest outputs and ``audit_checkpoint`` of each shipped direct model
 on its card's held-out region): a review/fail region is *true* when the output's error against the
-held-out truth (RMS over bands, each band in its noise sigma) exceeds the audit baseline's (cubic
+held-out truth (RMS in noise sigma over the band the region names, ``Region.band``: the band whose
+evidence peaks there; else over all bands) exceeds the audit baseline's (cubic
 a = -0.5) on the region's flagged pixels (the class map's hallucinated pixels in its box; the whole
 box for uncertain/omission regions); ``true (box)``: the same on the whole box. A fail that is not true
 is *contradicted*.
@@ -685,11 +686,14 @@ def _region_pixels(result: AuditResult, region: Any) -> tuple[tuple[slice, ...],
 
 def true_flag(result: AuditResult, sr: np.ndarray, base: np.ndarray, ref: np.ndarray, sigma: np.ndarray,
               region: Any) -> tuple[bool, bool]:
-    """Whether the output's error against the truth (RMS over bands in noise sigma) exceeds the
-    interpolation baseline's: on the region's flagged pixels, and on its whole box."""
+    """Whether the output's error against the truth (RMS in noise sigma) exceeds the interpolation
+    baseline's: on the region's flagged pixels, and on its whole box. The RMS is over the band the
+    region names (``Region.band``: the flag claims that band is wrong there), else over all bands."""
     box, px = _region_pixels(result, region)
     w = 1.0 / sigma.reshape((-1,) + (1,) * (sr.ndim - 1))
-    e_out, e_int = ((x[(slice(None), *box)] - ref[(slice(None), *box)]) * w for x in (sr, base))
+    names = list(result.sr.band_names)
+    bands = [names.index(region.band)] if region.band in names else list(range(sr.shape[0]))
+    e_out, e_int = ((x[(bands, *box)] - ref[(bands, *box)]) * w[bands] for x in (sr, base))
     on_px = bool(np.mean(e_out[:, px] ** 2) > np.mean(e_int[:, px] ** 2))
     return on_px, bool(np.mean(e_out ** 2) > np.mean(e_int ** 2))
 

@@ -24,9 +24,18 @@ both grids degraded) and the guided engine.
 scored mask, mean over bands); 1 = as sharp as the truth, < 1 smoother. ``speed``: LR megapixels
 (megavoxels) per second of the engine on the held-out input, after a small warm-up run.
 
+``invented extremes`` (issue 16, :func:`domainsr.engine.consistency.invented_extremes`): the share
+of scored pixels (bands pooled) that leave the local LR range (3x3 LR neighbourhood, nearest on
+the SR grid) by more than 25 % of it AND err more than 3x the best interpolation there; beside it
+how often the model and the true HR leave that range at all.
+
+``--consistency SETTINGS`` (repeatable) also scores each direct model with the engine's
+data-consistency stage (``ModelCard.consistency`` fields, e.g. ``iterations=3,noise_tolerance=2``)
+against the same baselines, in the held-out and robustness tests: the "Data consistency" table.
+
 Robustness (degradations the model was not trained on): the Sentinel-2 model under ANCHORS' operator
 (Gaussian sigma 1 + 2x2 mean) and cross-sensor on a Landsat 8 scene (whole scene: never seen); the
-MRI x2 model under k-space truncation.
+MRI x2 model under k-space truncation and under Gaussian sigma 1 + 2x2x2 mean.
 
 Results: printed, and written to ``benchmarks/results/quality.{json,md}``.
 """
@@ -51,9 +60,12 @@ import torch
 from domainsr.audit import crop_to_multiple, heldout_region
 from domainsr.degrade import build_degradation, primary_spec
 from domainsr.engine import PatchInferer
+from domainsr.engine.consistency import invented_extremes
+from domainsr.errors import ConfigError
 from domainsr.image import SpatialImage
 from domainsr.io.atomic import atomic_path
 from domainsr.models import build_model
+from domainsr.models.card import ConsistencySettings
 from domainsr.models.checkpoints import ModelCard, load_checkpoint, read_card, resolve_checkpoint
 from domainsr.models.guided import guided_bands, is_guided
 from domainsr.train.datasets import EvalPair
@@ -95,6 +107,8 @@ class Case:
     scale: tuple[int, ...]
     run: Callable[[np.ndarray], np.ndarray]  # LR (C, *sp) -> SR, through the engine
     note: str = ""
+    #: the same with the data-consistency stage, per settings: (settings, run)
+    runs_dc: list[tuple[ConsistencySettings, Callable[[np.ndarray], np.ndarray]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,6 +126,19 @@ def interpolate(name: str, lr: np.ndarray, scale: Sequence[int]) -> np.ndarray:
     net = build_model(name, spatial_dims=lr.ndim - 1, in_channels=lr.shape[0], scale=tuple(scale))
     with torch.no_grad():
         return net(torch.from_numpy(np.ascontiguousarray(lr, np.float32))[None])[0].numpy()
+
+
+def extremes(outs: Sequence[np.ndarray], interp: Sequence[np.ndarray], case: Case,
+             masks: Sequence[np.ndarray]) -> dict[str, float]:
+    """Issue 16's invented extremes of the model against the best interpolation
+    (:func:`domainsr.engine.consistency.invented_extremes`), pooled over the case's pairs: shares of
+    the scored pixels (bands pooled) that are invented, that leave the local LR range, and that
+    leave it in the true HR."""
+    parts = [invented_extremes(o, p.hr, b, p.lr, case.scale, m) for o, b, p, m in zip(outs, interp, case.pairs, masks)]
+    w = [e.n for e in parts]
+    return {"invented": float(np.average([e.invented for e in parts], weights=w)),
+            "output_leaves": float(np.average([e.output_leaves for e in parts], weights=w)),
+            "truth_leaves": float(np.average([e.truth_leaves for e in parts], weights=w))}
 
 
 def evaluate(case: Case) -> dict[str, Any]:
@@ -134,12 +161,22 @@ def evaluate(case: Case) -> dict[str, Any]:
     rows["model"]["seconds"] = seconds
     rows["model"]["lr_mpx_per_s"] = lr_px / seconds / 1e6
     best = max(BASELINES, key=lambda b: rows[b]["psnr"])
+    rows["model"]["extremes"] = extremes(outs, cands[best], case, masks)
+    dc = []
+    for settings, run_dc in case.runs_dc:  # the model with the data-consistency stage, same baselines
+        t0 = time.perf_counter()
+        outs_dc = [run_dc(p.lr) for p in case.pairs]
+        psnr, ssim, _, _ = score(outs_dc, case.pairs, case.scale)
+        dc.append({"settings": settings.model_dump(), "psnr": psnr, "ssim": ssim,
+                   "seconds": time.perf_counter() - t0, "gain_vs_best": psnr - rows[best]["psnr"],
+                   "gain_vs_cubic": psnr - rows["cubic"]["psnr"],
+                   "extremes": extremes(outs_dc, cands[best], case, masks)})
     return {
         "metrics": rows, "best_baseline": best, "data_range": rng, "n_scored": n, "lr_pixels": lr_px,
         "hr_shape": [list(p.hr.shape) for p in case.pairs], "scale": list(case.scale),
         "gain_vs_cubic": rows["model"]["psnr"] - rows["cubic"]["psnr"],
         "gain_vs_linear": rows["model"]["psnr"] - rows["linear"]["psnr"],
-        "gain_vs_best": rows["model"]["psnr"] - rows[best]["psnr"],
+        "gain_vs_best": rows["model"]["psnr"] - rows[best]["psnr"], **({"consistency": dc} if dc else {}),
         "note": case.note, **case.extra,
     }
 
@@ -179,7 +216,7 @@ def _lr_image(ref: SpatialImage, lr: np.ndarray, scale: Sequence[int]) -> Spatia
 
 
 def direct_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: Any, rng: np.random.Generator,
-                note: str = "") -> Case:
+                note: str = "", dc: Sequence[ConsistencySettings] = ()) -> Case:
     """A direct (2D or 3D) model on the reference ``ref`` (already the held-out region)."""
     module, _ = load_checkpoint(path)
     scale = tuple(card.scale)
@@ -190,7 +227,13 @@ def direct_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: Any
     with torch.inference_mode():
         module.prepare(_lr_image(ref, lr, scale))  # per-image normalisation from the input, as enhance_item
     inferer = _inferer(module)
-    return Case([EvalPair(hr, lr, fg, None)], scale, lambda x: inferer.run(x), note)
+    runs = []
+    for d in dc:
+        try:
+            runs.append((d, _inferer(module, consistency=d).run))
+        except ConfigError as exc:  # e.g. a noise tolerance for a card whose degradation has no noise
+            log.info("%s: data consistency %s left out: %s", card.name, _dc_label(d.model_dump()), exc.message)
+    return Case([EvalPair(hr, lr, fg, None)], scale, lambda x: inferer.run(x), note, runs_dc=runs)
 
 
 def _planes(card: ModelCard) -> list[tuple[int, int]]:
@@ -290,7 +333,7 @@ def guided_case(card: ModelCard, path: Path, quick: bool) -> Case:
     return Case([ep], scale, run, f"guided by {guide}; baselines interpolate the target bands alone")
 
 
-def model_case(name: str, path: Path, quick: bool) -> Case:
+def model_case(name: str, path: Path, quick: bool, dc: Sequence[ConsistencySettings] = ()) -> Case:
     card = read_card(path)
     if is_guided(card):
         return guided_case(card, path, quick)
@@ -303,7 +346,7 @@ def model_case(name: str, path: Path, quick: bool) -> Case:
     deg = build_degradation(primary_spec(card.degradation))  # a training mix: scored on its primary
     if card.application == "slicewise":
         return slicewise_case(card, path, ref, deg, _seed(card))
-    return direct_case(card, path, ref, deg, _seed(card))
+    return direct_case(card, path, ref, deg, _seed(card), dc=dc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +369,8 @@ def landsat_as_s2(crop: int | None) -> SpatialImage:
     return _crop(out, crop)
 
 
-def robustness_cases(done: dict[str, Path], quick: bool) -> list[tuple[str, str, Callable[[], Case]]]:
+def robustness_cases(done: dict[str, Path], quick: bool,
+                     dc: Sequence[ConsistencySettings] = ()) -> list[tuple[str, str, Callable[[], Case]]]:
     out: list[tuple[str, str, Callable[[], Case]]] = []
     size2 = QUICK[2] if quick else None
     if "sentinel2-rgbn-x2" in done:
@@ -337,7 +381,7 @@ def robustness_cases(done: dict[str, Path], quick: bool) -> list[tuple[str, str,
         def s2_anchor(card: ModelCard = card, p: Path = p) -> Case:
             ref = _crop(heldout_region(card, _read_source(card.training_data.source), "test"), size2)
             return direct_case(card, p, ref, build_degradation(anchors), _seed(card),
-                               f"held-out test region under ANCHORS' operator {anchors} (noise-free)")
+                               f"held-out test region under ANCHORS' operator {anchors} (noise-free)", dc)
 
         oli = {"kind": "optical", "scale": [2, 2], "mtf": 0.25}  # LANDSAT_OLI_MTF in degrade.optical
 
@@ -345,7 +389,7 @@ def robustness_cases(done: dict[str, Path], quick: bool) -> list[tuple[str, str,
             return direct_case(card, p, landsat_as_s2(size2), build_degradation(oli), np.random.default_rng(0),
                                f"Landsat 8 B2,B3,B4,B5 renamed B02,B03,B04,B08 (bypasses the card's band check), "
                                f"DN -> TOA reflectance x 10000; Wald 30 m -> 60 m with {oli} (noise-free); "
-                               "whole scene")
+                               "whole scene", dc)
 
         out += [("sentinel2-rgbn-x2", "ANCHORS gaussian_mean sigma 1", s2_anchor),
                 ("sentinel2-rgbn-x2", "cross-sensor Landsat 8 (30 -> 60 m)", s2_landsat)]
@@ -358,10 +402,19 @@ def robustness_cases(done: dict[str, Path], quick: bool) -> list[tuple[str, str,
             ref = _crop(heldout_region(card, _read_source(card.training_data.source), "test"),
                         QUICK[3] if quick else None)
             return direct_case(card, p, ref, build_degradation(kspace), _seed(card),
-                               f"held-out test region under k-space truncation {kspace} (noise-free)")
+                               f"held-out test region under k-space truncation {kspace} (noise-free)", dc)
+
+        gauss = {"kind": "gaussian_mean", "scale": [2, 2, 2], "sigma": 1.0}
+
+        def mri_gauss(card: ModelCard = card, p: Path = p) -> Case:
+            ref = _crop(heldout_region(card, _read_source(card.training_data.source), "test"),
+                        QUICK[3] if quick else None)
+            return direct_case(card, p, ref, build_degradation(gauss), _seed(card),
+                               f"held-out test region under {gauss} (noise-free)", dc)
 
         mixed = card.degradation.get("kind") == "one_of"
         out.append(("mri-t1-x2", "MRI k-space truncation" + (" (in its training mix)" if mixed else ""), mri_kspace))
+        out.append(("mri-t1-x2", "gaussian_mean sigma 1", mri_gauss))
     return out
 
 
@@ -388,16 +441,76 @@ def _target(name: str, r: dict[str, Any], results: dict[str, Any]) -> tuple[str,
     return "-", None
 
 
+def _extremes_cell(model: dict[str, Any]) -> str:
+    e = model.get("extremes")
+    if not e:
+        return "-"
+    return f"{100 * e['invented']:.3f} ({100 * e['output_leaves']:.1f} / {100 * e['truth_leaves']:.1f})"
+
+
+def dc_markdown(report: dict[str, Any]) -> list[str]:
+    """The data-consistency section: each direct model and robustness test, stage off vs on."""
+    rows = [(n, "held-out (card's degradation)", r) for n, r in report["models"].items()]
+    rows += [(r["model"], r["test"], r) for r in report["robustness"]]
+    rows = [x for x in rows if x[2].get("consistency")]
+    if not rows:
+        return []
+    head = ("| model | test | data consistency | gain vs best (dB) | invented extremes % | leaves % (HR) | "
+            "engine seconds |")
+    out = ["", "## Data consistency (the engine's optional stage, off vs on)", "",
+           ("Back-projection x <- x + step * U(lr - D(x)) through the card's noise-free degradation D "
+            "(domainsr.engine.consistency), then an optional clamp to the local LR range widened by clamp_margin; "
+            "also where the test degrades otherwise (D is then the wrong operator). A setting a card cannot use "
+            "(a noise tolerance where its degradation states no noise) is left out for it."), "",
+           head, "|" + "---|" * 7]
+    for model, test, r in rows:
+        m = r["metrics"]["model"]
+        for label, d in [("off", {**m, "gain_vs_best": r["gain_vs_best"]}),
+                         *((_dc_label(d["settings"]), d) for d in r["consistency"])]:
+            e = d["extremes"]
+            out.append(f"| {model} | {test} | {label} | {d['gain_vs_best']:+.2f} ({r['best_baseline']}) | "
+                       f"{100 * e['invented']:.3f} | {100 * e['output_leaves']:.1f} ({100 * e['truth_leaves']:.1f}) | "
+                       f"{d['seconds']:.1f} |")
+    return out
+
+
+def _dc_label(settings: dict[str, Any]) -> str:
+    text = f"{settings['iterations']} x {settings['upsampler']}"
+    if settings["step"] != 1.0:
+        text += f", step {settings['step']:g}"
+    if settings.get("noise_tolerance"):
+        text += f", within {settings['noise_tolerance']:g} noise std"
+    if settings["clamp_margin"] is not None:
+        text += f", clamp {settings['clamp_margin']:g}"
+    return text
+
+
+def parse_consistency(text: str | None) -> ConsistencySettings | None:
+    """``iterations=3,upsampler=cubic,clamp_margin=0.25`` -> settings (``None``/empty: none)."""
+    if not text:
+        return None
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        values[key.strip()] = None if value.strip().lower() == "none" else value.strip()
+    return ConsistencySettings.model_validate(values)
+
+
 def markdown(report: dict[str, Any]) -> str:
     res, rob = report["models"], report["robustness"]
     unit = {2: "Mpx/s", 3: "Mvox/s"}
     head = ("| task | model | model PSNR / SSIM | nearest | linear | cubic | lanczos | gain vs cubic | "
-            "gain vs linear | gain vs best | grad energy model / cubic / best | speed (LR) | target | pass |")
+            "gain vs linear | gain vs best | grad energy model / cubic / best | invented extremes % (leaves: model / HR) | "
+            "speed (LR) | target | pass |")
     lines = [f"# Quality benchmark ({report['mode']})", "",
              ("PSNR dB / SSIM on held-out real data (the card's test region; whole degraded region; valid "
              "(foreground) pixels without a 2 LR px border). 'linear'/'cubic' = bi-/tri-linear/cubic. Grad "
              "energy = mean |grad|^2 of the output / that of the HR reference (1 = as sharp as the truth)."),
-             "Degradation: the card's own (with its noise, seeded as the trainer's test pair).", "",
+             "Degradation: the card's own (with its noise, seeded as the trainer's test pair).",
+             ("Invented extremes (issue 16): % of scored pixels (bands pooled) that leave the local LR range "
+              "(3x3 LR neighbourhood min/max, nearest on the SR grid) by more than 25 % of it AND err more than "
+              "3x the best interpolation there; in brackets the % leaving the range at all, for the model and "
+              "for the true HR (leaving alone is no defect)."), "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in res.items():
         if "metrics" not in r:
@@ -413,22 +526,24 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{r['gain_vs_best']:+.2f} ({r['best_baseline']})",
                  (f"{m['model']['grad_energy']:.3f} / {m['cubic']['grad_energy']:.3f} / "
                  f"{m[r['best_baseline']]['grad_energy']:.3f}"),
-                 f"{m['model']['lr_mpx_per_s']:.3f} {unit.get(nd, '')}", tgt,
+                 _extremes_cell(m["model"]), f"{m['model']['lr_mpx_per_s']:.3f} {unit.get(nd, '')}", tgt,
                  "-" if ok is None else ("PASS" if ok else "FAIL")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Robustness (degradations the models were not trained on)", "",
               ("| model | test | model PSNR / SSIM | linear | cubic | lanczos | gain vs cubic | gain vs best | "
-              "grad energy model / cubic | note |"), "|" + "---|" * 10]
+              "grad energy model / cubic | invented extremes % (leaves: model / HR) | note |"), "|" + "---|" * 11]
     for r in rob:
         if "metrics" not in r:
-            lines.append(f"| {r['model']} | {r['test']} | error: {r.get('error')} |" + " |" * 7)
+            lines.append(f"| {r['model']} | {r['test']} | error: {r.get('error')} |" + " |" * 8)
             continue
         m = r["metrics"]
         lines.append("| " + " | ".join([
             r["model"], r["test"], f"{m['model']['psnr']:.2f} / {m['model']['ssim']:.4f}",
             *(f"{m[b]['psnr']:.2f} / {m[b]['ssim']:.4f}" for b in ("linear", "cubic", "lanczos")),
             f"{r['gain_vs_cubic']:+.2f}", f"{r['gain_vs_best']:+.2f} ({r['best_baseline']})",
-            f"{m['model']['grad_energy']:.3f} / {m['cubic']['grad_energy']:.3f}", r["note"]]) + " |")
+            f"{m['model']['grad_energy']:.3f} / {m['cubic']['grad_energy']:.3f}", _extremes_cell(m["model"]),
+            r["note"]]) + " |")
+    lines += dc_markdown(report)
     lines += ["", "Notes: " + "; ".join(f"{k}: {v['note']}" for k, v in res.items() if v.get("note")), "",
               (f"Machine: {report['machine']}; torch {report['torch']}, {THREADS} threads, CPU; "
               f"{report['seconds']:.0f} s in all.")]
@@ -455,7 +570,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", nargs="*", default=list(SHIPPED), help="checkpoint names (default: all shipped)")
     ap.add_argument("--no-robustness", action="store_true", help="skip the robustness section")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.json and quality.md")
+    ap.add_argument("--consistency", action="append", default=[], metavar="SETTINGS",
+                    help="also score direct models with the engine's data-consistency stage, e.g. "
+                         "'iterations=3,upsampler=cubic,clamp_margin=0.25' (ModelCard.consistency fields); "
+                         "repeat for several settings")
     args = ap.parse_args(argv)
+    dc = [d for d in (parse_consistency(t) for t in args.consistency) if d is not None]
     t0 = time.perf_counter()
     paths = shipped(args.models)
     results: dict[str, Any] = {}
@@ -465,13 +585,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         log.info("evaluating %s", name)
         try:
-            results[name] = evaluate(model_case(name, path, args.quick))
+            results[name] = evaluate(model_case(name, path, args.quick, dc))
         except Exception as exc:
             log.exception("%s failed", name)
             results[name] = {"status": f"error: {type(exc).__name__}: {exc}"}
     rob = []
     if not args.no_robustness:
-        for model, test, make in robustness_cases({k: v for k, v in paths.items() if v is not None}, args.quick):
+        for model, test, make in robustness_cases({k: v for k, v in paths.items() if v is not None}, args.quick, dc):
             log.info("robustness: %s, %s", model, test)
             try:
                 rob.append({"model": model, "test": test, **evaluate(make())})
@@ -480,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 rob.append({"model": model, "test": test, "error": f"{type(exc).__name__}: {exc}"})
     targets = {n: dict(zip(("target", "pass"), _target(n, r, results))) for n, r in results.items() if "metrics" in r}
     report = {"mode": "quick (cropped held-out regions)" if args.quick else "full held-out regions",
-              "protocol": __doc__, "models": results, "targets": targets, "robustness": rob,
+              "protocol": __doc__, "consistency": [d.model_dump() for d in dc], "models": results, "targets": targets, "robustness": rob,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cpus",
               "torch": torch.__version__, "threads": THREADS, "seconds": time.perf_counter() - t0}
     md = markdown(report)

@@ -203,7 +203,11 @@ def _check_model(name: str, scale: str | int | list[int] | None) -> None:
     a scale: a usage error."""
     from domainsr.app import parse_scale
     from domainsr.models.names import check_model
+    from domainsr.train.selfsup import check_factor, is_self_supervised, parse_settings
 
+    if is_self_supervised(name):
+        _checked(lambda: (parse_settings(name), check_factor(parse_scale(scale))))
+        return
     _checked(lambda: check_model(name, parse_scale(scale)))
 
 
@@ -241,11 +245,19 @@ def _check_enhance(inputs: list[str] | None, config: Path | None, model: str | N
     _check_out(out)
 
 
-def model_reference(model: str | None, input_range: str | None) -> str | None:
+def model_reference(model: str | None, input_range: str | None, budget: float | None = None) -> str | None:
     """``--model`` as the flow takes it: third-party weights carry ``--input-range`` along
-    (``FILE.pth?input_range=LO,HI``); an untrained registry architecture gets a loud warning."""
+    (``FILE.pth?input_range=LO,HI``), the self-supervised mode ``--budget``
+    (``self-supervised?budget=S``); an untrained registry architecture gets a loud warning."""
     from domainsr.models.names import is_weights_file
+    from domainsr.train.selfsup import is_self_supervised, parse_settings
 
+    if budget is not None:
+        if model is None or not is_self_supervised(model) or input_range is not None:
+            fail(ConfigError("--budget applies to --model self-supervised only"))
+        model = f"{model}{'&' if '?' in model else '?'}budget={budget:g}"
+        _checked(lambda: parse_settings(model))
+        return model
     if model is None or not is_weights_file(model):
         if input_range is not None:
             fail(ConfigError("--input-range applies to third-party weights (--model FILE.pth) only"))
@@ -406,8 +418,10 @@ def enhance(
         "runner.")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Instead of --config: a checkpoint (e.g. mri_t1_x2, or a path to its .json), "
-        "a registered model (e.g. cubic, alias bicubic; see `domainsr models list`), or third-party SR "
-        "weights (FILE.pth / .safetensors: ESRGAN, Real-ESRGAN, SwinIR, HAT, SPAN, ... via spandrel).")] = None,
+        "a registered model (e.g. cubic, alias bicubic; see `domainsr models list`), third-party SR "
+        "weights (FILE.pth / .safetensors: ESRGAN, Real-ESRGAN, SwinIR, HAT, SPAN, ... via spandrel), or "
+        "self-supervised (MRI/CT thick slices, --scale 1,1,K: a net trained on the scan's own in-plane "
+        "slices, its card written beside the output).")] = None,
     input_range: Annotated[str | None, typer.Option(
         "--input-range", help="With --model FILE.pth: the input values LO,HI that map to the weights' 0..1 "
         "(needed for multispectral and medical images; 8/16-bit RGB or grey files default to their "
@@ -436,6 +450,9 @@ def enhance(
         "--dask-address).")] = None,
     dask_address: Annotated[str | None, typer.Option(
         "--dask-address", help="Scheduler of an existing Dask cluster, e.g. tcp://scheduler:8786.")] = None,
+    budget: Annotated[float | None, typer.Option(
+        "--budget", help="With --model self-supervised: training seconds per scan (default 300; the best "
+        "held-out weights so far are used when it ends).")] = None,
     as_json: JsonOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -452,10 +469,12 @@ def enhance(
 
       domainsr enhance ct_series/ --model ct_slices_x4 --out out/
 
+      domainsr enhance thick.nii.gz --model self-supervised --scale 1,1,4 --budget 300 --out out/
+
       domainsr enhance --config configs/sentinel2_x2.yaml scene_folder/ --out out/
     """
     _check_enhance(inputs, config, model, scale, runner, band_map, suffix, out)
-    model = model_reference(model, input_range)
+    model = model_reference(model, input_range, budget)
     from flows.enhance import enhance_flow
 
     with progress_bars(progress and not as_json):

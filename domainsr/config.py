@@ -39,7 +39,12 @@ class TilingConfig(StrictModel):
     stream_above_mpx: float | None = Field(
         64.0, gt=0, description="single-file rasters with more LR megapixels are streamed window by window "
         "(bounded memory) and audited on a central window; null: never stream")
-    stream_audit_window: int = Field(2048, ge=64, description="LR side of the audited window of a streamed raster")
+    stream_audit_window: int = Field(2048, ge=64, description="LR side of the central probe window of a streamed "
+                                     "raster (band and model checks, input statistics); the audit covers the whole "
+                                     "scene from the files")
+    consistency: bool | None = Field(None, description="data-consistency stage after the network (back-projection "
+                                     "through the card's degradation, windowed): true/false force it on/off; "
+                                     "null: the model card's setting")
 
 
 class OutputConfig(StrictModel):

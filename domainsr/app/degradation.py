@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,6 @@ SpecKind = Literal["area", "gaussian", "mtf", "card", "auto"]
 MTF_SENSORS: tuple[str, ...] = tuple(sorted(SENSORS))
 #: ``--degradation``'s forms, for help texts.
 SPEC_FORMS = ("auto", "area", "gaussian:SIGMA", *(f"mtf:{s}" for s in MTF_SENSORS), "card:MODEL")
-_DICOM_MODEL = re.compile(r"by DomainSR model ([^\s;]+)")
 
 
 @dataclass(frozen=True)
@@ -157,12 +155,13 @@ def choose_operator(spec: DegradationSpec | str | None, sr_path: str | Path | No
         return AuditOperator("area", "auto: the SR file carries no DomainSR provenance naming its model; area "
                              "average assumed (say --degradation to choose)", scale, asked="auto")
     name, where = found
+    shown = Path(name).name if name.endswith(".json") else name  # a card path: its folder may name a patient
     try:
         card_path(name)
     except ConfigError:
-        return AuditOperator("area", f"auto: {where} names model {name!r}, which has no model card here; area "
+        return AuditOperator("area", f"auto: {where} names model {shown!r}, which has no model card here; area "
                              "average assumed", scale, asked="auto")
-    return _card_operator(name, scale, channels, bands, "auto", f"auto: {where} names model {name!r};")
+    return _card_operator(name, scale, channels, bands, "auto", f"auto: {where} names model {shown!r};")
 
 
 def _operator(spec: dict[str, Any], scale: Sequence[int], channels: int) -> NoiseFreeOperator:
@@ -256,9 +255,15 @@ def provenance_model(path: str | Path) -> tuple[str, str] | None:
     side = p.with_name(p.name + ".provenance.json")
     if side.is_file():
         try:
-            model = json.loads(side.read_text(encoding="utf-8")).get("provenance", {}).get("model") or {}
+            record = json.loads(side.read_text(encoding="utf-8"))
+            model = record.get("provenance", {}).get("model") or {}
+            extras = record.get("extras") or {}
         except (OSError, ValueError, AttributeError):
-            model = {}
+            model, extras = {}, {}
+        card = extras.get("card.json") if isinstance(extras, dict) else None
+        if isinstance(model, dict) and model.get("kind") == "self-supervised" and isinstance(card, str):
+            # a per-scan model: its card lies beside the output
+            return str(p.parent / Path(card).name), f"its provenance file {side.name} (the per-scan model card beside it)"
         name = model.get("name") if isinstance(model, dict) else None
         if name:
             return str(name), f"its provenance file {side.name}"
@@ -270,33 +275,11 @@ def provenance_model(path: str | Path) -> tuple[str, str] | None:
 
 
 def _embedded_model(p: Path) -> str | None:
-    from domainsr.io import detect_format
+    from domainsr.io import FORMATS, OUTPUTS, detect_format
 
-    fmt = detect_format(p)
-    if fmt == "raster":
-        import rasterio
-
-        with rasterio.open(p) as ds:
-            return ds.tags().get("DOMAINSR_MODEL") or None
-    if fmt == "nifti":
-        import nibabel as nib
-
-        from domainsr.io.nifti import DERIVED_DESCRIP
-
-        text = bytes(nib.load(str(p)).header["descrip"].tobytes()).split(b"\0")[0].decode("latin-1").strip()
-        if not text.startswith(DERIVED_DESCRIP):
-            return None
-        return text[len(DERIVED_DESCRIP):].strip() or None
-    if fmt == "dicom":
-        import pydicom
-
-        first = min((f for f in (p.iterdir() if p.is_dir() else [p]) if f.is_file()), default=None)
-        if first is None:
-            return None
-        ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["DerivationDescription"])
-        m = _DICOM_MODEL.search(str(ds.get("DerivationDescription", "")))
-        return m.group(1) if m else None
-    return None
+    fmt = FORMATS.get(detect_format(p))
+    out = OUTPUTS.get(fmt.output) if fmt is not None else None
+    return out.marker_model(p) if out is not None else None
 
 
 __all__ = ["MTF_SENSORS", "SPEC_FORMS", "AuditOperator", "DegradationSpec", "card_degradation", "card_path",

@@ -6,6 +6,7 @@ writes the output, the audit report (HTML + JSON) and the risk map, provenance l
 How the image is enhanced is a strategy; the steps around it are shared:
 
 * :class:`InMemory`: the whole image in memory through the patch engine (the default);
+* :class:`SelfSupervised`: ``--model self-supervised``, a network trained on the scan's own slices;
 * :class:`Guided`: a guided checkpoint (e.g. Sentinel-2 20 m bands guided by the 10 m bands):
   the card's target bands of a band set, on the guide grid;
 * :class:`Streamed`: a large single-file raster, window by window into the output COG (bounded
@@ -16,12 +17,13 @@ exports are often named after the patient, and these messages reach logs and Pre
 """
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from domainsr.app.audits import audit_item, audit_item_files
 from domainsr.app.inputs import input_for, mapped_band_names, raster_bands, read_item
-from domainsr.app.models import load_model
+from domainsr.app.models import load_model, self_supervised_axis, slicewise_descriptor
 from domainsr.app.progress import audit_progress, tile_progress
 from domainsr.app.runs import ItemResult, RunSpec
 from domainsr.bands import apply_band_map
@@ -40,8 +42,10 @@ from domainsr.io.formats import FORMATS
 from domainsr.limits import check_disk, check_fits, decoded_bytes, fits, memory_budget
 from domainsr.retry import is_transient
 from domainsr.stores.base import Item, Store
+from domainsr.train.selfsup import SELF_SUPERVISED
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger("domainsr.app")
 
 
 @dataclass
@@ -84,8 +88,10 @@ def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
 
 
 def strategy_for(store: Store, item: Item, spec: RunSpec) -> Strategy:
-    """Streamed for a large single-file raster (:func:`streams`), guided for a guided
-    checkpoint, else in memory."""
+    """Self-supervised for ``--model self-supervised``, streamed for a large single-file raster
+    (:func:`streams`), guided for a guided checkpoint, else in memory."""
+    if spec.model.get("kind") == SELF_SUPERVISED:
+        return SelfSupervised()
     if streams(store, item, spec):
         return Streamed()
     return Guided() if spec.model.get("guided") else InMemory()
@@ -166,6 +172,62 @@ class Guided(Strategy):
             sr = enhance_guided(lr, g, inferer)
         info = {k: v for k, v in spec.model.items() if k != "path"}
         return Enhanced(lr, info, scale_of(sr, lr), sr=sr)
+
+
+class SelfSupervised(Strategy):
+    """``--model self-supervised``: a 2D net trained on this scan's own in-plane slices within the
+    budget (:func:`~domainsr.train.selfsup.train_self_supervised`), run through-plane as a slice-wise
+    checkpoint, audited against that checkpoint's card (its slice profile) and written with the card
+    and weights beside the output (``<output>.card.json`` / ``.card.pt``)."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="domainsr-selfsup-")
+        self.card_path: Path | None = None
+
+    def enhance(self, store: Store, item: Item, spec: RunSpec, progress: Progress) -> Enhanced:
+        import torch
+
+        from domainsr.models.descriptor import from_checkpoint
+        from domainsr.train.selfsup import SelfSupSettings, train_self_supervised
+
+        cfg = spec.config
+        img = input_for(read_item(store, item, cfg), cfg.bands, spec.model)
+        check_domain(img, cfg, item)
+        axis, factor = self_supervised_axis(img, spec.model["scale"], item.id)
+        check_job_memory(img.channels, img.spatial_shape, factor, item.id)
+        settings = SelfSupSettings.model_validate(spec.model["settings"])
+        res = train_self_supervised(img, axis, factor, settings, self.tmp.name, threads=cfg.tiling.threads)
+        self.card_path = res.checkpoint
+        model = from_checkpoint(res.checkpoint)
+        model.prepare(img)
+        model = slicewise_descriptor(model, axis)
+        with torch.inference_mode():
+            sr = enhance_image_checked(img, patch_inferer(model, cfg, progress), item)
+        val = res.card.metrics["val"]
+        summary = {"card": res.card.name, "steps": res.steps, "best_step": res.best_step,
+                   "seconds": round(res.seconds, 1), "budget_s": settings.budget, "profile": res.profile,
+                   "val_psnr": round(val.psnr, 3), "val_baseline": val.baseline, "val_gain_db": round(val.gain_db, 3)}
+        info = {**spec.model, **model.record(), "kind": SELF_SUPERVISED, "name": SELF_SUPERVISED,
+                "scale": list(model.scale), "self_supervised": summary}
+        return Enhanced(img, info, scale_of(sr, img), module=model, sr=sr, run={"self_supervised": summary},
+                        note=f" (self-supervised: {res.steps} steps in {res.seconds:.0f} s; held-out gain "
+                        f"{val.gain_db:+.2f} dB over {val.baseline})")
+
+    def audit(self, made: Enhanced, spec: RunSpec, out_dir: str, progress: Progress, link_stem: str | None
+              ) -> tuple[dict[str, Path], str, list[str]]:
+        """The audit with the trained checkpoint as the model: its card's degradation."""
+        ident = {"kind": "checkpoint", "name": made.info["self_supervised"]["card"], "path": str(self.card_path)}
+        return super().audit(made, replace(spec, model=ident), out_dir, progress, link_stem)
+
+    def write(self, store: Store, item: Item, spec: RunSpec, made: Enhanced, run: dict[str, Any],
+              extras: dict[str, Path]) -> Any:
+        """The output with the card and weights beside it (``card.json``, ``card.pt``)."""
+        assert self.card_path is not None
+        try:
+            return super().write(store, item, spec, made, run, {
+                **extras, "card.json": self.card_path, "card.pt": self.card_path.with_suffix(".pt")})
+        finally:
+            self.tmp.cleanup()
 
 
 class Streamed(Strategy):
@@ -299,7 +361,7 @@ def patch_inferer(model: Any, config: EnhanceConfig, progress: Progress | None) 
 
     t = config.tiling
     return PatchInferer(model, tile=t.tile, overlap=t.overlap, batch_size=t.batch_size, device=t.device,
-                        amp=t.amp, blend=t.blend, threads=t.threads, progress=progress)
+                        amp=t.amp, blend=t.blend, threads=t.threads, progress=progress, consistency=t.consistency)
 
 
 def enhance_image_checked(img: SpatialImage, inferer: Any, item: Item) -> SpatialImage:

@@ -1,7 +1,7 @@
 """Model resolution: which model a reference names (a checkpoint with its model card, third-party
-weights, or a registry architecture), its identity (what keys a run), and the model built for an
-image (card checked, per-image normalisation set; a slice-wise 2D checkpoint wrapped to run on a
-volume's thick-slice axis).
+weights, a registry architecture, or the per-scan ``self-supervised`` mode), its identity (what
+keys a run), and the model built for an image (card checked, per-image normalisation set; a
+slice-wise 2D checkpoint wrapped to run on a volume's thick-slice axis).
 """
 from __future__ import annotations
 
@@ -57,7 +57,10 @@ def model_identity(ref: ModelRef) -> dict[str, Any]:
     weights' sha256, architecture and declared input range, or a registry model's name, scale and
     options. Raises ModelError/ConfigError for an unusable reference."""
     from domainsr.models.names import is_weights_file
+    from domainsr.train.selfsup import is_self_supervised
 
+    if is_self_supervised(ref.name):
+        return self_supervised_identity(ref)
     if is_weights_file(ref.name):
         from domainsr.models.weights import weights_identity
 
@@ -80,6 +83,17 @@ def model_identity(ref: ModelRef) -> dict[str, Any]:
     spec = get_spec(ref.name)
     return {"kind": "registry", "name": spec.name, "family": spec.family, "scale": ref.scale,
             "kwargs": dict(ref.kwargs)}
+
+
+def self_supervised_identity(ref: ModelRef) -> dict[str, Any]:
+    """The identity of ``--model self-supervised`` (trained per scan when the item is enhanced):
+    its scale (``K`` or ``1,1,K``) and settings (``model.kwargs`` and ``?key=value`` options).
+    ConfigError for a bad scale or setting."""
+    from domainsr.train.selfsup import SELF_SUPERVISED, check_factor, parse_settings
+
+    settings = parse_settings(ref.name, ref.kwargs)
+    return {"kind": SELF_SUPERVISED, "name": SELF_SUPERVISED, "scale": check_factor(ref.scale),
+            "settings": settings.model_dump(mode="json")}
 
 
 def slicewise_module(module: Any, slice_axis: int) -> Any:
@@ -125,6 +139,14 @@ def slicewise_module(module: Any, slice_axis: int) -> Any:
     return SliceWise().eval()
 
 
+def slicewise_descriptor(model: Any, slice_axis: int) -> Any:
+    """A slice-wise checkpoint's descriptor with its module run on ``slice_axis`` of a volume
+    (:func:`slicewise_module`)."""
+    inner = slicewise_module(model.module, slice_axis)
+    return model.with_module(inner, spatial_dims=3, scale=inner.scale, receptive_radius=inner.receptive_radius,
+                             prepare=inner.prepare)
+
+
 def slice_axis_of(img: SpatialImage) -> int:
     """The thick-slice axis of a volume. For a DICOM series: the axis it was stacked on (along the
     slice normal, from the geometry; an in-plane axis never is). Otherwise the axis with the
@@ -145,6 +167,28 @@ def slice_axis_of(img: SpatialImage) -> int:
     return axis
 
 
+def self_supervised_axis(img: SpatialImage, scale: int | Sequence[int], item_id: str) -> tuple[int, int]:
+    """The thick axis and ``K`` of ``--model self-supervised``: the axis of a per-axis scale's
+    factor, or for a single ``K`` the axis with the largest spacing. InputError naming the item
+    for a 2D image, a non-medical one or a scale for other axes."""
+    if img.domain not in ("mri", "ct"):
+        raise InputError(f"self-supervised thick-slice SR is for MRI and CT volumes, this is a {img.domain} image",
+                         item_id)
+    if img.spatial_dims != 3 or 1 in img.spatial_shape:
+        raise InputError(f"self-supervised thick-slice SR needs a 3D volume; this image is 2D (shape "
+                         f"{list(img.spatial_shape)}): it has no thick-slice axis to upsample", item_id)
+    if isinstance(scale, int):
+        return slice_axis_of(img), scale
+    if len(scale) != 3:
+        raise InputError(f"scale {list(scale)} has {len(scale)} factors; this volume has 3 axes", item_id)
+    axis = int(np.argmax(scale))
+    spacing = img.geometry.spacing
+    if spacing[axis] < max(spacing) * (1 - 1e-3):
+        log.warning("%s: upsampling axis %d (%.3g mm) though axis %d has the largest spacing (%.3g mm)", item_id,
+                    axis, spacing[axis], int(np.argmax(spacing)), max(spacing))
+    return axis, int(scale[axis])
+
+
 def load_model(ref: ModelRef, img: SpatialImage) -> tuple[Any, dict[str, Any]]:
     """The :class:`~domainsr.models.descriptor.ModelDescriptor` that enhances ``img`` as ``ref``
     says (its ``scale``, and the module the engine runs), and its identity for provenance.
@@ -160,6 +204,10 @@ def load_model(ref: ModelRef, img: SpatialImage) -> tuple[Any, dict[str, Any]]:
 
     ident = model_identity(ref)
     public = {k: v for k, v in ident.items() if k != "path"}
+    if ident["kind"] == "self-supervised":
+        raise ConfigError("the self-supervised model is trained per scan by `domainsr enhance SCAN --model "
+                          "self-supervised`; to re-run or audit it, name the card written beside its output "
+                          "(OUTPUT.card.json)")
     if ident["kind"] == "weights":
         from domainsr.models.weights import load_weights
 
@@ -172,9 +220,7 @@ def load_model(ref: ModelRef, img: SpatialImage) -> tuple[Any, dict[str, Any]]:
         model = from_checkpoint(ident["path"])
         model.prepare(img)
         if model.application == "slicewise":
-            inner = slicewise_module(model.module, slice_axis_of(img))
-            model = model.with_module(inner, spatial_dims=3, scale=inner.scale,
-                                      receptive_radius=inner.receptive_radius, prepare=inner.prepare)
+            model = slicewise_descriptor(model, slice_axis_of(img))
         if ref.scale is not None and not _same_scale(ref.scale, model.scale):
             raise ConfigError(f"scale {ref.scale} differs from checkpoint {model.name!r}'s {list(model.scale)}")
         return model, {**public, **model.record(), "scale": list(model.scale)}

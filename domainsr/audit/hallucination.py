@@ -61,6 +61,9 @@ The same rule runs in two places: against the high-resolution reference on the S
 audit), and without a reference on the LR grid, where the truth is the LR input and candidate and
 baseline are re-degraded (LR consistency): structure the model added that the LR input does not
 support shows up there too.
+
+Size: just over 400 lines because the rule's maps, their band bookkeeping and the region making
+share the statistics above; split, the region code would re-derive the rule's conventions.
 """
 from __future__ import annotations
 
@@ -125,6 +128,8 @@ class CorrectnessMaps:
     z: float
     lost: np.ndarray | None = None  # bool (*spatial): detail the truth has that the candidate lost beyond the baseline
     lost_score: np.ndarray | None = None  # float32 (*spatial): relative excess error where lost, else 0
+    risk_band: np.ndarray | None = None  # uint8 (*spatial): the band whose score is ``risk`` (hallucinated pixels)
+    lost_band: np.ndarray | None = None  # uint8 (*spatial): the band whose score is ``lost_score``
 
     def fractions(self) -> ClassFractions:
         """Share of valid pixels in each class, and of the baseline-error ("detail") pixels."""
@@ -164,6 +169,8 @@ def correctness_maps(candidate: np.ndarray, baseline: np.ndarray, truth: np.ndar
     improved = np.zeros(spatial, bool)
     has_detail = np.zeros(spatial, bool)
     risk = np.zeros(spatial, np.float32)
+    risk_band = np.zeros(spatial, np.uint8)
+    lost_band = np.zeros(spatial, np.uint8)
     excess_max = np.full(spatial, -np.inf, np.float32)
     detail_max = np.zeros(spatial, np.float32)
     for c in range(truth.shape[0]):
@@ -191,8 +198,11 @@ def correctness_maps(candidate: np.ndarray, baseline: np.ndarray, truth: np.ndar
         improved |= -excess > z * 2.0 * np.sqrt(ksq * a2)
         has_detail |= r2 > detail_bound
         rel = (np.sqrt(np.maximum(e2, 0)) - np.sqrt(np.maximum(r2, 0))) / np.maximum(np.sqrt(np.maximum(r2, 0)), 1.0)
-        risk = np.maximum(risk, np.where(h, rel, 0.0).astype(np.float32))
-        lost_score = np.maximum(lost_score, np.where(lo, rel, 0.0).astype(np.float32))
+        h_rel, lo_rel = np.where(h, rel, 0.0).astype(np.float32), np.where(lo, rel, 0.0).astype(np.float32)
+        risk_band[h_rel > risk] = c
+        lost_band[lo_rel > lost_score] = c
+        risk = np.maximum(risk, h_rel)
+        lost_score = np.maximum(lost_score, lo_rel)
         excess_max = np.maximum(excess_max, excess.astype(np.float32))
         detail_max = np.maximum(detail_max, np.sqrt(np.maximum(r2, 0)).astype(np.float32))
 
@@ -210,7 +220,8 @@ def correctness_maps(candidate: np.ndarray, baseline: np.ndarray, truth: np.ndar
     risk[~valid] = 0.0
     return CorrectnessMaps(classes=classes, risk=risk, excess=np.where(valid, excess_max, 0).astype(np.float32),
                            detail=np.where(valid, detail_max, 0).astype(np.float32),
-                           sigma=np.asarray(sig, np.float64), window=win, z=z, lost=lost, lost_score=lost_score)
+                           sigma=np.asarray(sig, np.float64), window=win, z=z, lost=lost, lost_score=lost_score,
+                           risk_band=risk_band, lost_band=lost_band)
 
 
 def merge_reach(window: Sequence[float]) -> int:
@@ -328,11 +339,12 @@ def _capped(kind: str, risk: float, th: AuditThresholds) -> float:
 def make_region(*, kind: RegionKind, size: int, bbox: Sequence[Sequence[int]], centroid: Sequence[float],
                 peak_score: float, mean_score: float, evidence: Mapping[str, float] | None,
                 geometry: Geometry | None, domain: str, thresholds: AuditThresholds | None = None,
-                calibration: Calibration | None = None, region_id: int = 0) -> Region:
+                calibration: Calibration | None = None, region_id: int = 0, band: str | None = None) -> Region:
     """One region from its raw evidence: world box and physical size from ``geometry``, the
     calibrated ``peak_risk``/``mean_risk`` of its ``peak_score``/``mean_score`` for ``kind`` in
     ``domain`` (:meth:`~domainsr.audit.calibration.Calibration.risk`), and the verdict as a
-    function of the peak risk alone (``thresholds.review_risk`` / ``fail_risk``).
+    function of the peak risk alone (``thresholds.review_risk`` / ``fail_risk``). ``band``: the
+    band whose evidence peaks in the region (multi-band images; ``None`` for one band).
 
     An ``inconsistency`` region whose ``evidence`` has ``unstable >= AGREEMENT_FRACTION`` and an
     ``uncertainty_peak_sigma`` is raised to :func:`agreed_risk` of its own and that spread's
@@ -353,7 +365,7 @@ def make_region(*, kind: RegionKind, size: int, bbox: Sequence[Sequence[int]], c
     box, cen = [[int(a), int(b)] for a, b in bbox], [round(float(c), 2) for c in centroid]
     return Region(
         id=region_id, kind=kind, size=int(size), physical_size=round(float(size) * unit_size, 4), physical_unit=unit,
-        bbox_index=box, centroid_index=cen, score=round(float(peak_score), 4), peak_risk=peak, mean_risk=mean,
+        bbox_index=box, centroid_index=cen, score=round(float(peak_score), 4), band=band, peak_risk=peak, mean_risk=mean,
         verdict=verdict_for(peak, th.review_risk, th.fail_risk), world=world_box(geometry, box, cen),
         evidence=RegionEvidence(**{k: (bool(v) if k == "agreement" else round(float(v), 4)) for k, v in ev.items()}))
 

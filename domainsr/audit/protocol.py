@@ -445,7 +445,7 @@ def _prepare(factory: Callable[[], win.Sources], degradation: Degrader | None, t
             min_size=th.min_region_size or int(np.prod([2 * f for f in scale])), calibration=load_calibration(),
             halo=halo, window=core, model=runner, tta_std=tta_std, uncertainty_method=method,
             augmentation_names=names, members=members, spacing=tuple(float(v) for v in sr_t.geometry.spacing),
-            notes=notes)
+            notes=notes, bands=list(sr_t.band_names))
     return setup, noise, warnings, sampling
 
 

@@ -220,7 +220,7 @@ def region_rows(result: AuditResult, with_figure: set[int] | None = None) -> lis
                      "bbox": " × ".join(f"{a}–{b}" for a, b in r.bbox_index), "world": world,
                      "peak": fmt(r.peak_risk, 3), "mean": fmt(r.mean_risk, 3),
                      "score": fmt(score, 3) if score is not None else "–",
-                     "evidence": evidence_text(r.evidence),
+                     "evidence": "; ".join(x for x in (f"band {r.band}" if r.band else "", evidence_text(r.evidence)) if x),
                      "figure": with_figure is not None and r.id in with_figure})
     return rows
 

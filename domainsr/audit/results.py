@@ -285,7 +285,7 @@ class Region(Record):
     calibrated risk on the one scale of every kind, which alone sets the verdict."""
 
     model_config = ConfigDict(validate_assignment=True)
-    OMIT_NONE = frozenset({"score"})
+    OMIT_NONE = frozenset({"score", "band"})
     id: int
     kind: RegionKind
     size: int = Field(description="pixels / voxels")
@@ -294,6 +294,7 @@ class Region(Record):
     bbox_index: list[list[int]] = Field(description="[start, stop_inclusive] per spatial axis")
     centroid_index: list[float]
     score: float | None = Field(None, description="raw evidence of the region before calibration")
+    band: str | None = Field(None, description="the band whose evidence peaks in the region (multi-band images)")
     peak_risk: float
     mean_risk: float
     verdict: Verdict

@@ -22,7 +22,7 @@ class AuditThresholds(BaseModel):
                                "calibration's review threshold)")
     fail_risk: float = Field(2.0, gt=0.0, description="calibrated peak risk that fails (2.0: the calibration's "
                              "fail threshold)")
-    region_floor: float = Field(0.25, ge=0.0, lt=1.0, description="flagged pixels whose own calibrated risk is below "
+    region_floor: float = Field(0.5, ge=0.0, lt=1.0, description="flagged pixels whose own calibrated risk is below "
                                 "this share of review_risk join no region (hysteresis: a strong flag does not "
                                 "swallow the weak flags around it)")
     min_gain_db: float = Field(0.0, description="held-out: mean PSNR gain over the baseline below this is 'review'")

@@ -196,6 +196,7 @@ class Setup:
     members: int | None = None
     spacing: tuple[float, ...] = ()
     notes: list[str] = field(default_factory=list)
+    bands: list[str] = field(default_factory=list)  # band names: a multi-band region names its band
 
     @property
     def d(self) -> int:
@@ -256,11 +257,14 @@ class Maps:
     lr_classes: Array
     lr_flag: Array
     lr_score: Array
+    lr_band: Array | None = None
     classes: Array | None = None
     hall: Array | None = None
     hall_score: Array | None = None
+    hall_band: Array | None = None
     lost: Array | None = None
     lost_score: Array | None = None
+    lost_band: Array | None = None
     uncertainty: Array | None = None
     unstable: Array | None = None
     e_up: Array | None = None
@@ -306,6 +310,7 @@ def window_maps(s: Setup, lr_img: SpatialImage, lr_valid: Array, srd: Array, sr_
     maps = Maps(mask=mask, srd=srd, based=based, refd=refd, risk=lr_score, lr_flag=lr_flag, lr_score=lr_score,
                 lr_residual=hal.upsample_nearest(np.where(lr_ok, resid, 0).astype(np.float32), scale),
                 lr_classes=hal.upsample_nearest(cm_lr.classes, scale), e_up=e_up, lr_ok=lr_ok,
+                lr_band=None if cm_lr.risk_band is None else hal.upsample_nearest(cm_lr.risk_band, scale),
                 lr_cls=cm_lr.classes, d_sr=d_sr, d_base=d_base, lrd=lrd)
     _tick(timings, "lr_consistency", t)
     if s.has_uncertainty:
@@ -323,6 +328,7 @@ def window_maps(s: Setup, lr_img: SpatialImage, lr_valid: Array, srd: Array, sr_
         maps.classes, maps.hall, maps.hall_score = cm.classes, cm.classes == hal.HALLUCINATED, cm.risk
         maps.lost = cm.lost if cm.lost is not None else np.zeros_like(mask)
         maps.lost_score = cm.lost_score if cm.lost_score is not None else np.zeros(mask.shape, np.float32)
+        maps.hall_band, maps.lost_band = cm.risk_band, cm.lost_band
         _tick(timings, "correctness", t)
     maps.risk = risk_of(s, maps)
     return maps
@@ -349,13 +355,13 @@ def localise(lr_flag: Array, carries: Array, adds: Array, mask: Array, scale: Se
 
 
 def risk_of(s: Setup, m: Maps) -> Array:
-    """The calibrated per-pixel risk map: with a reference, of hallucinated and lost pixels; without,
-    of inconsistent and (elsewhere) unstable pixels."""
+    """The calibrated per-pixel risk map: of LR-inconsistent pixels, and with a reference of
+    hallucinated and lost pixels too; without one, of (elsewhere) unstable pixels."""
     cal, dom = s.calibration, s.domain
-    if m.hall is not None and m.hall_score is not None and m.lost is not None and m.lost_score is not None:
-        risk = np.where(m.hall, cal.risk_map("hallucination", m.hall_score, dom), 0)
-        return np.maximum(risk, np.where(m.lost, cal.risk_map("omission", m.lost_score, dom), 0)).astype(np.float32)
     risk = np.where(m.lr_flag, cal.risk_map("inconsistency", m.lr_score, dom), 0)
+    if m.hall is not None and m.hall_score is not None and m.lost is not None and m.lost_score is not None:
+        risk = np.maximum(risk, np.where(m.hall, cal.risk_map("hallucination", m.hall_score, dom), 0))
+        return np.maximum(risk, np.where(m.lost, cal.risk_map("omission", m.lost_score, dom), 0)).astype(np.float32)
     if m.unstable is not None and m.uncertainty is not None:
         risk = np.maximum(risk, np.where(m.unstable & ~m.lr_flag, cal.risk_map("uncertain", m.uncertainty, dom), 0))
     return risk.astype(np.float32)
@@ -400,9 +406,10 @@ class RegionAccumulator:
         return self.seams[key][side]
 
     def add(self, flags: Array, score: Array, evidence: dict[str, Array], core: tuple[slice, ...],
-            start: Sequence[int]) -> None:
+            start: Sequence[int], band: Array | None = None) -> None:
         """``flags``/``score``/``evidence`` on the padded window; ``core`` its core (slices in the
-        window), ``start`` the core's first pixel in the scene."""
+        window), ``start`` the core's first pixel in the scene; ``band``: the band of each pixel's
+        score (the region keeps the band at its peak)."""
         grown = tuple(slice(max(sl.start - r, 0), sl.stop) for sl, r in zip(core, self.merge))
         dil = flags[grown]
         for fp in self.footprints:
@@ -431,6 +438,11 @@ class RegionAccumulator:
         sc = score[core]
         part["peak"] = np.asarray(ndi.maximum(sc, lab_f, idx), np.float64) if fl.any() else np.full(n, -np.inf)
         part["peak"] = np.where(size > 0, part["peak"], -np.inf)
+        part["band"] = np.full(n, -1, np.int64)
+        if band is not None and fl.any():
+            bc = band[core]
+            pos = ndi.maximum_position(np.where(fl, sc, -np.inf), lab_f, idx)
+            part["band"] = np.asarray([int(bc[p]) if sz > 0 else -1 for p, sz in zip(pos, size)], np.int64)
         part["sum"] = np.bincount(ll, weights=sc[fl], minlength=n + 1)[1:]
         for k in self.evidence:
             part["ev:" + k] = np.bincount(ll, weights=evidence[k][core][fl], minlength=n + 1)[1:]
@@ -473,6 +485,10 @@ class RegionAccumulator:
         np.maximum.at(hi, comp, cat["hi"])
         peak = np.full(ncomp, -np.inf)
         np.maximum.at(peak, comp, cat["peak"])
+        band = np.full(ncomp, -1, np.int64)  # the band of the part holding the component's peak
+        order = np.lexsort((cat["peak"], comp))
+        last = np.r_[comp[order][1:] != comp[order][:-1], True]
+        band[comp[order][last]] = cat["band"][order][last]
         sums = {k: np.bincount(comp, weights=v, minlength=ncomp) for k, v in cat.items()
                 if k in ("sum",) or k.startswith("ev:")}
         csum = np.stack([np.bincount(comp, weights=cat["csum"][:, a], minlength=ncomp) for a in range(self.d)], 1)
@@ -486,10 +502,13 @@ class RegionAccumulator:
             n = float(size[i])
             ev = {k: float(sums["ev:" + k][i] / n) for k in self.evidence}
             ev.update({k: float(pks[k][i]) for k in self.peaks})
+            b = int(band[i])
+            name = s.bands[b] if len(s.bands) > 1 and 0 <= b < len(s.bands) else None
             out.append(hal.make_region(
                 kind=self.kind, size=int(n), bbox=[[int(lo[i, a]), int(hi[i, a])] for a in range(self.d)],  # type: ignore[arg-type]
                 centroid=(csum[i] / n).tolist(), peak_score=float(peak[i]), mean_score=float(sums["sum"][i] / n),
-                evidence=ev, geometry=s.grid, domain=s.domain, thresholds=s.th, calibration=s.calibration))
+                evidence=ev, geometry=s.grid, domain=s.domain, thresholds=s.th, calibration=s.calibration,
+                band=name))
         return out
 
 
@@ -624,7 +643,7 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
     lr_ov = Overview(tuple(b - a for a, b in box_lr), st_lr, c, np.float32, "mean")
     evidence = ["lr_inconsistent"] + (["uncertainty_sigma", "unstable"] if s.has_uncertainty else [])
     peaks = sorted(hal.PEAK_EVIDENCE) if s.has_uncertainty else []
-    kinds = ["hallucination", "omission"] if s.reference else ["inconsistency"] + (
+    kinds = ["hallucination", "omission", "inconsistency"] if s.reference else ["inconsistency"] + (
         ["uncertain"] if s.has_uncertainty else [])
     acc = {k: RegionAccumulator(k, box, f, evidence, peaks) for k in kinds}
     sums = None
@@ -686,12 +705,16 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
             arrays["classes"].put(rel, m.classes[core_sr])
             images["reference"].put(rel, m.refd[(slice(None), *core_sr)])
             counts += np.bincount(m.classes[core_sr].ravel(), minlength=5)[:5]
-            acc["hallucination"].add(m.hall & strong, m.hall_score, ev, core_sr, start)  # type: ignore[arg-type]
-            acc["omission"].add(m.lost & strong, m.lost_score, ev, core_sr, start)  # type: ignore[arg-type]
+            floor = s.th.region_floor * s.th.review_risk  # each kind's own hysteresis
+            for kind, flag, score, band in (("hallucination", m.hall, m.hall_score, m.hall_band),
+                                            ("omission", m.lost, m.lost_score, m.lost_band),
+                                            ("inconsistency", m.lr_flag, m.lr_score, m.lr_band)):
+                strong_k = s.calibration.risk_map(kind, score, s.domain) >= floor
+                acc[kind].add(flag & strong_k, score, ev, core_sr, start, band)  # type: ignore[arg-type]
             if sums is not None:
                 sums.add({"model": m.srd, "baseline": m.based}, m.refd, m.mask, core_sr)
         else:
-            acc["inconsistency"].add(m.lr_flag & strong, m.lr_score, ev, core_sr, start)
+            acc["inconsistency"].add(m.lr_flag & strong, m.lr_score, ev, core_sr, start, m.lr_band)
             if m.unstable is not None and m.uncertainty is not None:
                 acc["uncertain"].add(m.unstable & ~m.lr_flag & strong, m.uncertainty, ev, core_sr, start)
         if s.calibration.conformal(s.domain) is not None:
@@ -705,7 +728,7 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
         if progress is not None:
             progress(i + 1, len(wins))
     t = time.perf_counter()
-    regions = [r for a in acc.values() for r in a.regions(s)]
+    regions = without_repeats([r for a in acc.values() for r in a.regions(s)])
     _tick(timings, "regions", t)
     n_box = int(np.prod(shape))
     cover = Coverage(windows=len(wins), window_shape=[int(cc * k) for cc, k in zip(core, f)],
@@ -719,6 +742,22 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
                lr_fractions=class_fractions(counts_lr), fractions=class_fractions(counts) if s.reference else None,
                valid=valid, unstable=unstable_n, conformal_u=[np.concatenate(u) if u else np.zeros(0) for u in conf_u],
                coverage=cover, timings=timings)
+
+
+def without_repeats(regions: list[Region], share: float = 0.5) -> list[Region]:
+    """Drop an ``inconsistency`` region that repeats a reference region: with a reference, a
+    structure the truth already flags (hallucination / omission) is often LR-inconsistent too; one
+    region per structure, and the reference's evidence is the stronger. Repeating = at least
+    ``share`` of its box inside the box of one such region."""
+    ref = [r.bbox_index for r in regions if r.kind in ("hallucination", "omission")]
+    if not ref:
+        return regions
+
+    def inside(a: list[list[int]], b: list[list[int]]) -> float:
+        inter = np.prod([max(0, min(x1, y1) - max(x0, y0) + 1) for (x0, x1), (y0, y1) in zip(a, b)])
+        return float(inter) / float(np.prod([x1 - x0 + 1 for x0, x1 in a]))
+
+    return [r for r in regions if r.kind != "inconsistency" or max(inside(r.bbox_index, b) for b in ref) < share]
 
 
 @contextmanager

@@ -8,6 +8,11 @@ by :class:`~domainsr.engine.tiling.TilePlan`; the output is assembled in one flo
 weight buffer, see ``TilePlan.running_alpha``). Provenance steps name the model as its
 descriptor does (name, kind, checksum).
 
+An optional data-consistency stage (:mod:`domainsr.engine.consistency`; per card, or the
+``consistency`` argument) runs on each window right after the network, on the window's own LR
+pixels; its halo is added to the network's, so tiled and streamed outputs still equal one
+whole-image pass.
+
 Invalid input (mask ``False`` or non-finite values) never poisons a tile: before inference each
 invalid pixel is filled with its nearest valid neighbour in the window, and afterwards the
 output is set to ``fill`` over the (nearest-upsampled) invalid pixels. Tiles whose region holds
@@ -29,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from domainsr.engine.consistency import DataConsistency
 from domainsr.engine.progress import Progress
 from domainsr.engine.resources import activation_bytes, physical_cores, torch_threads
 from domainsr.engine.sources import (
@@ -40,6 +46,7 @@ from domainsr.engine.sources import (
 )
 from domainsr.engine.tiling import Blend, Border, Tile, TilePlan, per_axis
 from domainsr.errors import ConfigError, ModelCardMismatch, ModelError
+from domainsr.models.card import ConsistencySettings, ModelCard
 from domainsr.models.descriptor import ModelDescriptor, as_descriptor
 
 log = logging.getLogger(__name__)
@@ -78,6 +85,28 @@ def _amp_for(model: ModelDescriptor, amp: str, cuda: bool) -> str:
         raise ConfigError(f"model {model.name!r} does not run in {amp} (it supports: "
                           f"{', '.join(model.dtypes) or 'float32 only'}); use amp auto or off")
     return amp
+
+
+Consistency = DataConsistency | ConsistencySettings | bool | None
+
+
+def consistency_stage(model: ModelDescriptor, consistency: Consistency) -> DataConsistency | None:
+    """The data-consistency stage to run after ``model``: ``None`` -> the card's
+    (``card.consistency``; off when it has none), ``False`` -> off, ``True`` -> on (the card's
+    settings, else the defaults), settings -> those through the card's degradation, or a built
+    :class:`DataConsistency`."""
+    if isinstance(consistency, DataConsistency):
+        return consistency
+    if consistency is False:
+        return None
+    card = model.card if isinstance(model.card, ModelCard) else None
+    if consistency is None:
+        return DataConsistency.from_card(card) if card is not None and card.consistency is not None else None
+    if card is None:
+        raise ConfigError(f"model {model.name!r} has no model card: data consistency needs its degradation")
+    settings = consistency if isinstance(consistency, ConsistencySettings) else (
+        card.consistency or ConsistencySettings())
+    return DataConsistency.from_card(card, settings)
 
 
 @dataclass
@@ -119,6 +148,8 @@ class PatchInferer:
         channels_last: memory format (default: on for 2D/3D convs on CPU and CUDA; it is
             ~1.7x faster for EDSR-style nets on CPU with oneDNN).
         progress: ``progress(done_tiles, total_tiles)`` callback.
+        consistency: the data-consistency stage after the network (:func:`consistency_stage`:
+            default the card's setting); its halo is added to the network's.
     """
 
     def __init__(self, model: ModelDescriptor | torch.nn.Module, *, scale: int | Sequence[int] | None = None,
@@ -126,7 +157,8 @@ class PatchInferer:
                  overlap: int | Sequence[int] = 0, batch_size: int | None = None,
                  device: str | torch.device = "auto", amp: Amp = "auto", blend: Blend = "cosine",
                  border: Border = "model", threads: int | None = None,
-                 channels_last: bool | None = None, progress: Progress | None = None) -> None:
+                 channels_last: bool | None = None, progress: Progress | None = None,
+                 consistency: Consistency = None) -> None:
         if not isinstance(model, (ModelDescriptor, torch.nn.Module)):
             raise ModelError(f"expected a ModelDescriptor or torch.nn.Module, got {type(model).__name__}")
         self.descriptor = as_descriptor(model, scale=scale)
@@ -148,6 +180,10 @@ class PatchInferer:
         self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[self.amp]
         self.channels_last = True if channels_last is None else channels_last
         self.in_channels: int | None = self.descriptor.in_channels
+        self.consistency = consistency_stage(self.descriptor, consistency)
+        if self.consistency is not None and self.spatial_dims not in (None, len(self.consistency.scale)):
+            raise ConfigError(f"data consistency at scale {list(self.consistency.scale)} for a "
+                              f"{self.spatial_dims}D model")
         self.stats = RunStats()
         self._prepared_format: torch.memory_format | None = None
         self._act: dict[tuple[int, int], float | None] = {}
@@ -187,6 +223,10 @@ class PatchInferer:
             tile = per_axis(self._tile, nd, "tile")
         else:
             tile = self._auto_window(nd, tuple(2 * h + o for h, o in zip(halo, overlap)), channels)
+        if self.consistency is not None:  # the stage sees as far again beyond the network
+            halo = tuple(h + r for h, r in zip(halo, self.consistency.halo))
+            if self._tile is None:
+                tile = tuple(t + 2 * r for t, r in zip(tile, self.consistency.halo))
         plan = TilePlan.build(shape, scale=self.scale_for(nd), window=tile, halo=halo, overlap=overlap,
                               border=self.border, blend=self.blend, align=align, multiple=d.size_multiple,
                               minimum=d.min_size)
@@ -317,7 +357,8 @@ class PatchInferer:
         self.stats = RunStats(tiles=total, plan={
             "grid": list(plan.grid), "tile": list(plan.window), "halo": list(plan.halo),
             "overlap": list(plan.overlap), "border": plan.border, "blended": plan.blended,
-            "batch_size": bsize, "redundancy": round(plan.redundancy(), 4)})
+            "batch_size": bsize, "redundancy": round(plan.redundancy(), 4),
+            **({"consistency": self.consistency.describe()} if self.consistency is not None else {})})
         t0 = time.perf_counter()
         pending: list[tuple[Tile, np.ndarray | None, bool]] = []  # (tile, invalid in region, computed)
         shape = (bsize, source.channels, *plan.window)
@@ -329,6 +370,8 @@ class PatchInferer:
         def flush() -> Iterator[tuple[Tile, np.ndarray | None, np.ndarray | None]]:
             nonlocal n_in, done
             y = self.forward(buf[:n_in], plan.out_window) if n_in else None
+            if y is not None and self.consistency is not None:
+                y = self.consistency.batch(y, buf[:n_in])
             if n_in:
                 self.stats.batches += 1
                 self.stats.computed += n_in

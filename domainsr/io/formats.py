@@ -89,6 +89,7 @@ class OutputFormat:
     suffixes: tuple[str, ...]  #: names the writer takes (lower case)
     writer: str  #: ``"module:function"`` ``(img, path, **options) -> Path``
     marker: str  #: ``"module:function"`` ``(path) -> bool``: carries DomainSR's derived marker
+    marker_model_reader: str  #: ``"module:function"`` ``(path) -> str | None``: the model its marker names
     risk: str  #: the output format of the audit risk map beside an output
     requirement: str  #: what an image needs to be written in it (for the error message)
     geometry: str | None = None  #: ``"medical"``/``"geo"``: the grid the image must be on
@@ -126,6 +127,13 @@ class OutputFormat:
         if self.folder:
             options.setdefault("overwrite", replace)
         return Path(_resolve(self.writer)(img, path, **options))
+
+    def marker_model(self, path: str | Path) -> str | None:
+        """The DomainSR model the output at ``path`` names in its marker (unreadable or none: ``None``)."""
+        try:
+            return _resolve(self.marker_model_reader)(Path(path))
+        except Exception:  # noqa: BLE001 - unreadable, or not what we write: no model named
+            return None
 
     def carries_marker(self, path: str | Path) -> bool:
         """Whether the output at ``path`` says it is a DomainSR output (unreadable: ``False``)."""
@@ -173,13 +181,14 @@ def _is_landsat8(names: Sequence[str]) -> bool:
 
 OUTPUTS: dict[str, OutputFormat] = {o.name: o for o in (
     OutputFormat("nifti", "NIfTI", ".nii.gz", (".nii.gz", ".nii"), "domainsr.io.nifti:write_nifti",
-                 "domainsr.io.nifti:carries_marker", risk="nifti", geometry="medical", keeps_suffix=True,
+                 "domainsr.io.nifti:carries_marker", "domainsr.io.nifti:marker_model", risk="nifti", geometry="medical",
+                 keeps_suffix=True,
                  requirement="a NIfTI output needs a volume in patient space"),
     OutputFormat("dicom", "DICOM series", "", (), "domainsr.io.dicom:write_derived_series",
-                 "domainsr.io.dicom:carries_marker", risk="nifti", needs_meta="dicom",
+                 "domainsr.io.dicom:carries_marker", "domainsr.io.dicom:marker_model", risk="nifti", needs_meta="dicom",
                  requirement="a DICOM output needs a DICOM input series", media_type="application/dicom"),
     OutputFormat("cog", "Cloud-Optimised GeoTIFF", ".tif", (".tif", ".tiff"), "domainsr.io.raster:write_raster",
-                 "domainsr.io.raster:carries_marker", risk="cog", geometry="geo",
+                 "domainsr.io.raster:carries_marker", "domainsr.io.raster:marker_model", risk="cog", geometry="geo",
                  requirement="a GeoTIFF/COG output needs a raster on a map grid",
                  media_type="image/tiff; application=geotiff; profile=cloud-optimized"),
 )}

@@ -354,10 +354,20 @@ RISK_TAGS = {"DOMAINSR_PRODUCT": "audit risk map: band 1 hallucination risk (rel
                                  "class (0 invalid, 1 unchanged, 2 improved, 3 omitted, 4 hallucinated)"}
 
 
+def _file_descrip(path: str | Path) -> str:
+    return bytes(nib.load(path).header["descrip"].item()).split(b"\0")[0].decode("latin-1").strip()
+
+
 def carries_marker(path: str | Path) -> bool:
     """Whether the NIfTI file at ``path`` is a DomainSR output (its description starts with
     :data:`DERIVED_DESCRIP`)."""
-    return bytes(nib.load(path).header["descrip"].item()).decode("latin-1").startswith(DERIVED_DESCRIP)
+    return _file_descrip(path).startswith(DERIVED_DESCRIP)
+
+
+def marker_model(path: str | Path) -> str | None:
+    """The model named after :data:`DERIVED_DESCRIP` in the file's description, or ``None``."""
+    text = _file_descrip(path)
+    return (text[len(DERIVED_DESCRIP):].strip() or None) if text.startswith(DERIVED_DESCRIP) else None
 
 
 def companion_meta(like: SpatialImage, *, descrip: str, intent: str = "estimate",

@@ -147,6 +147,12 @@ def carries_marker(path: str | os.PathLike[str]) -> bool:
         return bool(DERIVED_TAGS & set(ds.tags()))
 
 
+def marker_model(path: str | os.PathLike[str]) -> str | None:
+    """The model the raster's derived tags name (``DOMAINSR_MODEL``), or ``None``."""
+    with rasterio.open(path) as ds:
+        return ds.tags().get("DOMAINSR_MODEL") or None
+
+
 class RasterWindowWriter:
     """Write a raster window by window with bounded memory; the file appears only when complete.
 

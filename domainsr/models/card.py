@@ -40,11 +40,17 @@ class FixedNormalization(StrictCardModel):
 
 
 class PercentileNormalization(StrictCardModel):
-    """Per image and channel: ``low``/``high`` percentiles of the valid voxels map to 0/1."""
+    """Per image and channel: ``low``/``high`` percentiles of the valid voxels map to 0/1.
+
+    ``voxels="foreground"`` takes the percentiles over the foreground only (valid voxels above the
+    channel's Otsu threshold), so a volume's share of background does not move them; ``"valid"``
+    (the default, as the shipped cards were trained) over every valid voxel.
+    """
 
     kind: Literal["percentile"] = "percentile"
     low: float = 0.5
     high: float = 99.5
+    voxels: Literal["valid", "foreground"] = "valid"
 
     @model_validator(mode="after")
     def _check(self) -> PercentileNormalization:
@@ -54,6 +60,28 @@ class PercentileNormalization(StrictCardModel):
 
 
 Normalization = Annotated[FixedNormalization | PercentileNormalization, Field(discriminator="kind")]
+
+
+class ConsistencySettings(StrictCardModel):
+    """The engine's optional data-consistency stage (:mod:`domainsr.engine.consistency`): after the
+    network, ``iterations`` back-projection steps ``x <- x + step * U(lr - D(x))`` through the
+    card's noise-free degradation ``D`` (``U``: ``upsampler`` interpolation), then, with
+    ``clamp_margin``, each output pixel clipped to its local LR range (3x3 LR neighbourhood)
+    widened by that share of the range. ``noise_tolerance`` (multiples of the degradation's noise
+    std in the image's units, ``noise_sigma``/``sigma_hu``) leaves residuals within the noise
+    alone (soft threshold): the output need only match the LR within noise."""
+
+    iterations: int = Field(default=3, ge=0, le=50)
+    upsampler: Literal["cubic", "nearest"] = "cubic"
+    step: float = Field(default=1.0, gt=0.0, le=2.0)
+    clamp_margin: float | None = Field(default=None, ge=0.0)
+    noise_tolerance: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ConsistencySettings:
+        if self.iterations == 0 and self.clamp_margin is None:
+            raise ValueError("data consistency with 0 iterations and no clamp_margin does nothing")
+        return self
 
 
 class FileRecord(StrictCardModel):
@@ -121,6 +149,8 @@ class ModelCard(StrictCardModel):
     #: volume (scale (1, s)); inplane: a 2D net on each slice of a volume, in its plane
     application: Literal["direct", "slicewise", "inplane"] = "direct"
     degradation: dict[str, Any] = Field(default_factory=dict)
+    #: the engine's data-consistency stage through ``degradation``; ``None``: off (the network alone)
+    consistency: ConsistencySettings | None = None
     training_data: TrainingData | None = None
     training: TrainingSettings | None = None
     metrics: dict[str, RegionMetrics] = Field(default_factory=dict)
@@ -158,6 +188,8 @@ class ModelCard(StrictCardModel):
             raise ValueError("fixed normalisation needs one offset/scale per input channel")
         if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
             raise ValueError("input_range must be [low, high] with low < high")
+        if self.consistency is not None and (self.application != "direct" or not self.degradation):
+            raise ValueError("data consistency needs a direct model with a degradation")
         if self.application != "direct" and self.spatial_dims != 2:
             raise ValueError(f"{self.application} application is for 2D networks applied to 3D volumes")
         return self

@@ -67,14 +67,46 @@ def _valid_values(img: SpatialImage, channel: int) -> np.ndarray:
     return v.astype(np.float64, copy=False)
 
 
-def percentile_normalization(img: SpatialImage, low: float, high: float) -> InputNormalization:
-    """Percentiles of each channel's valid voxels; the same function serves training and inference."""
+def otsu_threshold(v: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of the values ``v``: the cut maximising the between-class variance of a
+    ``bins``-bin histogram over their range (the middle of an empty gap that all maximise it).
+    Scale-equivariant: ``otsu(a * v) == a * otsu(v)``."""
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return lo
+    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(counts, dtype=np.float64)
+    s0 = np.cumsum(counts * centres, dtype=np.float64)
+    w1, s1 = w0[-1] - w0, s0[-1] - s0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (s0 / w0 - s1 / w1) ** 2
+    between = np.nan_to_num(between[:-1], nan=-1.0)
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # a gap between the modes: its middle
+    return float(0.5 * (edges[1 + best[0]] + edges[1 + best[-1]]))
+
+
+def foreground_values(v: np.ndarray) -> np.ndarray:
+    """The values above their Otsu threshold (all of them when none are)."""
+    fg = v[v > otsu_threshold(v)]
+    return fg if fg.size else v
+
+
+def percentile_normalization(img: SpatialImage, low: float, high: float,
+                             voxels: str = "valid") -> InputNormalization:
+    """Percentiles of each channel's valid voxels (``voxels="foreground"``: of its foreground,
+    :func:`foreground_values`); the same function serves training and inference. Percentiles
+    scale with the image, so the normalised input, and the output in the image's units, do too."""
+    if voxels not in ("valid", "foreground"):
+        raise ModelError(f"percentile normalisation over {voxels!r} voxels; expected valid or foreground")
     offs, scales = [], []
     for c in range(img.channels):
         v = _valid_values(img, c)
         if v.size == 0:
             raise ModelCardMismatch(f"channel {img.band_names[c]!r} has no valid values to normalise",
                                     img.source or None)
+        if voxels == "foreground":
+            v = foreground_values(v)
         lo, hi = np.percentile(v, [low, high])
         offs.append(lo)
         scales.append(max(hi - lo, 1e-6 * max(abs(hi), 1.0)))
@@ -88,7 +120,7 @@ def input_normalization(card: ModelCard, img: SpatialImage | None = None) -> Inp
         return InputNormalization(np.asarray(norm.offset, np.float32), np.asarray(norm.scale, np.float32))
     if img is None:
         raise ModelError(f"model {card.name!r} normalises per image; an image is needed")
-    return percentile_normalization(img, norm.low, norm.high)
+    return percentile_normalization(img, norm.low, norm.high, norm.voxels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +143,20 @@ def _generic_names(names: Sequence[str]) -> bool:
     return all(n == f"band{i + 1}" for i, n in enumerate(names))
 
 
+def scale_free(card: ModelCard) -> bool:
+    """Whether the card's inputs have no absolute scale: arbitrary units (MR intensity) normalised
+    per image, so any positive multiple of an image is the same image to the model."""
+    return canonical_units(card.units) == "a.u." and isinstance(card.normalization, PercentileNormalization)
+
+
 def check_input(card: ModelCard, img: SpatialImage) -> InputNormalization:
     """Refuse an input the model was not made for, else return the normalisation to apply.
 
     Checks domain, dimensionality, band count and names, units (HU vs a.u., reflectance vs DN,
     also from the values when units are unknown) and that the values are not wildly outside the
-    card's expected range. Raises :class:`ModelCardMismatch` naming the file and the problem.
+    card's expected range, where the units are physical (HU, DN, reflectance): a scale-free card
+    (:func:`scale_free`) takes any scale. Raises :class:`ModelCardMismatch` naming the file and
+    the problem.
     """
     src = img.source or None
     who = f"model {card.name!r}"
@@ -153,7 +193,7 @@ def check_input(card: ModelCard, img: SpatialImage) -> InputNormalization:
                      "not digital numbers; convert to DN (e.g. x10000 for Sentinel-2 L2A) first")
     if want_u == "a.u." and card.domain == "mri" and lo < -500:
         raise refuse(f"values reach {lo:.0f}: this looks like CT in Hounsfield units, not MR intensity")
-    if card.input_range is not None:
+    if card.input_range is not None and not scale_free(card):
         a, b = card.input_range
         span = b - a
         if hi > b + span or lo < a - span:
@@ -164,7 +204,8 @@ def check_input(card: ModelCard, img: SpatialImage) -> InputNormalization:
 
 def _expects(card: ModelCard) -> str:
     bands = f"bands {card.bands}" if card.bands else f"{card.in_channels} channel(s)"
-    rng = f" in [{card.input_range[0]:g}, {card.input_range[1]:g}]" if card.input_range else ""
+    rng = (" (any scale)" if scale_free(card) else
+           f" in [{card.input_range[0]:g}, {card.input_range[1]:g}]" if card.input_range else "")
     return f"{card.domain}, {bands}, units {card.units!r}{rng}"
 
 

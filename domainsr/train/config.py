@@ -79,6 +79,9 @@ class PercentileNormSpec(StrictModel):
     kind: Literal["percentile"] = "percentile"
     low: float = 0.5
     high: float = 99.5
+    #: which voxels the percentiles are of: every valid one, or the foreground (robust to how much
+    #: background a scan has; MR intensities in any scanner's units)
+    voxels: Literal["valid", "foreground"] = "valid"
 
 
 NormSpec = Annotated[FixedNormSpec | PercentileNormSpec, Field(discriminator="kind")]

@@ -95,7 +95,7 @@ def prepare_data(config: TrainConfig, img: SpatialImage, degradation: Degradatio
         if fixed is not None:
             return fixed
         assert isinstance(spec, PercentileNormSpec)
-        return percentile_normalization(_region_image(img, data, valid, region), spec.low, spec.high)
+        return percentile_normalization(_region_image(img, data, valid, region), spec.low, spec.high, spec.voxels)
 
     train_norm = norm_of(regions["train"])
     ds = PatchDataset(data, regions["train"], scale=config.scale, patch=config.patch_size,
@@ -167,7 +167,8 @@ class SingleGridPairing(Pairing):
             norm = FixedNormalization(offset=[float(v) for v in data.norm.offset],
                                       scale=[float(v) for v in data.norm.scale])
         else:
-            norm = PercentileNormalization(low=config.normalization.low, high=config.normalization.high)
+            norm = PercentileNormalization(low=config.normalization.low, high=config.normalization.high,
+                                           voxels=config.normalization.voxels)
         if c.input_range is not None:
             in_range = c.input_range
         else:

@@ -115,6 +115,7 @@ def test_raster_report_html_and_json_agree(s2_result, tmp_path):
     assert len(data["regions"]) == 1
     reg = data["regions"][0]
     assert reg["bbox_index"] == [[40, 51], [70, 81]]
+    assert reg["band"] in s2_result.sr.band_names and f"band {reg['band']}" in text  # the band it names, shown
     assert set(reg["world"]) >= {"space", "min", "max", "centroid", "lonlat_centroid"}
     psnr = data["metrics"]["reference"]["per_metric"]["psnr"]
     assert psnr["model"] == pytest.approx(s2_result.metrics.reference.per_metric.psnr.model)

@@ -24,7 +24,7 @@ def _pair(ref, degradation, model, seed=0):
 
 
 def _regions(res):
-    return [(r.kind, r.bbox_index, r.size, r.peak_risk, r.score) for r in res.regions]
+    return [(r.kind, r.bbox_index, r.size, r.peak_risk, r.score, r.band) for r in res.regions]
 
 
 def _same(a, b, rel=1e-6):
@@ -84,6 +84,21 @@ def test_planted_square_across_a_seam_is_one_region_with_its_box(s2_crop, cubic2
         _same(whole, part)
         (reg,) = part.regions
         assert reg.bbox_index == [[56, 71], [58, 69]] and reg.size == 16 * 12
+
+
+def test_a_region_names_the_band_that_carries_it_across_a_seam(s2_crop, cubic2d):
+    """A block planted in one band only (B04, index 2) is one region naming that band, with and
+    without a reference, whole and windowed (the seam at SR row/col 64 cuts it)."""
+    box = (slice(56, 72), slice(58, 70))
+    model = planted(cubic2d, box, np.array([0.0, 0.0, 500.0, 0.0]))
+    lr, sr = _pair(s2_crop, OpticalDegradation(), model)
+    for ref in (None, s2_crop):
+        whole = audit_output(sr, lr, ref, thresholds=TH, baseline=cubic2d)
+        part = audit_output(sr, lr, ref, thresholds=TH, baseline=cubic2d, window=64)
+        _same(whole, part)
+        (reg,) = part.regions
+        assert reg.band == s2_crop.band_names[2] == "B04"
+        assert reg.model_dump(mode="json")["band"] == "B04"
 
 
 def test_flags_one_lr_pixel_apart_merge_into_one_region(s2_crop, cubic2d):
@@ -348,3 +363,29 @@ def test_memory_does_not_grow_with_the_number_of_windows(s2_crop, cubic2d, tmp_p
     window_bytes = 4 * 4 * 32 * 32  # one window's SR core, float32
     grown = seen[max(seen)] - seen[4]
     assert grown < 8 * window_bytes, f"memory grew by {grown} bytes over 12 windows"  # the bug: 16x
+
+
+def test_with_a_reference_an_inconsistency_repeating_a_reference_region_is_dropped():
+    from domainsr.audit.hallucination import make_region
+
+    def reg(kind, box):
+        return make_region(kind=kind, size=9, bbox=box, centroid=[0.0, 0.0], peak_score=5.0, mean_score=5.0,
+                           evidence=None, geometry=None, domain="optical")
+
+    hal_r = reg("hallucination", [[10, 29], [10, 29]])
+    inside = reg("inconsistency", [[12, 31], [12, 31]])  # 81 % of its box inside the hallucination's
+    elsewhere = reg("inconsistency", [[50, 60], [50, 60]])
+    assert win.without_repeats([hal_r, inside, elsewhere]) == [hal_r, elsewhere]
+    assert win.without_repeats([inside, elsewhere]) == [inside, elsewhere]  # reference-free: all kept
+
+
+def test_with_a_reference_an_lr_inconsistent_plant_the_truth_misses_is_still_reported(s2_crop, cubic2d):
+    """The LR-consistency check runs with a reference too: where the reference rule is blind (the
+    'truth' itself carries the plant), the inconsistency with the LR input is still flagged."""
+    box = (slice(58, 70), slice(40, 52))
+    amp = np.array([300.0, 300.0, 300.0, 600.0])
+    lr, sr = _pair(s2_crop, OpticalDegradation(), planted(cubic2d, box, amp))
+    fake_truth = sr  # a reference that agrees with the SR: no hallucination against it
+    res = audit_output(sr, lr, fake_truth, thresholds=TH, baseline=cubic2d)
+    kinds = {r.kind for r in res.regions if r.verdict != "pass"}
+    assert "inconsistency" in kinds and "hallucination" not in kinds

@@ -2,24 +2,19 @@
 that decide what "found" means."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.benchmarks.loader import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("audit_planted_benchmark", ROOT / "benchmarks" / "audit_planted.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("audit_planted", "audit_planted_benchmark")
 
 
 def test_detection_rule_localises() -> None:

@@ -1,23 +1,18 @@
 """Smoke test of benchmarks/quality.py: --quick on one shipped model, real held-out data."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality", "quality_benchmark")
 
 
 @pytest.mark.slow
@@ -36,9 +31,26 @@ def test_quality_quick_on_mri_x2(tmp_path: Path) -> None:
     assert m["model"]["psnr"] > m["nearest"]["psnr"] + 1.0
     assert r["gain_vs_linear"] == pytest.approx(m["model"]["psnr"] - m["linear"]["psnr"])
     assert m["model"]["lr_mpx_per_s"] > 0.0
+    e = m["model"]["extremes"]
+    assert 0.0 <= e["invented"] <= e["output_leaves"] <= 1.0 and 0.0 <= e["truth_leaves"] <= 1.0
     assert report["models"]["no-such-model"] == {"status": "not shipped"}
     assert report["targets"]["mri-t1-x2"]["target"].startswith(">= +1.0 dB vs linear")
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["models"]["mri-t1-x2"]["metrics"]["model"]["psnr"] == pytest.approx(m["model"]["psnr"])
     md = (tmp_path / "quality.md").read_text()
-    assert "| mri-t1-x2 |" in md and "not shipped" in md
+    assert "| mri-t1-x2 |" in md and "not shipped" in md and "invented extremes" in md
+
+
+@pytest.mark.slow
+def test_quality_quick_with_data_consistency(tmp_path: Path) -> None:
+    q = _load_quality()
+    if q.shipped(["mri-t1-x2"])["mri-t1-x2"] is None:
+        pytest.skip("checkpoint mri-t1-x2 is not shipped in this checkout")
+    report = q.main(["--quick", "--models", "mri-t1-x2", "--no-robustness", "--out", str(tmp_path),
+                     "--consistency", "iterations=1,clamp_margin=0.25"])
+    r = report["models"]["mri-t1-x2"]
+    (dc,) = r["consistency"]
+    assert dc["extremes"]["output_leaves"] == 0.0  # the clamp keeps every pixel within 25 % of its range
+    assert dc["gain_vs_best"] == pytest.approx(dc["psnr"] - r["metrics"][r["best_baseline"]]["psnr"])
+    assert report["consistency"][0]["clamp_margin"] == dc["settings"]["clamp_margin"] == 0.25
+    assert "## Data consistency" in (tmp_path / "quality.md").read_text()

@@ -38,10 +38,31 @@ from domainsr.io.dicom.pmap import (
 )
 from domainsr.io.dicom.read import COSINE_ROUNDING, GAP_TOLERANCE, read_dicom_series, stack_axis
 from domainsr.io.dicom.series import SeriesInfo, SeriesListing, carried_keywords, list_series, quiet_pydicom
-from domainsr.io.dicom.write import carries_marker, choose_rescale, write_derived_series
+from domainsr.io.dicom.write import carries_marker, choose_rescale, marker_model, write_derived_series
 
-__all__ = ["COSINE_ROUNDING", "GAP_TOLERANCE", "MAP_SERIES_PREFIX", "MAX_POSITION_ROUNDING", "ORIENTATION_TOLERANCE",
-           "SQRT3", "VERDICT_SEGMENTS", "SeriesInfo", "SeriesListing", "carried_keywords", "carries_marker",
-           "choose_rescale", "list_series", "parametric_map", "quiet_pydicom", "read_dicom_series",
-           "regions_segmentation", "segmentation", "stack_axis", "verdict_labels", "write_derived_series",
-           "write_regions_segmentation", "write_risk_parametric_map"]
+__all__ = [
+    "COSINE_ROUNDING",
+    "GAP_TOLERANCE",
+    "MAP_SERIES_PREFIX",
+    "MAX_POSITION_ROUNDING",
+    "ORIENTATION_TOLERANCE",
+    "SQRT3",
+    "VERDICT_SEGMENTS",
+    "SeriesInfo",
+    "SeriesListing",
+    "carried_keywords",
+    "carries_marker",
+    "choose_rescale",
+    "list_series",
+    "marker_model",
+    "parametric_map",
+    "quiet_pydicom",
+    "read_dicom_series",
+    "regions_segmentation",
+    "segmentation",
+    "stack_axis",
+    "verdict_labels",
+    "write_derived_series",
+    "write_regions_segmentation",
+    "write_risk_parametric_map",
+]

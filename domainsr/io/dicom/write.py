@@ -19,6 +19,7 @@ Writing
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,22 @@ def write_derived_series(img: SpatialImage, out_dir: str | Path, *, model_name: 
             ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
             ds.save_as(tmp / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
     return out
+
+
+_MODEL_IN_DERIVATION = re.compile(r"by DomainSR model ([^\s;]+)")
+
+
+@quiet_pydicom()
+def marker_model(folder: str | Path) -> str | None:
+    """The model the series' DerivationDescription names ("... by DomainSR model NAME"), or ``None``
+    (``folder``: the series folder, or one of its files)."""
+    p = Path(folder)
+    first = min((f for f in (p.iterdir() if p.is_dir() else [p]) if f.is_file()), default=None)
+    if first is None:
+        return None
+    ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["DerivationDescription"])
+    m = _MODEL_IN_DERIVATION.search(str(ds.get("DerivationDescription", "")))
+    return m.group(1) if m else None
 
 
 @quiet_pydicom()
