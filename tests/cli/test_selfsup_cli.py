@@ -52,7 +52,10 @@ def test_enhance_trains_on_the_scan_and_writes_output_card_and_audit(prefect_hom
     assert sr.spatial_shape == (40, 40, 40)
     assert sr.geometry.almost_equal(lr.geometry.scaled((1, 4, 1)))
     assert np.allclose(sr.geometry.spacing, (0.9, 0.9, 0.9), atol=1e-5)  # 3.6 mm / 4 along the thick axis
-    assert 700 < float(np.median(sr.data)) < 1e5  # the scan's own units, mapped back
+    # the scan's own units, mapped back: the background (800) stays within 2 % of the scan's range
+    # (after a 3-second training its level moves by ~0.1 % of the 1e5 range, either way)
+    span = float(np.ptp(np.asarray(lr.data)))
+    assert abs(float(np.median(sr.data)) - float(np.median(lr.data))) < 0.02 * span, (np.median(sr.data), span)
 
     card = read_card(out / "scan_sr.card.json")
     assert card.application == "slicewise" and tuple(card.scale) == (1, 4) and "val" in card.metrics
