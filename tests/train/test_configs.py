@@ -19,7 +19,8 @@ def test_there_are_training_configs():
 def test_config_validates(path):
     cfg = TrainConfig.from_yaml(path)
     assert cfg.output.name == path.stem.replace("_", "-")
-    assert cfg.max_minutes + (cfg.gan.max_minutes if cfg.gan.enabled else 0) <= 10
+    # a shipped model trains in at most about an hour on 2 cores (issue 16; resumable from its state)
+    assert cfg.max_minutes + (cfg.gan.max_minutes if cfg.gan.enabled else 0) <= 60
 
 
 @pytest.mark.slow
