@@ -413,10 +413,10 @@ def _is_false(region: dict[str, Any], result: dict[str, Any]) -> bool:
     return false_alarm(region["kind"], result["method"], bool(region["contradicted"]))
 
 
-def _regions_json(regions: list[Region], contradicted: list[bool], method: str) -> list[dict[str, Any]]:
+def _regions_json(regions: list[Region], contradicted: list[bool]) -> list[dict[str, Any]]:
+    """The corpus record of each region; whether it is a false alarm is derived (:func:`_is_false`)."""
     return [{"kind": r.kind, "score": r.score, "size": r.size, "bbox": r.bbox_index,
-             "evidence": r.evidence.model_dump(exclude_none=True), "contradicted": bool(c),
-             "false_alarm": false_alarm(r.kind, method, bool(c))}
+             "evidence": r.evidence.model_dump(exclude_none=True), "contradicted": bool(c)}
             for r, c in zip(regions, contradicted)]
 
 
@@ -452,7 +452,7 @@ def run_item(item: Item) -> dict[str, Any]:
     del lr_data
     out = {"name": item.name, "domain": item.domain, "part": item.part, "image": item.image, "method": item.method,
            "degradation": item.degradation, "scale": list(scale), "pixels": int(np.prod(srd.shape[1:])),
-           "honest": honest, "regions": _regions_json(regions, contra, item.method),
+           "honest": honest, "regions": _regions_json(regions, contra),
            "psnr_gain": held.metrics.reference.per_metric.psnr.gain_mean if held.metrics.reference else None,
            "seconds": round(time.perf_counter() - t0, 2)}
     CACHE.mkdir(parents=True, exist_ok=True)

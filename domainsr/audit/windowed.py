@@ -273,6 +273,7 @@ class Maps:
     d_sr: Array | None = None
     d_base: Array | None = None
     lrd: Array | None = None
+    kind_risk: dict[str, Array] = field(default_factory=dict)  # per kind; ``risk`` is their maximum
 
 
 def window_maps(s: Setup, lr_img: SpatialImage, lr_valid: Array, srd: Array, sr_valid: Array,
@@ -330,7 +331,8 @@ def window_maps(s: Setup, lr_img: SpatialImage, lr_valid: Array, srd: Array, sr_
         maps.lost_score = cm.lost_score if cm.lost_score is not None else np.zeros(mask.shape, np.float32)
         maps.hall_band, maps.lost_band = cm.risk_band, cm.lost_band
         _tick(timings, "correctness", t)
-    maps.risk = risk_of(s, maps)
+    maps.kind_risk = kind_risks(s, maps)
+    maps.risk = np.maximum.reduce(list(maps.kind_risk.values()))  # the calibrated risk map
     return maps
 
 
@@ -354,17 +356,23 @@ def localise(lr_flag: Array, carries: Array, adds: Array, mask: Array, scale: Se
     return grown
 
 
-def risk_of(s: Setup, m: Maps) -> Array:
-    """The calibrated per-pixel risk map: of LR-inconsistent pixels, and with a reference of
-    hallucinated and lost pixels too; without one, of (elsewhere) unstable pixels."""
-    cal, dom = s.calibration, s.domain
-    risk = np.where(m.lr_flag, cal.risk_map("inconsistency", m.lr_score, dom), 0)
+def kind_flags(m: Maps) -> dict[str, tuple[Array, Array, Array | None]]:
+    """Each region kind's flagged pixels, raw score and band map in this window: LR-inconsistent
+    pixels always; with a reference hallucinated and lost pixels; without one, the unstable pixels
+    that are not inconsistent."""
+    out: dict[str, tuple[Array, Array, Array | None]] = {"inconsistency": (m.lr_flag, m.lr_score, m.lr_band)}
     if m.hall is not None and m.hall_score is not None and m.lost is not None and m.lost_score is not None:
-        risk = np.maximum(risk, np.where(m.hall, cal.risk_map("hallucination", m.hall_score, dom), 0))
-        return np.maximum(risk, np.where(m.lost, cal.risk_map("omission", m.lost_score, dom), 0)).astype(np.float32)
-    if m.unstable is not None and m.uncertainty is not None:
-        risk = np.maximum(risk, np.where(m.unstable & ~m.lr_flag, cal.risk_map("uncertain", m.uncertainty, dom), 0))
-    return risk.astype(np.float32)
+        out["hallucination"] = (m.hall, m.hall_score, m.hall_band)
+        out["omission"] = (m.lost, m.lost_score, m.lost_band)
+    elif m.unstable is not None and m.uncertainty is not None:
+        out["uncertain"] = (m.unstable & ~m.lr_flag, m.uncertainty, None)
+    return out
+
+
+def kind_risks(s: Setup, m: Maps) -> dict[str, Array]:
+    """The calibrated per-pixel risk of each kind (0 where that kind is not flagged)."""
+    return {k: np.where(flag, s.calibration.risk_map(k, score, s.domain), 0).astype(np.float32)
+            for k, (flag, score, _) in kind_flags(m).items()}
 
 
 def _tick(timings: dict[str, float], name: str, t0: float) -> None:
@@ -700,23 +708,15 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
             unstable_n += int(m.unstable[core_sr][mc].sum())
             ev.update(uncertainty_sigma=m.uncertainty, unstable=m.unstable.astype(np.float32),
                       uncertainty_peak_sigma=m.uncertainty)
-        strong = m.risk >= s.th.region_floor * s.th.review_risk  # hysteresis: weak flags join no region
+        floor = s.th.region_floor * s.th.review_risk  # hysteresis, per kind: weak flags join no region
+        for kind, (flag, score, band) in kind_flags(m).items():
+            acc[kind].add(flag & (m.kind_risk[kind] >= floor), score, ev, core_sr, start, band)
         if m.classes is not None and m.hall is not None and m.refd is not None:
             arrays["classes"].put(rel, m.classes[core_sr])
             images["reference"].put(rel, m.refd[(slice(None), *core_sr)])
             counts += np.bincount(m.classes[core_sr].ravel(), minlength=5)[:5]
-            floor = s.th.region_floor * s.th.review_risk  # each kind's own hysteresis
-            for kind, flag, score, band in (("hallucination", m.hall, m.hall_score, m.hall_band),
-                                            ("omission", m.lost, m.lost_score, m.lost_band),
-                                            ("inconsistency", m.lr_flag, m.lr_score, m.lr_band)):
-                strong_k = s.calibration.risk_map(kind, score, s.domain) >= floor
-                acc[kind].add(flag & strong_k, score, ev, core_sr, start, band)  # type: ignore[arg-type]
             if sums is not None:
                 sums.add({"model": m.srd, "baseline": m.based}, m.refd, m.mask, core_sr)
-        else:
-            acc["inconsistency"].add(m.lr_flag & strong, m.lr_score, ev, core_sr, start, m.lr_band)
-            if m.unstable is not None and m.uncertainty is not None:
-                acc["uncertain"].add(m.unstable & ~m.lr_flag & strong, m.uncertainty, ev, core_sr, start)
         if s.calibration.conformal(s.domain) is not None:
             u = local_scale(m.srd, m.based, m.e_up, s.sigma_lr, hal.window_sigma(f))[(slice(None), *core_sr)]
             for b in range(c):
