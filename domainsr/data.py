@@ -616,13 +616,18 @@ def sample_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> P
     raise InputError(f"sample {name!r} is not in the cache ({why}); cached: {', '.join(found) or 'none'}", root)
 
 
+def sample_domain(name: str, cache_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The domain (``mri``/``ct``) the manifest records for cached sample ``name``, if any."""
+    entry = next((e for e in _read_manifest(_data_root(cache_dir)).get("files", []) if e["name"] == name), {})
+    return entry.get("domain")
+
+
 def load_sample(name: str, cache_dir: str | os.PathLike[str] | None = None, **options: Any) -> Any:
     """Read cached sample ``name`` with DomainSR's reader (medical samples get their ``domain``)."""
     from domainsr.io import read_image
 
     path = sample_path(name, cache_dir)
-    root = _data_root(cache_dir)
-    entry = next((e for e in _read_manifest(root).get("files", []) if e["name"] == name), {})
-    if "domain" in entry:
-        options.setdefault("domain", entry["domain"])
+    domain = sample_domain(name, cache_dir)
+    if domain:
+        options.setdefault("domain", domain)
     return read_image(path, **options)

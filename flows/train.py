@@ -45,6 +45,7 @@ def train_task(config: str, resume: bool = False, overrides: dict[str, Any] | No
     return {"name": cfg.output.name, "checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir),
             "steps": result.steps, "gan_steps": result.gan_steps, "seconds": round(result.seconds, 1),
             "stopped_by": result.stopped_by, "val": _region(result.val), "test": _region(result.test),
+            "holdout": {k: _region(m) for k, m in result.holdout.items()},
             "domain": result.card.domain, "scale": list(result.card.scale)}
 
 
@@ -55,7 +56,8 @@ def train_flow(config: str, resume: bool = False, overrides: dict[str, Any] | No
     summary = train_task(config, resume, overrides)
     rows = [{"region": name, "psnr_db": m["psnr"], "baseline": m["baseline"], "psnr_baseline_db": m["psnr_baseline"],
              "gain_db": m["gain_db"], "ssim": m["ssim"], "ssim_baseline": m["ssim_baseline"],
-             "pixels": m["n_pixels"]} for name in ("val", "test") if (m := summary[name])]
+             "pixels": m["n_pixels"]} for name, m in [("val", summary["val"]), ("test", summary["test"]),
+                                                      *summary.get("holdout", {}).items()] if m]
     key = artifact_key("domainsr-train", summary["name"])
     desc = (f"{summary['name']}: {summary['steps']} steps ({summary['stopped_by']}), {summary['seconds']} s; "
             f"test gain {summary['test']['gain_db']:+.2f} dB" if summary["test"] else summary["name"])

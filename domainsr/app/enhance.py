@@ -163,7 +163,7 @@ class Guided(Strategy):
         if missing:
             raise ModelCardMismatch(f"guided model {card.name!r} needs bands {missing}, the band set has "
                                     f"{list(raw.band_names)}", item.id)
-        lr, g = guided_inputs(raw, target, guide, card.scale)
+        lr, g = guided_inputs(raw, target, guide, card.scale, resample=True)  # as training: Landsat's pan is offset
         del raw
         t = spec.config.tiling
         inferer = guided_inferer(model, tile=t.tile, batch_size=t.batch_size, device=t.device, amp=t.amp,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -205,13 +206,177 @@ def _reproject(img: SpatialImage, grid: GeoGeometry) -> SpatialImage:
                       step={"step": "resample guide", "method": "cubic", "to": list(grid.transform)[:6]})
 
 
+# ---------------------------------------------------------------------------------------------
+# guides at several resolutions (Sentinel-2 60 m bands guided by the 10 m and the 20 m bands)
+
+
+def _keys_weights(f: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tap offsets ``(f, 4)`` and weights ``(f, 4)`` of an exact integer-factor cubic upsampling
+    (Keys, a = -0.5, GDAL's ``cubic``): fine pixel ``p`` of coarse pixel ``i`` sits at coarse
+    coordinate ``i + (p + 0.5) / f - 0.5`` (pixel centres, the grids nest)."""
+    x = (np.arange(f) + 0.5) / f - 0.5
+    base = np.floor(x).astype(int)
+    taps = base[:, None] + np.arange(-1, 3)[None]
+    d = np.abs(x[:, None] - taps)
+    a = -0.5
+    w = np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
+                 np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0))
+    return taps, w / w.sum(axis=1, keepdims=True)
+
+
+def cubic_upsample(a: np.ndarray, factor: Sequence[int]) -> np.ndarray:
+    """``a`` ``(C, *sp)`` on the grid ``factor`` times finer that nests in it, ``(C, *sp * factor)``
+    float32: separable cubic (Keys a = -0.5, as GDAL's cubic), edges replicated."""
+    out = np.asarray(a, np.float64)
+    for ax, f in enumerate(int(v) for v in factor):
+        if f == 1:
+            continue
+        axis = ax + 1
+        n = out.shape[axis]
+        taps, w = _keys_weights(f)
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (2, 2)
+        padded = np.pad(out, pad, mode="edge")
+        phases = []
+        for p in range(f):
+            acc = 0.0
+            for t in range(4):
+                acc = acc + w[p, t] * np.take(padded, np.arange(n) + taps[p, t] + 2, axis=axis)
+            phases.append(acc)
+        st = np.stack(phases, axis=axis + 1)  # (..., n, f, ...)
+        out = st.reshape(*out.shape[:axis], n * f, *out.shape[axis + 1:])
+    return out.astype(np.float32)
+
+
+def stack_guides(groups: Sequence[np.ndarray], factors: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                 scale: Sequence[int]) -> np.ndarray:
+    """All guide bands on the finest guide grid, in guide-list order: group ``k`` (on the target
+    grid refined by ``factors[k]``; the finest is refined by ``scale``) is upsampled by
+    ``scale / factors[k]`` with :func:`cubic_upsample`, and its channels go to ``positions[k]``.
+
+    The one function that builds what a guided model sees: at inference from the band set
+    (:func:`guided_inputs`) and in training from each group degraded by the scale with its own PSF
+    (:mod:`domainsr.train.guided`), so both put the coarser guides on the finest grid alike."""
+    s = tuple(int(v) for v in scale)
+    n = sum(len(p) for p in positions)
+    if sorted(i for p in positions for i in p) != list(range(n)) or len(groups) != len(positions):
+        raise ConfigError(f"guide group positions {list(map(list, positions))} do not cover {n} guide bands once")
+    out: np.ndarray | None = None
+    for g, f, pos in zip(groups, factors, positions):
+        ratio = []
+        for a, b in zip(s, f):
+            if int(b) <= 0 or a % int(b):
+                raise GeometryError(f"guide group on the target grid refined by {tuple(f)} does not nest in the "
+                                    f"finest guide grid (target refined by {s})")
+            ratio.append(a // int(b))
+        up = cubic_upsample(g, ratio) if any(r > 1 for r in ratio) else np.asarray(g, np.float32)
+        if out is None:
+            out = np.empty((n, *up.shape[1:]), np.float32)
+        if up.shape[1:] != out.shape[1:] or up.shape[0] != len(pos):
+            raise GeometryError(f"guide group of shape {tuple(g.shape)} refined by {ratio} is {tuple(up.shape)}, "
+                                f"not {len(pos)} bands on {tuple(out.shape[1:])}")
+        out[list(pos)] = up
+    assert out is not None
+    return out
+
+
+@dataclass
+class GuideGroups:
+    """The LR target bands and the guide bands of a band set grouped by native resolution, every
+    group nested with ``lr`` (group ``k`` on ``lr.geometry.scaled(factors[k])``, its bands at
+    ``positions[k]`` of the guide list), and ``guide``: all of them on the finest guide grid
+    (:func:`stack_guides`), ``lr.geometry.scaled(scale)``."""
+
+    lr: SpatialImage
+    guide: SpatialImage
+    groups: list[SpatialImage]
+    factors: list[tuple[int, ...]]
+    positions: list[list[int]]
+
+
+def _factor(lr: SpatialImage, g: SpatialImage) -> tuple[int, ...]:
+    out = []
+    for a, b in zip(lr.geometry.spacing, g.geometry.spacing):
+        f = round(a / b)
+        if f < 1 or not math.isclose(a, f * b, rel_tol=1e-9):
+            raise GeometryError(f"guide pixels {g.geometry.spacing} do not divide the target pixels "
+                                f"{lr.geometry.spacing}", g.source or lr.source or None)
+        out.append(f)
+    return tuple(out)
+
+
+def _on_finest(groups: Sequence[SpatialImage], factors: Sequence[tuple[int, ...]],
+               positions: Sequence[Sequence[int]], scale: tuple[int, ...], names: Sequence[str]) -> SpatialImage:
+    from scipy import ndimage
+
+    k = [tuple(f) for f in factors].index(scale)
+    finest = groups[k]
+    data = stack_guides([g.data for g in groups], factors, positions, scale)
+    ok = _valid(finest)
+    for g, f in zip(groups, factors):
+        ratio = [a // b for a, b in zip(scale, f)]
+        if all(r == 1 for r in ratio):
+            continue
+        bad = ~_valid(g)
+        if g.nodata is not None and not np.isnan(g.nodata):
+            bad |= np.all(np.asarray(g.data) == g.nodata, axis=0)
+        if bad.any():  # a fine pixel is valid when its whole cubic support (2 coarse px each side) is
+            bad = ndimage.binary_dilation(bad, np.ones((5,) * bad.ndim, bool))
+            ok = ok & ~upsample_nearest(bad, ratio)
+    fill = float(finest.nodata) if finest.nodata is not None else 0.0
+    data[:, ~ok] = fill
+    step = {"step": "guides on the finest grid", "method": "cubic (Keys a=-0.5), exact integer factor",
+            "groups": [{"bands": list(g.band_names), "upsampled_by": [a // b for a, b in zip(scale, f)]}
+                       for g, f in zip(groups, factors)]}
+    return finest.derive(data, mask=None if ok.all() else ok, step=step, band_names=tuple(names))
+
+
+def guide_groups(bands: MultiResolutionImage, target: Sequence[str], guide: Sequence[str],
+                 scale: Sequence[int], *, resample: bool = False) -> GuideGroups:
+    """Target and guide bands of a band set on nested grids, the guides grouped by resolution
+    (see :class:`GuideGroups`). Guides of one resolution are :func:`nest_grids` as ever; with
+    several, the target grid is cropped to the extent every group covers, each group is nested in
+    it, and the coarser ones are put on the finest guide grid (``scale`` finer than the target
+    grid) with :func:`stack_guides`."""
+    s = tuple(int(v) for v in scale)
+    src = bands.provenance.get("source", "")
+    lr = bands.select(list(target))
+    lr.provenance.setdefault("source", src)
+    order: dict[str, list[int]] = {}
+    for i, b in enumerate(guide):
+        order.setdefault(bands.group_of(b), []).append(i)
+    positions = list(order.values())
+    raw = [bands.select([guide[i] for i in pos]) for pos in positions]
+    for g in raw:
+        g.provenance.setdefault("source", src)
+    if len(raw) == 1:
+        lr, g = nest_grids(lr, raw[0], s, resample=resample)
+        return GuideGroups(lr, g, [g], [s], positions)
+    factors = [_factor(lr, g) for g in raw]
+    if s not in factors:
+        raise GeometryError(f"no guide group is on the target grid refined by the scale {s} (groups refine it by "
+                            f"{factors})", src or None)
+    for g, f in zip(raw, factors):
+        lr, _ = nest_grids(lr, g, f, resample=resample)
+    nested = []
+    for g, f in zip(raw, factors):
+        lr2, g2 = nest_grids(lr, g, f, resample=resample)
+        if lr2.spatial_shape != lr.spatial_shape:
+            raise GeometryError("guide groups do not share a nested extent with the target bands", src or None)
+        nested.append(g2)
+    names = [""] * len(guide)
+    for g, pos in zip(nested, positions):
+        for i, b in zip(pos, g.band_names):
+            names[i] = b
+    return GuideGroups(lr, _on_finest(nested, factors, positions, s, names), nested, factors, positions)
+
+
 def guided_inputs(bands: MultiResolutionImage, target: Sequence[str], guide: Sequence[str],
                   scale: Sequence[int], *, resample: bool = False) -> tuple[SpatialImage, SpatialImage]:
-    """The LR target bands and the guide bands of a band set, on nested grids (see :func:`nest_grids`)."""
-    lr, g = bands.select(list(target)), bands.select(list(guide))
-    for img in (lr, g):
-        img.provenance.setdefault("source", bands.provenance.get("source", ""))
-    return nest_grids(lr, g, scale, resample=resample)
+    """The LR target bands and the guide bands of a band set, on nested grids (see :func:`nest_grids`);
+    guides of several resolutions are first put on the finest guide grid (:func:`guide_groups`)."""
+    gg = guide_groups(bands, target, guide, scale, resample=resample)
+    return gg.lr, gg.guide
 
 
 def enhance_band_set(bands: MultiResolutionImage, model: str | GuidedCardModel, *, resample: bool = True,
@@ -230,5 +395,5 @@ def enhance_band_set(bands: MultiResolutionImage, model: str | GuidedCardModel, 
     return enhance_guided(lr, g, guided_inferer(model, **inferer_kwargs))
 
 
-__all__ = ["GuidedSource", "enhance_band_set", "enhance_guided", "guided_inferer", "guided_inputs",
-           "nest_grids", "run_guided"]
+__all__ = ["GuideGroups", "GuidedSource", "cubic_upsample", "enhance_band_set", "enhance_guided", "guide_groups",
+           "guided_inferer", "guided_inputs", "nest_grids", "run_guided", "stack_guides"]

@@ -81,6 +81,9 @@ def _builtin() -> None:
     r(ModelSpec("rescnn", "rescnn", _M + "rescnn:ResCNN", (2, 3),
                 "light residual CNN over an interpolation base (ANCHORS.md); the main shipped family",
                 {"n_blocks": 8, "n_feats": 32, **base, "zero_init_tail": True}))
+    r(ModelSpec("span", "span", _M + "span:SPAN", (2, 3),
+                "SPAN-style swift parameter-free attention blocks over an interpolation base (NTIRE 2024)",
+                {"n_blocks": 6, "n_feats": 32, **base, "zero_init_tail": True}))
     r(ModelSpec("guided_rescnn", "guided", _M + "guided:GuidedResCNN", (2, 3),
                 "guided residual CNN on the HR grid (DSen2-style): LR bands + finer guide bands",
                 {"guide_channels": 0, "n_blocks": 8, "n_feats": 32, **base, "zero_init_tail": True}))

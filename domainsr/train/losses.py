@@ -39,6 +39,25 @@ def gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return total / (pred.ndim - 2)
 
 
+def range_excess(pred: torch.Tensor, target: torch.Tensor, lr: torch.Tensor, scale: tuple[int, ...],
+                 margin: float = 0.25) -> torch.Tensor:
+    """Mean amount by which ``pred`` leaves the local range of ``lr`` (min / max of each LR pixel's
+    3^d neighbourhood, edges replicated, nearest on the SR grid, widened by ``margin`` x the range)
+    where ``target`` stays inside that widened range: issue 16's invented extremes as a loss
+    (:func:`domainsr.engine.consistency.invented_extremes` counts the same pixels). Pixels whose
+    truth itself leaves the range are not penalised (the truth does so for 12-25 % of them)."""
+    pool = F.max_pool2d if lr.ndim == 4 else F.max_pool3d
+    hi, lo = pool(lr, 3, stride=1, padding=1), -pool(-lr, 3, stride=1, padding=1)  # -inf padding = replicate
+    for axis, f in enumerate(scale):
+        if f > 1:
+            hi, lo = hi.repeat_interleave(f, dim=2 + axis), lo.repeat_interleave(f, dim=2 + axis)
+    pad = margin * (hi - lo)
+    top, bottom = hi + pad, lo - pad
+    inside = (target <= top) & (target >= bottom)
+    over = F.relu(pred - top) + F.relu(bottom - pred)
+    return (over * inside).mean()
+
+
 class SSIMLoss(nn.Module):
     """``1 - SSIM`` (MONAI, Gaussian window) with the data range taken from each target batch, so it
     works on any normalisation; windows shrink to fit small patches."""
@@ -62,14 +81,19 @@ class SSIMLoss(nn.Module):
 class PixelLoss(nn.Module):
     """The PSNR-stage objective: L1 or Charbonnier plus optional SSIM, frequency and gradient terms."""
 
-    def __init__(self, spec: LossSpec, spatial_dims: int) -> None:
+    def __init__(self, spec: LossSpec, spatial_dims: int, scale: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.base = charbonnier if spec.pixel == "charbonnier" else l1
         self.ssim = SSIMLoss(spatial_dims) if spec.ssim > 0 else None
+        self.scale = tuple(scale) if scale is not None else None
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, lr: torch.Tensor | None = None) -> torch.Tensor:
         loss = self.base(pred, target)
+        if self.spec.range > 0:
+            if lr is None or self.scale is None:
+                raise ValueError("the range term needs the LR input and the scale")
+            loss = loss + self.spec.range * range_excess(pred, target, lr, self.scale)
         if self.ssim is not None:
             loss = loss + self.spec.ssim * self.ssim(pred, target)
         if self.spec.frequency > 0:

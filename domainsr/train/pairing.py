@@ -98,21 +98,32 @@ class Pairing(ABC):
         """A baseline interpolation ``net``'s output for a held-out pair, in the data's units."""
         return self.predict(net, pair, torch.device("cpu"), nullcontext)
 
+    def pairs(self, region: str) -> Sequence[HeldOut]:
+        """The held-out pairs of ``region``: ``val``, ``test`` or a :meth:`holdout_regions` name."""
+        if region in ("val", "test"):
+            return getattr(self.data, region)
+        return getattr(self.data, "holdout", {})[region]
+
+    def holdout_regions(self) -> list[str]:
+        """``holdout:<source>`` for every source kept out of training (``data.holdout``)."""
+        return list(getattr(self.data, "holdout", {}))
+
     def baseline(self, region: str) -> Baseline:
-        """The best interpolation on held-out ``region`` (``val`` or ``test``)."""
-        return best_baseline(getattr(self.data, region), self.config.spatial_dims, tuple(self.config.scale),
+        """The best interpolation on held-out ``region`` (``val``, ``test`` or a kept-out source)."""
+        return best_baseline(self.pairs(region), self.config.spatial_dims, tuple(self.config.scale),
                              self.interpolate)
 
     def evaluate(self, module: nn.Module, region: str, baseline: Baseline, device: torch.device,
                  amp: Autocast) -> RegionMetrics:
         """``module`` vs ``baseline`` on held-out ``region``, in the data's units."""
-        pairs = getattr(self.data, region)
+        pairs = self.pairs(region)
         was = module.training
         module.eval()
         outs = [self.predict(module, p, device, amp) for p in pairs]
         module.train(was)
+        note = "" if region in ("val", "test") else "kept out of training entirely (generalisation); "
         return region_metrics(outs, pairs, tuple(self.config.scale), baseline, region,
-                              self.metrics_description(len(pairs)))
+                              note + self.metrics_description(len(pairs)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ normalised HR; figures are in the data's units.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,10 +27,11 @@ from domainsr.models.checkpoints import (
     TrainingSettings,
     percentile_normalization,
 )
-from domainsr.train.config import FixedNormSpec, PercentileNormSpec, TrainConfig
+from domainsr.train.config import FixedNormSpec, PercentileNormSpec, SourceSpec, TrainConfig
 from domainsr.train.datasets import (
     Degradation,
     EvalPair,
+    MixedPatchDataset,
     PatchDataset,
     Region,
     denormalize,
@@ -49,7 +50,7 @@ from domainsr.train.pairing import (
     split_record,
 )
 from domainsr.train.regions import fixed_normalization, foreground, split
-from domainsr.train.sources import load_source, source_files
+from domainsr.train.sources import load_source, read_source, source_files
 
 
 @dataclass
@@ -59,11 +60,15 @@ class SingleGridData:
     image: SpatialImage
     regions: dict[str, Region]
     gap: int
-    train: PatchDataset
+    train: PatchDataset | MixedPatchDataset
     val: list[EvalPair]
     test: list[EvalPair]
     norm: InputNormalization  # of the train region (fixed: the card's numbers)
     valid: np.ndarray
+    #: ``"holdout:<source>"`` -> the pairs of a source kept out of training entirely
+    holdout: dict[str, list[EvalPair]] = field(default_factory=dict)
+    #: the images of ``data.extra`` (trained on whole), in order
+    extras: list[SpatialImage] = field(default_factory=list)
 
 
 def _region_image(img: SpatialImage, data: np.ndarray, valid: np.ndarray, region: Region) -> SpatialImage:
@@ -73,18 +78,55 @@ def _region_image(img: SpatialImage, data: np.ndarray, valid: np.ndarray, region
     return img.derive(data[(slice(None), *box)], geometry=img.geometry.cropped(start, shape), mask=valid[box])
 
 
+def _check_geometry(config: TrainConfig, data: np.ndarray, planes: list[tuple[int, int]] | None,
+                    source: str) -> None:
+    nd = data.ndim - 1
+    if planes is None and nd != config.spatial_dims:
+        raise ConfigError(f"scale {config.scale} is for {config.spatial_dims}D but {source} is {nd}D; "
+                          "use data.planes for a 2D network on a volume", source or None)
+    for pair in planes or []:
+        if max(pair) >= nd:
+            raise ConfigError(f"data.planes {pair} names an axis the {nd}D source lacks", source or None)
+
+
+@dataclass
+class _Other:
+    """A ``data.extra`` / ``data.holdout`` image, ready: its data, whole-image region, planes,
+    foreground and normalisation."""
+
+    image: SpatialImage
+    data: np.ndarray
+    region: Region
+    planes: list[tuple[int, int]] | None
+    foreground: np.ndarray
+    norm: InputNormalization
+
+
+def _other(config: TrainConfig, spec: SourceSpec, image: SpatialImage | None,
+           fixed: InputNormalization | None) -> _Other:
+    """Read (unless given) and check another source; ``fixed``: the main train region's fixed
+    normalisation (else the image's own percentiles, as inference does)."""
+    img = image if image is not None else read_source(spec.source, spec.bands or config.data.bands)
+    if img.domain != config.domain:
+        raise ConfigError(f"config is for {config.domain} but {spec.source} is {img.domain}", img.source or None)
+    data = np.ascontiguousarray(img.data, dtype=np.float32)
+    planes = spec.planes or config.data.planes
+    _check_geometry(config, data, planes, img.source)
+    valid, fg = foreground(img, data, spec.background if spec.background is not None else config.data.background)
+    whole = Region("train", 0, 0, data.shape[1])
+    norm = fixed if fixed is not None else _percentile(config, img, data, valid, whole)
+    return _Other(img, data, whole, planes, fg, norm)
+
+
 def prepare_data(config: TrainConfig, img: SpatialImage, degradation: Degradation,
-                 receptive_radius: tuple[int, ...]) -> SingleGridData:
-    """Split ``img``, fix the normalisation and build the train dataset and val/test pairs."""
+                 receptive_radius: tuple[int, ...], others: dict[str, SpatialImage] | None = None) -> SingleGridData:
+    """Split ``img``, fix the normalisation and build the train dataset and val/test pairs; the
+    config's ``data.extra`` sources add training patches (the whole image of each), its
+    ``data.holdout`` sources become scored-only pairs. ``others`` maps a source name to its image
+    already read (tests, flows)."""
     d = config.data
     data = np.ascontiguousarray(img.data, dtype=np.float32)
-    nd = data.ndim - 1
-    if d.planes is None and nd != config.spatial_dims:
-        raise ConfigError(f"scale {config.scale} is for {config.spatial_dims}D but {img.source} is {nd}D; "
-                          "use data.planes for a 2D network on a volume", img.source or None)
-    for pair in d.planes or []:
-        if max(pair) >= nd:
-            raise ConfigError(f"data.planes {pair} names an axis the {nd}D source lacks", img.source or None)
+    _check_geometry(config, data, d.planes, img.source)
     regions, gap = split(config, data.shape[1:], receptive_radius, img.source)
     valid, fg = foreground(img, data, d.background)
     spec = config.normalization
@@ -92,10 +134,7 @@ def prepare_data(config: TrainConfig, img: SpatialImage, degradation: Degradatio
              if isinstance(spec, FixedNormSpec) else None)
 
     def norm_of(region: Region) -> InputNormalization:
-        if fixed is not None:
-            return fixed
-        assert isinstance(spec, PercentileNormSpec)
-        return percentile_normalization(_region_image(img, data, valid, region), spec.low, spec.high, spec.voxels)
+        return fixed if fixed is not None else _percentile(config, img, data, valid, region)
 
     train_norm = norm_of(regions["train"])
     ds = PatchDataset(data, regions["train"], scale=config.scale, patch=config.patch_size,
@@ -107,7 +146,32 @@ def prepare_data(config: TrainConfig, img: SpatialImage, degradation: Degradatio
                              max_planes=d.val_planes, min_foreground=d.min_foreground,
                              seed=config.seed + (1 if name == "val" else 2))
             for name in ("val", "test")}
-    return SingleGridData(img, regions, gap, ds, held["val"], held["test"], train_norm, valid)
+    others = others or {}
+    parts, weights, extras = [ds], [1.0], []
+    for i, spec in enumerate(d.extra):
+        o = _other(config, spec, others.get(spec.source), train_norm if fixed is not None else None)
+        extras.append(o.image)
+        parts.append(PatchDataset(o.data, o.region, scale=config.scale, patch=config.patch_size,
+                                  degradation=degradation, norm=o.norm, foreground=o.foreground,
+                                  min_foreground=d.min_foreground, planes=o.planes, margin=d.margin, augment=d.augment,
+                                  seed=config.seed + 101 + i, source=o.image.source))
+        weights.append(spec.weight)
+    holdout = {}
+    for i, spec in enumerate(d.holdout):
+        h = _other(config, spec, others.get(spec.source), train_norm if fixed is not None else None)
+        holdout[f"holdout:{spec.source}"] = eval_pairs(
+            h.data, h.region, scale=config.scale, degradation=degradation, norm=h.norm, valid=h.foreground,
+            foreground=h.foreground, planes=h.planes, max_planes=spec.max_planes, min_foreground=d.min_foreground,
+            seed=config.seed + 3 + i)
+    train_set = ds if len(parts) == 1 else MixedPatchDataset(parts, weights, seed=config.seed)
+    return SingleGridData(img, regions, gap, train_set, held["val"], held["test"], train_norm, valid, holdout, extras)
+
+
+def _percentile(config: TrainConfig, img: SpatialImage, data: np.ndarray, valid: np.ndarray,
+                region: Region) -> InputNormalization:
+    spec = config.normalization
+    assert isinstance(spec, PercentileNormSpec)
+    return percentile_normalization(_region_image(img, data, valid, region), spec.low, spec.high, spec.voxels)
 
 
 class SingleGridPairing(Pairing):
@@ -181,9 +245,25 @@ class SingleGridPairing(Pairing):
             "plus the patch extent along the axis")
         if config.data.planes:
             split_info["planes"] = [list(p) for p in config.data.planes]
+        if config.data.background is not None:
+            split_info["background"] = config.data.background  # values <= it are not scored
+        files = source_files(img, bands)
+        for spec, o_img in zip(config.data.extra, data.extras):
+            split_info.setdefault("extra", []).append(
+                {"source": spec.source, "planes": [list(p) for p in spec.planes or config.data.planes or []],
+                 "weight": spec.weight, "shape": list(o_img.data.shape), "region": "whole image (training only)"})
+            files += source_files(o_img, bands)
+        for spec in config.data.holdout:
+            split_info.setdefault("holdout", []).append(
+                {"source": spec.source, "planes": [list(p) for p in spec.planes or config.data.planes or []],
+                 "region": "whole image, never trained on (metrics key holdout:<source>)"})
         units = c.units or img.units or DEFAULT_UNITS[config.domain]
         desc = (f"{img.source or 'image'} ({img.domain}, shape {list(img.data.shape)}, units "
-                f"{img.units or DEFAULT_UNITS[config.domain]}); pairs made on the fly with the degradation below")
+                f"{img.units or DEFAULT_UNITS[config.domain]})"
+                + "".join(f" + {s.source} (whole, weight {s.weight:g})" for s in config.data.extra)
+                + "; pairs made on the fly with the degradation below"
+                + (f"; kept out entirely: {', '.join(h.source for h in config.data.holdout)}"
+                   if config.data.holdout else ""))
         return ModelCard(
             **card_fields(config, val, test, training),
             architecture=Architecture(name=config.model.name, kwargs=config.model.kwargs),
@@ -191,7 +271,7 @@ class SingleGridPairing(Pairing):
             channel_meaning=c.channel_meaning, units=units, input_range=in_range, normalization=norm,
             receptive_radius=receptive_radius, application="slicewise" if config.data.planes else "direct",
             degradation=self.degradation.describe(),
-            training_data=TrainingData(source=config.data.source, files=source_files(img, bands), bands=bands,
+            training_data=TrainingData(source=config.data.source, files=files, bands=bands,
                                        split=split_info, description=desc))
 
 

@@ -12,7 +12,12 @@ from domainsr.train.config import TrainConfig
 
 def source_path(config: TrainConfig) -> Path:
     """Where ``data.source`` is: a sample name (fetched), ``pydicom:<test file>`` or a path."""
-    src = config.data.source
+    return resolve_source(config.data.source)
+
+
+def resolve_source(src: str) -> Path:
+    """Where training source ``src`` is: a core sample name (fetched when missing), an extra sample
+    already in the cache (``domainsr data fetch``), ``pydicom:<test file>`` or a path."""
     if src.startswith("pydicom:"):
         from pydicom.data import get_testdata_file
 
@@ -21,23 +26,33 @@ def source_path(config: TrainConfig) -> Path:
             raise ConfigError(f"pydicom has no test file {src.split(':', 1)[1]!r}")
         return Path(str(found))
     if "/" not in src and not Path(src).exists():
-        from domainsr.data import NAMES, fetch_sample_data
+        from domainsr.data import NAMES, available_samples, fetch_sample_data, sample_path
 
-        if src not in NAMES:
-            raise ConfigError(f"data.source {src!r} is neither a file nor a sample ({', '.join(NAMES)})")
-        return Path(fetch_sample_data()[src])
+        if src in NAMES:
+            return Path(fetch_sample_data()[src])
+        if src in available_samples():
+            return sample_path(src)
+        raise ConfigError(f"data source {src!r} is neither a file nor a sample ({', '.join(NAMES)}, or an "
+                          "extra in the cache: run `domainsr data fetch`)")
     return Path(src)
 
 
-def load_source(config: TrainConfig) -> SpatialImage:
-    """The HR training image of single-grid training: ``data.source`` with ``data.bands`` selected
-    (required for a band set)."""
+def read_source(src: str, bands: list[str] | None = None) -> SpatialImage:
+    """Training source ``src`` read (a sample with the domain its manifest records), with ``bands``
+    selected (required for a band set)."""
     from domainsr.image import MultiResolutionImage
     from domainsr.io import read_image
 
-    path = source_path(config)
-    img = read_image(path)
-    bands = config.data.bands
+    path = resolve_source(src)
+    options: dict[str, str] = {}
+    if "/" not in src and not src.startswith("pydicom:") and not Path(src).exists():
+        from domainsr.data import sample_domain
+
+        domain = sample_domain(src)
+        if domain:
+            options["domain"] = domain
+    img = read_image(path, **options)
+    bands = list(bands or [])
     if isinstance(img, MultiResolutionImage):
         if not bands:
             raise ConfigError(f"{path} holds bands {list(img.band_names)}: name data.bands to train on")
@@ -50,6 +65,11 @@ def load_source(config: TrainConfig) -> SpatialImage:
         img = img.derive(img.data[idx], band_names=tuple(bands))
     img.provenance.setdefault("source", str(path))
     return img
+
+
+def load_source(config: TrainConfig) -> SpatialImage:
+    """The HR training image of single-grid training: ``data.source`` with ``data.bands`` selected."""
+    return read_source(config.data.source, config.data.bands)
 
 
 def source_files(img: SpatialImage, bands: list[str]) -> list[FileRecord]:
@@ -68,4 +88,4 @@ def source_files(img: SpatialImage, bands: list[str]) -> list[FileRecord]:
     return [FileRecord(path=str(p), sha256=sha256_file(p)) for p in paths]
 
 
-__all__ = ["load_source", "source_files", "source_path"]
+__all__ = ["load_source", "read_source", "resolve_source", "source_files", "source_path"]

@@ -39,6 +39,31 @@ def test_quality_quick_on_mri_x2(tmp_path: Path) -> None:
     assert saved["models"]["mri-t1-x2"]["metrics"]["model"]["psnr"] == pytest.approx(m["model"]["psnr"])
     md = (tmp_path / "quality.md").read_text()
     assert "| mri-t1-x2 |" in md and "not shipped" in md and "invented extremes" in md
+    assert "## Issue 16 floors" in md and "| mri-t1-x2 | " in md.split("## Issue 16 floors")[1]
+    from domainsr.data import available_samples
+
+    if "pyradiomics_brain2" in available_samples():  # the kept-out subject: a generalisation row
+        g = report["generalisation"]["mri-t1-x2"]
+        assert g["source"] == "pyradiomics_brain2" and g["metrics"]["model"]["psnr"] > 10.0
+        assert g["gain_vs_best"] == pytest.approx(g["metrics"]["model"]["psnr"]
+                                                  - g["metrics"][g["best_baseline"]]["psnr"])
+        assert "## Generalisation" in md and "pyradiomics_brain2" in md
+
+
+def test_a_kept_out_source_the_card_was_trained_on_is_refused() -> None:
+    q = _load_quality()
+    from domainsr.errors import ConfigError
+    from domainsr.models.checkpoints import read_card
+
+    path = q.shipped(["mri-t1-x2"])["mri-t1-x2"]
+    if path is None:
+        pytest.skip("checkpoint mri-t1-x2 is not shipped in this checkout")
+    card = read_card(path)
+    assert q.kept_out(card)[0] == "pyradiomics_brain2"
+    split = {**card.training_data.split, "holdout": [{"source": "mni152"}]}
+    bad = card.model_copy(update={"training_data": card.training_data.model_copy(update={"split": split})})
+    with pytest.raises(ConfigError, match="trained on mni152"):
+        q.kept_out(bad)
 
 
 @pytest.mark.slow
@@ -46,8 +71,8 @@ def test_quality_quick_with_data_consistency(tmp_path: Path) -> None:
     q = _load_quality()
     if q.shipped(["mri-t1-x2"])["mri-t1-x2"] is None:
         pytest.skip("checkpoint mri-t1-x2 is not shipped in this checkout")
-    report = q.main(["--quick", "--models", "mri-t1-x2", "--no-robustness", "--out", str(tmp_path),
-                     "--consistency", "iterations=1,clamp_margin=0.25"])
+    report = q.main(["--quick", "--models", "mri-t1-x2", "--no-robustness", "--no-generalisation",
+                     "--out", str(tmp_path), "--consistency", "iterations=1,clamp_margin=0.25"])
     r = report["models"]["mri-t1-x2"]
     (dc,) = r["consistency"]
     assert dc["extremes"]["output_leaves"] == 0.0  # the clamp keeps every pixel within 25 % of its range

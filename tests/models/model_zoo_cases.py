@@ -6,6 +6,7 @@ import torch
 
 TINY = {
     "rescnn": {"n_blocks": 2, "n_feats": 8, "zero_init_tail": False},
+    "span": {"n_blocks": 2, "n_feats": 8, "zero_init_tail": False},
     "srcnn": {"features": (8, 4)},
     "vdsr": {"depth": 4, "n_feats": 8},
     "espcn": {"features": (8, 8)},

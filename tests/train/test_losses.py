@@ -55,3 +55,47 @@ def test_ragan_orientation_and_gradients():
     assert float(ragan_d_loss(fake.detach(), real)) > 1.0
     ragan_g_loss(real, fake).backward()
     assert fake.grad is not None and float(fake.grad.sum()) < 0  # pushes fake logits up
+
+
+def test_range_excess_counts_what_invented_extremes_counts():
+    """The loss penalises exactly the pixels that leave the local LR range (widened by 25 %) where
+    the truth stays inside, by how far they leave it (numpy reference: engine.consistency)."""
+    import numpy as np
+
+    from domainsr.engine.consistency import local_range
+    from domainsr.train.losses import range_excess
+
+    rng = np.random.default_rng(0)
+    for scale in ((2, 2), (1, 4), (2, 2, 2)):
+        lr = rng.normal(size=(2, 3, *([6] * len(scale)))).astype(np.float32)
+        hr_shape = (2, 3, *(6 * f for f in scale))
+        target = rng.normal(size=hr_shape).astype(np.float32)
+        pred = (2.0 * rng.normal(size=hr_shape)).astype(np.float32)
+        got = float(range_excess(torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(lr), scale))
+        want = []
+        for n in range(2):
+            lo, hi = local_range(lr[n], scale)
+            pad = 0.25 * (hi - lo)
+            inside = (target[n] <= hi + pad) & (target[n] >= lo - pad)
+            want.append((np.maximum(pred[n] - hi - pad, 0) + np.maximum(lo - pad - pred[n], 0)) * inside)
+        assert got == pytest.approx(float(np.mean(want)), rel=1e-5), scale
+        assert got > 0
+    # inside the range (or where the truth leaves it too) nothing is penalised
+    lr = torch.zeros(1, 1, 4, 4)
+    lr[..., 1, 1] = 1.0
+    pred = torch.full((1, 1, 8, 8), 5.0)
+    assert float(range_excess(pred, pred.clone(), lr, (2, 2))) == 0.0  # truth leaves too
+    assert float(range_excess(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), lr, (2, 2))) == 0.0
+
+
+def test_pixel_loss_adds_the_range_term_only_when_asked():
+    from domainsr.train.config import LossSpec
+    from domainsr.train.losses import PixelLoss
+
+    lr = torch.zeros(1, 1, 4, 4)
+    pred, target = torch.full((1, 1, 8, 8), 2.0), torch.zeros(1, 1, 8, 8)
+    plain = PixelLoss(LossSpec(), 2, (2, 2))(pred, target, lr)
+    ranged = PixelLoss(LossSpec(range=3.0), 2, (2, 2))(pred, target, lr)
+    assert float(plain) == pytest.approx(2.0) and float(ranged) == pytest.approx(2.0 + 3.0 * 2.0)
+    with pytest.raises(ValueError, match="LR input"):
+        PixelLoss(LossSpec(range=1.0), 2, (2, 2))(pred, target)
