@@ -499,13 +499,11 @@ def kept_out(card: ModelCard) -> tuple[str, list[tuple[int, int]] | None] | None
         pick = KEPT_OUT[card.name]
     else:
         return None
-    trained = {Path(f.path).name for f in (card.training_data.files if card.training_data else [])}
+    files = [Path(f.path) for f in (card.training_data.files if card.training_data else [])]
     path = resolve_source("landsat8" if pick[0] == LANDSAT_AS_S2 else pick[0])
-    names = {q.name for q in path.iterdir()} if path.is_dir() else {path.name}
-    if path.is_dir():  # a band folder: compare the folder, not file names shared across scenes
-        names = {str(path)}
-        trained = {str(Path(f.path).parent) for f in card.training_data.files} if card.training_data else set()
-    if names & trained:
+    # a band folder is compared as a folder (scenes share band file names), a file by its name
+    trained = {str(f.parent) for f in files} if path.is_dir() else {f.name for f in files}
+    if (str(path) if path.is_dir() else path.name) in trained:
         raise ConfigError(f"{card.name} was trained on {pick[0]}: it cannot be its kept-out source")
     return pick
 
