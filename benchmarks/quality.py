@@ -65,7 +65,6 @@ import numpy as np
 import torch
 
 from domainsr.audit import crop_to_multiple, heldout_region
-from domainsr.data import sample_domain
 from domainsr.degrade import build_degradation, primary_spec
 from domainsr.engine import PatchInferer
 from domainsr.engine.consistency import invented_extremes
@@ -79,7 +78,7 @@ from domainsr.models.guided import guided_bands, is_guided
 from domainsr.train.datasets import EvalPair
 from domainsr.train.regions import foreground
 from domainsr.train.scoring import border, score
-from domainsr.train.sources import resolve_source
+from domainsr.train.sources import open_source, resolve_source
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -196,12 +195,8 @@ def evaluate(case: Case) -> dict[str, Any]:
 
 
 def _read_source(src: str) -> Any:
-    """A training / kept-out source by sample name or path, with the domain its manifest records."""
-    from domainsr.io import read_image
-
-    path = resolve_source(src)
-    domain = sample_domain(src) if "/" not in src else None
-    return read_image(path, **({"domain": domain} if domain else {}))
+    """A training / kept-out source by sample name or path (``train.sources.open_source``)."""
+    return open_source(src)
 
 
 def _crop(img: SpatialImage, size: int | None) -> SpatialImage:

@@ -57,7 +57,7 @@ from domainsr.train.pairing import (
     split_record,
 )
 from domainsr.train.regions import fixed_normalization, foreground, hr_box, on_hr_grid, on_lr_grid, split
-from domainsr.train.sources import source_files, source_path
+from domainsr.train.sources import open_source, source_files, source_path
 
 
 def load_guided_source(config: TrainConfig) -> tuple[SpatialImage, SpatialImage]:
@@ -72,13 +72,10 @@ def load_guided_groups(config: TrainConfig) -> GuideGroups:
 
 
 def _band_set(config: TrainConfig) -> MultiResolutionImage:
-    from domainsr.io import read_image
-
-    path = source_path(config)
-    img = read_image(path)
+    img = open_source(config.data.source)
     if not isinstance(img, MultiResolutionImage):
         raise ConfigError("guided training needs a band set with bands at two resolutions "
-                          "(a Sentinel-2 or Landsat 8 folder)", path)
+                          "(a Sentinel-2 or Landsat 8 folder)", source_path(config))
     return img
 
 

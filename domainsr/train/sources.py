@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from domainsr.errors import ConfigError
-from domainsr.image import SpatialImage
+from domainsr.image import MultiResolutionImage, SpatialImage
 from domainsr.models.checkpoints import FileRecord, sha256_file
 from domainsr.train.config import TrainConfig
 
@@ -37,10 +37,13 @@ def resolve_source(src: str) -> Path:
     return Path(src)
 
 
-def read_source(src: str, bands: list[str] | None = None) -> SpatialImage:
-    """Training source ``src`` read (a sample with the domain its manifest records), with ``bands``
-    selected (required for a band set)."""
-    from domainsr.image import MultiResolutionImage
+def open_source(src: str) -> SpatialImage | MultiResolutionImage:
+    """Source ``src`` read as it is (a band set stays one): a sample with the domain its manifest
+    records, a ``pydicom:`` test file or a path."""
+    return _open(src)[1]
+
+
+def _open(src: str) -> tuple[Path, SpatialImage | MultiResolutionImage]:
     from domainsr.io import read_image
 
     path = resolve_source(src)
@@ -51,7 +54,12 @@ def read_source(src: str, bands: list[str] | None = None) -> SpatialImage:
         domain = sample_domain(src)
         if domain:
             options["domain"] = domain
-    img = read_image(path, **options)
+    return path, read_image(path, **options)
+
+
+def read_source(src: str, bands: list[str] | None = None) -> SpatialImage:
+    """Training source ``src`` (:func:`open_source`) with ``bands`` selected (required for a band set)."""
+    path, img = _open(src)
     bands = list(bands or [])
     if isinstance(img, MultiResolutionImage):
         if not bands:
@@ -88,4 +96,4 @@ def source_files(img: SpatialImage, bands: list[str]) -> list[FileRecord]:
     return [FileRecord(path=str(p), sha256=sha256_file(p)) for p in paths]
 
 
-__all__ = ["load_source", "read_source", "resolve_source", "source_files", "source_path"]
+__all__ = ["load_source", "open_source", "read_source", "resolve_source", "source_files", "source_path"]
