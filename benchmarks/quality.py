@@ -97,6 +97,11 @@ GAN_PAIRS = {"sentinel2-rgbn-x2-gan": "sentinel2-rgbn-x2"}
 BACKGROUND = {"mri": 0.0, "ct": -1500.0}
 QUICK = {2: 256, 3: 64}
 THREADS = 2
+#: Inference options of every case: float32, the reference (``benchmarks/backends.py`` sets the
+#: precision to measure bf16 and other backends against it).
+ENGINE: dict[str, Any] = {"amp": "off"}
+#: A transform of every case's network before inference (``None``: as loaded).
+MODULE: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 TASKS = {"sentinel2-rgbn-x2": "S2 10 m x2 (Wald)", "sentinel2-rgbn-x2-gan": "S2 10 m x2 (Wald), GAN",
          "sentinel2-20m-guided": "S2 20 m -> 10 m guided (Wald)",
          "sentinel2-60m-guided": "S2 60 m -> 10 m guided by 10 + 20 m (Wald)",
@@ -222,7 +227,7 @@ def _seed(card: ModelCard) -> np.random.Generator:
 
 
 def _inferer(module: torch.nn.Module, **kw: Any) -> PatchInferer:
-    return PatchInferer(module, device="cpu", threads=THREADS, **kw)
+    return PatchInferer(MODULE(module) if MODULE else module, device="cpu", threads=THREADS, **{**ENGINE, **kw})
 
 
 def _lr_image(ref: SpatialImage, lr: np.ndarray, scale: Sequence[int]) -> SpatialImage:
@@ -352,7 +357,7 @@ def guided_case(card: ModelCard, path: Path, quick: bool, source: str | None = N
                             guide_degradation=build_degradation(deg["guide"]), valid=valid,
                             seed=int(card.training.seed if card.training else 0) + 2,
                             guide_groups=None if quick else wald_guide_groups(gg, deg["guide"]))
-    inferer = guided_inferer(model, device="cpu", threads=THREADS)
+    inferer = guided_inferer(model, device="cpu", threads=THREADS, **ENGINE)
     guide_lr = pair.guide
 
     def run(lr: np.ndarray) -> np.ndarray:

@@ -1,10 +1,11 @@
 """`domainsr` command line: the front door.
 
-Batch commands (enhance, train, audit, demo) run Prefect flows: with no Prefect server configured
-they use Prefect's ephemeral mode (a local SQLite database, nothing to start); with
-``PREFECT_API_URL`` set, runs, logs and artifacts land on that server. Prefect is imported only
-when a flow starts: usage errors (an unknown model, a missing ``--scale``, a bad path or band map)
-are found before that and answered with one line in well under a second.
+Batch commands (enhance, train, audit, demo) run Prefect flows: on the server ``PREFECT_API_URL``
+names, else on the managed local server (``domainsr server start``), else on an ephemeral one
+started early (a local SQLite database, nothing to start by hand; :func:`_load_flow` and
+:mod:`domainsr.orchestration`). Prefect is imported only when a flow starts: usage errors (an
+unknown model, a missing ``--scale``, a bad path or band map) are found before that and answered
+with one line in well under a second.
 
 Exit codes (stable, for scripts and schedulers; :data:`EXIT_CODES`, docs/cli.md), the same for
 ``enhance`` and ``audit``: 0 success (every audit verdict pass or review); 1 some items or audits
@@ -71,7 +72,10 @@ schedule_app = typer.Typer(help="Scheduled deployments (defined in prefect.yaml)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
+server_app = typer.Typer(help="The managed local Prefect server that flows of later commands reuse (a "
+                         "one-file enhance then takes seconds): start, stop, status.", no_args_is_help=True)
 app.add_typer(schedule_app, name="schedule")
+app.add_typer(server_app, name="server")
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -196,6 +200,24 @@ def _checked(check: Callable[[], Any]) -> Any:
         return check()
     except DomainSRError as exc:
         fail(exc)
+
+
+#: Modules a flow imports when it runs: imported while an ephemeral Prefect server is starting.
+FLOW_PRELOAD = ("domainsr.models.checkpoints", "domainsr.engine", "domainsr.io.raster", "fastapi.encoders")
+
+
+def _load_flow(module: str, name: str, preload: tuple[str, ...] = FLOW_PRELOAD) -> Any:
+    """``module.name`` (a flow, or the demo), the command's Prefect API chosen first: a configured
+    PREFECT_API_URL, the managed server, or an ephemeral one spawned now, so that its start
+    overlaps these imports and ``preload`` (:func:`domainsr.orchestration.use_api`)."""
+    from importlib import import_module
+
+    from domainsr.orchestration import use_api
+
+    api = _checked(use_api)
+    loaded = getattr(import_module(module), name)
+    _checked(lambda: api.wait(preload))
+    return loaded
 
 
 def _check_model(name: str, scale: str | int | list[int] | None) -> None:
@@ -475,7 +497,7 @@ def enhance(
     """
     _check_enhance(inputs, config, model, scale, runner, band_map, suffix, out)
     model = model_reference(model, input_range, budget)
-    from flows.enhance import enhance_flow
+    enhance_flow = _load_flow("flows.enhance", "enhance_flow")
 
     with progress_bars(progress and not as_json):
         state = enhance_flow(config=None if config is None else str(config),
@@ -517,7 +539,7 @@ def train(
     including held-out metrics against interpolation."""
     if not config.exists():
         fail(DomainSRError("config file not found", config))
-    from flows.train import train_flow
+    train_flow = _load_flow("flows.train", "train_flow")
 
     with progress_bars(progress and not as_json):
         state = train_flow(str(config), resume=resume, overrides=_overrides(set_) or None, return_state=True)
@@ -651,7 +673,7 @@ def audit_cmd(
 def _run_output_audits(sr: list[Path], lr: list[Path], reference: list[Path], out: Path, settings: dict[str, Any],
                        bands: list[str] | None, spec: str, progress: bool, as_json: bool) -> NoReturn:
     """Run the audit flow on checked ``--sr``/``--lr``/``--reference`` and exit by its verdicts."""
-    from flows.audit import audit_flow
+    audit_flow = _load_flow("flows.audit", "audit_flow")
 
     with progress_bars(progress and not as_json):
         state = audit_flow(sr=[str(p) for p in sr], lr=[str(p) for p in lr],
@@ -684,7 +706,7 @@ def audit_heldout_cmd(
     _check_out(out)
     settings = _audit_settings(config)
     s = _checked(lambda: parse_scale(scale))
-    from flows.audit import audit_flow
+    audit_flow = _load_flow("flows.audit", "audit_flow")
 
     state = audit_flow(references=[str(r) for r in references], model=model, scale=s, out=str(out),
                        audit=settings, bands=_csv(bands), seed=seed, return_state=True)
@@ -718,7 +740,7 @@ def audit_output_cmd(
 def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_out")) -> None:
     """The main job on the real sample data: the enhancement flow over the Sentinel-2 scene and the
     MNI152 T1 volume with the shipped models, then the outputs' and audit reports' paths."""
-    from domainsr.demo import run_demo
+    run_demo = _load_flow("domainsr.demo", "run_demo")
 
     def warn(message: str) -> None:
         err_console.print(f"[bold yellow]warning:[/] {message}")
@@ -910,6 +932,54 @@ def schedule_serve(names: NamesArg = None) -> None:
         serve_deployments(names)
     except DomainSRError as exc:
         fail(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# the managed Prefect server
+
+
+def _server_line(state: Any, as_json: bool, status: str) -> None:
+    if as_json:
+        print(json.dumps({"status": status, **({} if state is None else vars(state))}))
+    elif state is None:
+        console.print(status)
+    else:
+        console.print(f"{status}: {state.url}  (pid {state.pid})", soft_wrap=True, highlight=False)
+
+
+@server_app.command("start")
+def server_start(port: Annotated[int | None, typer.Option(
+                     "--port", help="Port on 127.0.0.1 (default: a free one).", min=1, max=65535)] = None,
+                 idle: Annotated[float, typer.Option(
+                     "--idle-s", help="Stop after this many seconds without flow runs (0: never).", min=0)] = 0,
+                 as_json: JsonOpt = False) -> None:
+    """Start the managed Prefect server (`prefect server start` on 127.0.0.1, detached) and print its
+    URL; later commands' flows reuse it (DOMAINSR_PREFECT_SERVER, docs/flows.md)."""
+    from domainsr.orchestration import running_server, start_server
+
+    if (state := running_server()) is not None:
+        _server_line(state, as_json, "already running")
+        return
+    state = _checked(lambda: start_server(port, idle_s=idle))
+    _server_line(state, as_json, "started")
+
+
+@server_app.command("stop")
+def server_stop(as_json: JsonOpt = False) -> None:
+    """Stop the managed Prefect server (its process group) and remove its state file."""
+    from domainsr.orchestration import stop_server
+
+    state = stop_server()
+    _server_line(state, as_json, "not running" if state is None else "stopped")
+
+
+@server_app.command("status")
+def server_status(as_json: JsonOpt = False) -> None:
+    """Whether the managed Prefect server is running: its URL and pid."""
+    from domainsr.orchestration import running_server
+
+    state = running_server()
+    _server_line(state, as_json, "not running" if state is None else "running")
 
 
 def main() -> None:

@@ -98,8 +98,11 @@ def audit_item_files(sr_path: str | Path, lr_path: str | Path, scale: Sequence[i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     risk = out / risk_label("optical")
+    tta = th.tta != "off" and th.tta_streamed  # a full tile: see AuditThresholds.tta_streamed
+    if th.tta != "off" and not tta:
+        th = th.model_copy(update={"tta": "off"})
     result = audit_files(sr_path, lr_path, degradation=model_operator(spec.model, scale, channels), thresholds=th,
-                         model=module if th.tta != "off" else None,
+                         model=module if tta else None,
                          model_info={k: v for k, v in info.items() if k != "path"}, risk_map_path=risk,
                          progress=progress, bands=bands)
     return _item_extras(result, out_dir, link_stem, risk_map=risk)

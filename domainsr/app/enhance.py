@@ -14,6 +14,9 @@ How the image is enhanced is a strategy; the steps around it are shared:
 
 Errors of a DICOM item name the item (its series id) and never a file path: folders of DICOM
 exports are often named after the patient, and these messages reach logs and Prefect artifacts.
+
+Size: the four strategies (in memory, guided, streamed, self-supervised) share the audit and write
+steps and the timing record of one item; split, each would re-import the others.
 """
 from __future__ import annotations
 
@@ -75,12 +78,15 @@ def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
                                **made.run}
         extras: dict[str, Path] = {}
         verdict, reasons = None, []
+        t_enhanced = time.monotonic()
+        run["seconds"] = {"enhance": round(t_enhanced - t0, 1)}
         with tempfile.TemporaryDirectory(prefix="domainsr-audit-") as tmp:
             if cfg.run_audit:
                 stem = store.output_stem(item) if hasattr(store, "output_stem") else None
                 extras, verdict, reasons = strategy.audit(made, spec, tmp, audit_progress(item.id), stem)
                 run["audit"] = {"verdict": verdict, "reasons": reasons,
                                 **({"window": made.window} if made.window else {})}
+                run["seconds"]["audit"] = round(time.monotonic() - t_enhanced, 1)
             written = strategy.write(store, item, spec, made, run, extras)
         return ItemResult(item.id, item.kind, "enhanced", output=written.uri, extras=dict(written.extras),
                           verdict=verdict, reasons=reasons, seconds=round(time.monotonic() - t0, 2),
@@ -277,8 +283,11 @@ class Streamed(Strategy):
         self.out = store.open_output(item)
         with torch.inference_mode():
             enhance_raster_file(path, self.out, inferer, bands=bands, model_info=info, band_names=probe.band_names)
+        st = inferer.stats
+        secs = {k: round(getattr(st, f"{k}_seconds"), 1) for k in ("read", "infer", "write")}
         self.history = {"time": now_iso(), "step": "enhance (streamed)", "model": info["name"], "scale": list(f),
-                        "tiles": {"computed": inferer.stats.computed, "skipped": inferer.stats.skipped}}
+                        "tiles": {"computed": st.computed, "skipped": st.skipped}, "seconds": secs,
+                        "precision": st.plan.get("precision"), "device": st.plan.get("device")}
         # the audit reads the same bands of input and output: all, or by name (the output names them as
         # the input does, unless a band map renamed a subset of undescribed bands: then the window)
         self.path = str(path)

@@ -30,6 +30,11 @@ class AuditThresholds(BaseModel):
     noise_sigma: list[float] | None = Field(None, description="per-band noise sigma (data units) for 'fixed'")
     tta: Literal["off", "flips", "dihedral"] = "flips"
     tta_max: int = Field(4, ge=2, le=48, description="augmentations including the identity")
+    tta_streamed: bool = Field(False, description="test-time augmentation also in the whole-scene audit of a "
+                               "streamed raster (a full tile): off by default, as it re-runs the model "
+                               "tta_max - 1 more times over the whole scene (a full Sentinel-2 tile: ~3x the "
+                               "enhancement time); the LR-consistency and conformal terms cover every pixel "
+                               "either way")
     baseline: Literal["cubic", "linear", "lanczos"] = "cubic"
     max_figure_regions: int = Field(6, ge=0, le=50)
 

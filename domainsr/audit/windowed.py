@@ -12,7 +12,9 @@ Every audit (in memory: :func:`~domainsr.audit.protocol.audit_output`; rasters o
    interpolation support, the degrader's kernel measured on impulses, the Gaussian windows of the
    correctness rule incl. its 3x wider mean window, on the LR and the SR grid, the flag refinement,
    the metrics' filters, the conformal scale's windows, the TTA model's receptive radius and the region
-   merge distance), so the cropped core equals the whole-image computation exactly.
+   merge distance), so the cropped core equals the whole-image computation exactly. Two windows
+   are read and computed at once in threads (:func:`computed`; one, with a model to run) while
+   the last is accumulated in order: each window's numbers are the same whichever thread made them.
 3. **Accumulators**: metrics as sums over core pixels (:class:`~domainsr.audit.metrics.MetricSums`,
    squared errors for PSNR/ERGAS/LR consistency), class counts, and regions: each window's core flags
    are labelled after a dilation by one LR pixel (flags with a gap of at most one LR pixel merge; size
@@ -34,9 +36,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +71,7 @@ TRUNCATE = 3.0  # the rule's Gaussian windows (hallucination.smooth)
 DEFAULT_WINDOW = {2: 1024, 3: 256}  # core window, SR pixels per axis
 OVERVIEW_PIXELS = 4_200_000  # the result's arrays of a file audit stay at or below this
 CONFORMAL_SAMPLES = 2_000_000  # per band, for the median conformal bound
+WORKERS = 2  # windows computed at once (threads)
 
 
 def _rad(sigma: float, truncate: float = TRUNCATE) -> int:
@@ -546,15 +552,25 @@ class Overview:
 
 
 def _reduce(arr: Array, stride: Sequence[int], how: str, lead: int) -> Array:
+    """Block reduction of ``arr`` by ``stride``: nearest, NaN-ignoring max or mean (numpy's
+    ``nanmax``/``nanmean``). One contiguous float32 copy, padded (NaN) only where the axis is not
+    a multiple of the stride; a block mean without NaN is ``nanmean``'s own float32 sum divided by
+    the count in float64 without its copies (measured on a 4 x 1020^2 core at stride 12: 42 ms
+    before, 8 ms)."""
     if how == "nearest":
         return arr[(slice(None),) * lead + tuple(slice(None, None, k) for k in stride)]
-    pad = [(0, 0)] * lead + [(0, (-n) % k) for n, k in zip(arr.shape[lead:], stride)]
-    x = np.pad(arr.astype(np.float32), pad, constant_values=np.nan)
+    x = np.ascontiguousarray(arr, dtype=np.float32)
+    pad = [(0, 0)] * lead + [(0, (-n) % k) for n, k in zip(x.shape[lead:], stride)]
+    if any(p for _, p in pad):
+        x = np.pad(x, pad, constant_values=np.nan)
     shape = list(x.shape[:lead]) + [v for n, k in zip(x.shape[lead:], stride) for v in (n // k, k)]
     axes = tuple(lead + 2 * i + 1 for i in range(len(stride)))
+    blocks = x.reshape(shape)
+    if how == "mean" and not np.isnan(x).any():
+        return (blocks.sum(axis=axes) / np.float64(np.prod(stride))).astype(np.float32)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks (invalid pixels) stay NaN
-        return (np.nanmean if how == "mean" else np.nanmax)(x.reshape(shape), axis=axes)
+        return (np.nanmean if how == "mean" else np.nanmax)(blocks, axis=axes)
 
 
 def stride_for(shape: Sequence[int], scale: Sequence[int], budget: int | None = None) -> int:
@@ -664,25 +680,10 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
     conf_every = max(1, math.ceil(float(np.prod(shape)) / CONFORMAL_SAMPLES))
     conf_u: list[list[Array]] = [[] for _ in range(c)]
     wins = list(windows(box_lr, core))
-    for i, w in enumerate(wins):
-        pad = tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(w, s.halo, lr_shape))
-        pad_sr = tuple((a * k, b * k) for (a, b), k in zip(pad, f))
-        core_lr = tuple(slice(a - p, b - p) for (a, b), (p, _) in zip(w, pad))
-        core_sr = tuple(slice(cl.start * k, cl.stop * k) for cl, k in zip(core_lr, f))
+    for i, (w, lr_img, lr_valid, m, u) in enumerate(computed(s, src, wins, timings)):
+        core_lr, core_sr = core_slices(s, w, lr_shape)
         start = tuple(a * k for (a, _), k in zip(w, f))
         rel = tuple(a - b0 for a, (b0, _) in zip(start, box))
-        t = time.perf_counter()
-        lr_img = src.lr.image(pad)
-        lr_valid = valid_of(lr_img)
-        srd, sr_valid = src.sr.read(pad_sr)
-        refd = ref_valid = None
-        if src.reference is not None:
-            refd, ref_valid = src.reference.read(pad_sr)
-        std = None
-        if s.tta_std is not None:
-            std = s.tta_std[(slice(None), *(slice(a, b) for a, b in pad_sr))]
-        _tick(timings, "read", t)
-        m = window_maps(s, lr_img, lr_valid, srd, sr_valid, refd, ref_valid, std, timings)
         t = time.perf_counter()
         mc = m.mask[core_sr]
         valid += int(mc.sum())
@@ -717,14 +718,14 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
             counts += np.bincount(m.classes[core_sr].ravel(), minlength=5)[:5]
             if sums is not None:
                 sums.add({"model": m.srd, "baseline": m.based}, m.refd, m.mask, core_sr)
-        if s.calibration.conformal(s.domain) is not None:
-            u = local_scale(m.srd, m.based, m.e_up, s.sigma_lr, hal.window_sigma(f))[(slice(None), *core_sr)]
+        if u is not None:
             for b in range(c):
                 conf_u[b].append(u[b][mc][::conf_every].copy())  # a copy: the view would keep the window alive
         if risk_writer is not None:
             cls = m.classes if m.classes is not None else m.lr_classes
             risk_writer.write(np.stack([m.risk[core_sr], cls[core_sr].astype(np.float32)]), start[0], start[1])
         _tick(timings, "accumulate", t)
+        del m, u, lr_img, lr_valid, sr_core, lr_core, ev  # this window's arrays: gone before the next is yielded
         if progress is not None:
             progress(i + 1, len(wins))
     t = time.perf_counter()
@@ -742,6 +743,85 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
                lr_fractions=class_fractions(counts_lr), fractions=class_fractions(counts) if s.reference else None,
                valid=valid, unstable=unstable_n, conformal_u=[np.concatenate(u) if u else np.zeros(0) for u in conf_u],
                coverage=cover, timings=timings)
+
+
+def conformal_scale(s: Setup, m: Maps, core: tuple[slice, ...]) -> Array:
+    """The conformal scale ``u`` (:func:`~domainsr.audit.calibration.local_scale`) of a window's
+    ``core``, computed on the core grown by the reach of its filters (``G(h^2)`` after
+    ``h = b - G3(b)``: the two radii added) instead of the whole padded window: the core's values
+    are the same (the reflecting boundary stays where the window's edge is); measured at 1024^2 px
+    cores with the Sentinel-2 halo, 12 % fewer pixels filtered."""
+    ws = hal.window_sigma(s.scale)
+    reach = [_rad(3.0 * w, 4.0) + _rad(w, 4.0) for w in ws]  # scipy's radius: int(truncate * sigma + 0.5)
+    grown = tuple(slice(max(0, c.start - r), min(n, c.stop + r)) for c, r, n in zip(core, reach, m.mask.shape))
+    inner = tuple(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown))
+    sl = (slice(None), *grown)
+    assert m.e_up is not None
+    return local_scale(m.srd[sl], m.based[sl], m.e_up[sl], s.sigma_lr, ws)[(slice(None), *inner)]
+
+
+Inputs = tuple[SpatialImage, Array, Array, Array, Array | None, Array | None, Array | None]
+
+
+def read_window(s: Setup, src: Sources, w: Box) -> Inputs:
+    """The inputs of core window ``w`` (LR pixels) read with its halo: the LR image and its valid
+    pixels, SR data and valid pixels, the reference's (or ``None``), and the TTA spread's window."""
+    pad = tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(w, s.halo, src.lr.shape))
+    pad_sr = tuple((a * k, b * k) for (a, b), k in zip(pad, s.scale))
+    lr_img = src.lr.image(pad)
+    srd, sr_valid = src.sr.read(pad_sr)
+    refd = ref_valid = None
+    if src.reference is not None:
+        refd, ref_valid = src.reference.read(pad_sr)
+    std = None if s.tta_std is None else s.tta_std[(slice(None), *(slice(a, b) for a, b in pad_sr))]
+    return lr_img, valid_of(lr_img), srd, sr_valid, refd, ref_valid, std
+
+
+def core_slices(s: Setup, w: Box, lr_shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The core of window ``w`` (LR pixels) inside its padded window, on the LR and the SR grid."""
+    pad = tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(w, s.halo, lr_shape))
+    core_lr = tuple(slice(a - p, b - p) for (a, b), (p, _) in zip(w, pad))
+    return core_lr, tuple(slice(cl.start * k, cl.stop * k) for cl, k in zip(core_lr, s.scale))
+
+
+def computed(s: Setup, src: Sources, wins: Sequence[Box], timings: dict[str, float], workers: int = WORKERS
+             ) -> Iterator[tuple[Box, SpatialImage, Array, Maps, Array | None]]:
+    """``(window, LR image, LR valid, maps, conformal scale of the core or None)`` of every window
+    in order, ``workers`` windows read and computed at once in threads while the caller accumulates
+    the last (reads one at a time: a dataset serves one thread at a time). GDAL's decoding, numpy's
+    ufuncs and torch release the GIL, scipy.ndimage's filters do not. Each window's computation is
+    the same whichever thread runs it. Memory holds at most ``workers + 1`` windows' maps. One
+    worker when a model runs per window (TTA): a card model's ``prepare`` sets per-image state."""
+    lock = threading.Lock()
+    conformal = s.calibration.conformal(s.domain) is not None
+    workers = 1 if s.model is not None else max(1, workers)  # a model's prepare() keeps per-image state
+
+    def task(w: Box) -> tuple[Inputs, Maps, Array | None, dict[str, float]]:
+        tm: dict[str, float] = {}
+        t = time.perf_counter()
+        with lock:
+            inputs = read_window(s, src, w)
+        _tick(tm, "read", t)
+        m = window_maps(s, *inputs, tm)
+        u = None
+        if conformal:
+            t = time.perf_counter()
+            u = conformal_scale(s, m, core_slices(s, w, src.lr.shape)[1])
+            _tick(tm, "conformal", t)
+        return inputs, m, u, tm
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="audit-window") as pool:
+        pending = deque(pool.submit(task, w) for w in wins[:workers])
+        for i, w in enumerate(wins):
+            t = time.perf_counter()
+            inputs, m, u, tm = pending.popleft().result()
+            _tick(timings, "wait", t)
+            for k, v in tm.items():
+                timings[k] = timings.get(k, 0.0) + v
+            yield w, inputs[0], inputs[1], m, u
+            del inputs, m, u
+            if i + workers < len(wins):
+                pending.append(pool.submit(task, wins[i + workers]))
 
 
 def without_repeats(regions: list[Region], share: float = 0.5) -> list[Region]:

@@ -36,7 +36,7 @@ import torch
 
 from domainsr.engine.consistency import DataConsistency
 from domainsr.engine.progress import Progress
-from domainsr.engine.resources import activation_bytes, physical_cores, torch_threads
+from domainsr.engine.resources import activation_bytes, cpu_bf16_native, physical_cores, torch_threads
 from domainsr.engine.sources import (
     ArraySource,
     Source,
@@ -45,7 +45,7 @@ from domainsr.engine.sources import (
     pad_window,
 )
 from domainsr.engine.tiling import Blend, Border, Tile, TilePlan, per_axis
-from domainsr.errors import ConfigError, ModelCardMismatch, ModelError
+from domainsr.errors import ConfigError, ModelCardMismatch, ModelError, ResourceLimitError
 from domainsr.models.card import ConsistencySettings, ModelCard
 from domainsr.models.descriptor import ModelDescriptor, as_descriptor
 
@@ -73,10 +73,25 @@ def _halo_of(model: ModelDescriptor, nd: int) -> tuple[int, ...] | None:
     return tuple(math.ceil(float(v)) for v in per_axis(r, nd, "receptive_radius"))
 
 
+#: ``amp="auto"`` runs a model in bf16 on a CPU with native bf16 when its card records a bf16
+#: held-out PSNR loss (``card.precision["bf16"]``, measured by ``benchmarks/backends.py``) of at
+#: most this many dB; otherwise float32.
+CPU_BF16_MAX_LOSS_DB = 0.05
+
+
+def cpu_auto_precision(model: ModelDescriptor) -> str:
+    """``"bf16"`` when the card vouches for it (see :data:`CPU_BF16_MAX_LOSS_DB`) and the CPU runs
+    bf16 natively, else ``"off"`` (float32)."""
+    card = model.card if isinstance(model.card, ModelCard) else None
+    check = card.precision.get("bf16") if card is not None else None
+    ok = check is not None and check.psnr_loss_db <= CPU_BF16_MAX_LOSS_DB and model.supports("bf16")
+    return "bf16" if ok and cpu_bf16_native() else "off"
+
+
 def _amp_for(model: ModelDescriptor, amp: str, cuda: bool) -> str:
     if amp == "auto":
         if not cuda:
-            return "off"
+            return cpu_auto_precision(model)
         order = ("bf16", "fp16") if torch.cuda.is_bf16_supported() else ("fp16",)
         return next((a for a in order if model.supports(a)), "off")
     if amp not in ("bf16", "fp16", "off"):
@@ -118,6 +133,12 @@ class RunStats:
     skipped: int = 0
     batches: int = 0
     seconds: float = 0.0
+    #: out-of-memory recoveries (CUDA): batches split, windows run as nested plans of smaller ones
+    oom_events: int = 0
+    #: wall time reading windows, in the network (and consistency stage), and writing (streaming)
+    read_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    write_seconds: float = 0.0
     plan: dict[str, Any] = field(default_factory=dict)
 
 
@@ -140,7 +161,8 @@ class PatchInferer:
         batch_size: tiles per forward pass (default from ``BATCH_PIXELS``).
         device: ``"auto"`` (CUDA if available, else CPU), or any torch device.
         amp: ``"auto"`` (on CUDA bf16 where device and model support it, else fp16 where the
-            model does; float32 on CPU), ``"bf16"``, ``"fp16"`` or ``"off"``.
+            model does; on CPU bf16 where :func:`cpu_auto_precision` allows, else float32),
+            ``"bf16"``, ``"fp16"`` or ``"off"`` (float32).
         blend: window profile over the overlap, ``"cosine"`` or ``"gaussian"``.
         border: ``"model"`` (windows stay inside the image; tiled == one whole-image pass) or
             ``"reflect"`` (windows reach ``halo`` past the border, reflect-padded).
@@ -185,6 +207,8 @@ class PatchInferer:
             raise ConfigError(f"data consistency at scale {list(self.consistency.scale)} for a "
                               f"{self.spatial_dims}D model")
         self.stats = RunStats()
+        self._oom_batch: int | None = None  # learnt after an out-of-memory error: tiles per pass
+        self._oom_window: tuple[int, ...] | None = None  # ... and the window size a tile runs in
         self._prepared_format: torch.memory_format | None = None
         self._act: dict[tuple[int, int], float | None] = {}
 
@@ -335,6 +359,47 @@ class PatchInferer:
                              f"{tuple(out_window)} (scale {self._scale})")
         return y.float().cpu().numpy()
 
+    def forward_adaptive(self, batch: np.ndarray, out_window: Sequence[int]) -> np.ndarray:
+        """:meth:`forward` that survives running out of (GPU) memory: the batch is split in halves
+        down to one tile, then a tile runs as a nested halo-mode plan of half-size windows (exact:
+        the same as one pass over the tile's window), halving again while needed. The sizes that
+        fit are kept for the rest of the run (``stats.oom_events`` counts the recoveries)."""
+        n, i, outs = batch.shape[0], 0, []
+        step = min(n, self._oom_batch or n)
+        while i < n:
+            part = batch[i:i + step]
+            try:
+                y = (self._nested(part) if self._oom_window is not None else self.forward(part, out_window))
+            except torch.OutOfMemoryError:
+                self.stats.oom_events += 1
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if step > 1:
+                    step = self._oom_batch = step // 2
+                    continue
+                window = self._oom_window or tuple(part.shape[2:])
+                halo = _halo_of(self.descriptor, len(window)) or (0,) * len(window)
+                smaller = tuple(max(w // 2, 2 * h + max(1, self.descriptor.min_size)) for w, h in zip(window, halo))
+                if smaller == window:
+                    raise ResourceLimitError(f"out of {self.device.type} memory even for one window of "
+                                             f"{list(window)} px with model {self.descriptor.name}; use a "
+                                             "smaller tile= or the CPU") from None
+                log.warning("out of %s memory: running %s px windows as %s px windows", self.device.type,
+                            list(window), list(smaller))
+                self._oom_window = smaller
+                continue
+            outs.append(y)
+            i += step
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _nested(self, part: np.ndarray) -> np.ndarray:
+        """Each window of ``part`` through a nested plan of ``_oom_window`` windows (network only)."""
+        inner = PatchInferer(self.descriptor, tile=self._oom_window, batch_size=1, device=self.device,
+                             amp=self.amp, border="model", threads=self.threads,
+                             channels_last=self.channels_last, consistency=False)
+        inner._oom_window = None
+        return np.stack([inner.run(np.ascontiguousarray(x)) for x in part])
+
     # ---- tile stream ------------------------------------------------------------------------------
     def _read(self, source: Source, tile: Tile) -> tuple[np.ndarray, np.ndarray | None]:
         x, invalid = source.read(tile.src)
@@ -357,7 +422,8 @@ class PatchInferer:
         self.stats = RunStats(tiles=total, plan={
             "grid": list(plan.grid), "tile": list(plan.window), "halo": list(plan.halo),
             "overlap": list(plan.overlap), "border": plan.border, "blended": plan.blended,
-            "batch_size": bsize, "redundancy": round(plan.redundancy(), 4),
+            "batch_size": bsize, "redundancy": round(plan.redundancy(), 4), "precision": self.amp,
+            "device": self.device.type,
             **({"consistency": self.consistency.describe()} if self.consistency is not None else {})})
         t0 = time.perf_counter()
         pending: list[tuple[Tile, np.ndarray | None, bool]] = []  # (tile, invalid in region, computed)
@@ -369,9 +435,11 @@ class PatchInferer:
 
         def flush() -> Iterator[tuple[Tile, np.ndarray | None, np.ndarray | None]]:
             nonlocal n_in, done
-            y = self.forward(buf[:n_in], plan.out_window) if n_in else None
+            t_inf = time.perf_counter()
+            y = self.forward_adaptive(buf[:n_in], plan.out_window) if n_in else None
             if y is not None and self.consistency is not None:
                 y = self.consistency.batch(y, buf[:n_in])
+            self.stats.infer_seconds += time.perf_counter() - t_inf
             if n_in:
                 self.stats.batches += 1
                 self.stats.computed += n_in
@@ -390,7 +458,9 @@ class PatchInferer:
 
         with self._session(nd):
             for tile in plan:
+                t_read = time.perf_counter()
                 x, invalid = self._read(source, tile)
+                self.stats.read_seconds += time.perf_counter() - t_read
                 reg_invalid = None
                 if invalid is not None:
                     in_region = tuple(slice(r.start - s.start + p[0], r.stop - s.start + p[0])

@@ -36,6 +36,16 @@ def activation_bytes(model: torch.nn.Module, nd: int, channels: int, size: int |
     return 4.0 * max(outs, default=channels * size**nd) / size**nd
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (AVX512-BF16 or AMX, through oneDNN):
+    there bf16 is 2-3x faster than float32 (measured on AMD EPYC with AVX512-BF16); elsewhere it is
+    emulated and slower."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on."""
     import psutil

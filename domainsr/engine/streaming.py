@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,21 +145,30 @@ def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]
                 raise
         # COG conversion with multi-threaded compression (x2 faster on 2 cores); not during the
         # window writes, where GDAL's compression threads would hold many blocks in memory
+        t0 = time.perf_counter()
         with rasterio.Env(GDAL_NUM_THREADS=os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS")):
             writer.close()
+        inferer.stats.write_seconds += time.perf_counter() - t0
     return dst
 
 
 def _write_cores(plan: TilePlan, inferer: PatchInferer, source: RasterSource, writer: RasterWindowWriter,
                  c_out: int) -> None:
     for tile, y, invalid in inferer.tiles(plan, source):
-        r, c = tile.out
-        if y is None:  # all invalid: write nodata without computing
-            writer.write(np.zeros((c_out, r.stop - r.start, c.stop - c.start), np.float32), r.start, c.start,
-                         mask=np.zeros((r.stop - r.start, c.stop - c.start), bool))
-            continue
-        valid = None if invalid is None else ~upsample_nearest(invalid.any(axis=0), plan.scale)
-        writer.write(y, r.start, c.start, mask=valid)
+        t0 = time.perf_counter()
+        _write_core(plan, tile, y, invalid, writer, c_out)
+        inferer.stats.write_seconds += time.perf_counter() - t0
+
+
+def _write_core(plan: TilePlan, tile: Any, y: np.ndarray | None, invalid: np.ndarray | None,
+                writer: RasterWindowWriter, c_out: int) -> None:
+    r, c = tile.out
+    if y is None:  # all invalid: write nodata without computing
+        writer.write(np.zeros((c_out, r.stop - r.start, c.stop - c.start), np.float32), r.start, c.start,
+                     mask=np.zeros((r.stop - r.start, c.stop - c.start), bool))
+        return
+    valid = None if invalid is None else ~upsample_nearest(invalid.any(axis=0), plan.scale)
+    writer.write(y, r.start, c.start, mask=valid)
 
 
 def _write_blended(plan: TilePlan, inferer: PatchInferer, source: RasterSource, writer: RasterWindowWriter,
@@ -169,10 +179,14 @@ def _write_blended(plan: TilePlan, inferer: PatchInferer, source: RasterSource, 
     for tile, y, _ in inferer.tiles(plan, source):
         if tile.index[0] != row_index:  # rows above this tile row's extent are final
             row_index = tile.index[0]
+            t0 = time.perf_counter()
             band.flush(tile.out[0].start, writer, source, plan)
+            inferer.stats.write_seconds += time.perf_counter() - t0
         if y is None:
             continue
         view = band.view(tile.out)
         view += plan.running_alpha(tile) * (y - view)
+    t0 = time.perf_counter()
     band.flush(plan.out_shape[0], writer, source, plan)
+    inferer.stats.write_seconds += time.perf_counter() - t0
 

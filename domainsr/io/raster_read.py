@@ -135,6 +135,39 @@ class RasterWindowReader:
         return any(MaskFlags.all_valid not in self._ds.mask_flag_enums[i - 1] for i in self.indexes)
 
     @cached_property
+    def _nodata_values(self) -> list[int] | None:
+        """Each selected band's nodata value where every band's only mask is its nodata value
+        and the data are integers with that value representable: the mask GDAL would compute
+        (invalid where the value equals the nodata) can then be computed from the data read,
+        which ``read_masks`` would decode a second time (measured on a 1200^2 px x4 deflate COG
+        window: data 0.10 s, ``read_masks`` 0.30 s, the comparison in numpy 3 ms). ``None``
+        otherwise (mask bands, alpha, float data: GDAL's masks are read)."""
+        ds = self._ds
+        kind = np.dtype(ds.dtypes[self.indexes[0] - 1]).kind
+        if kind not in "iu" or len({ds.dtypes[i - 1] for i in self.indexes}) != 1:
+            return None
+        info = np.iinfo(ds.dtypes[self.indexes[0] - 1])
+        values = []
+        for i in self.indexes:
+            nd = ds.nodatavals[i - 1]
+            if ds.mask_flag_enums[i - 1] != [MaskFlags.nodata] or nd is None or not float(nd).is_integer() \
+                    or not info.min <= nd <= info.max:
+                return None
+            values.append(int(nd))
+        return values
+
+    def _valid(self, data: np.ndarray, win: Window | None) -> np.ndarray:
+        """Where every selected band of ``data`` (read at ``win``) is valid: from the nodata
+        values (:attr:`_nodata_values`) or GDAL's masks."""
+        nodata = self._nodata_values
+        if nodata is None:
+            return np.all(self._ds.read_masks(self.indexes, window=win) > 0, axis=0)
+        valid = data[0] != nodata[0]
+        for band, nd in zip(data[1:], nodata[1:]):
+            valid &= band != nd
+        return valid
+
+    @cached_property
     def dtype(self) -> str:
         """The selected bands' data type (they must share one of :data:`SUPPORTED_DTYPES`)."""
         dtypes = {self._ds.dtypes[i - 1] for i in self.indexes}
@@ -210,7 +243,7 @@ class RasterWindowReader:
             data = self._ds.read(self.indexes, window=win)
             valid: np.ndarray | None = None
             if self.may_be_invalid:
-                valid = np.all(self._ds.read_masks(self.indexes, window=win) > 0, axis=0)
+                valid = self._valid(data, win)
         except RasterioError as exc:
             where = "" if win is None else (f" of rows {int(win.row_off)}:{int(win.row_off + win.height)}, "
                                             f"cols {int(win.col_off)}:{int(win.col_off + win.width)}")

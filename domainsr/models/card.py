@@ -129,6 +129,15 @@ class RegionMetrics(StrictCardModel):
     description: str = ""
 
 
+class PrecisionCheck(StrictCardModel):
+    """A reduced precision (or backend) measured against float32 on the card's held-out region
+    (``benchmarks/backends.py``): PSNR lost, and the throughput ratio on the machine it ran on."""
+
+    psnr_loss_db: float
+    speedup: float | None = None
+    measured_on: str = ""
+
+
 class ModelCard(StrictCardModel):
     name: str
     version: str = "1"
@@ -154,6 +163,9 @@ class ModelCard(StrictCardModel):
     training_data: TrainingData | None = None
     training: TrainingSettings | None = None
     metrics: dict[str, RegionMetrics] = Field(default_factory=dict)
+    #: reduced precisions measured on the held-out region (``"bf16"``: the engine's ``amp="auto"``
+    #: uses it on a CPU with native bf16 when the loss is within ``CPU_BF16_MAX_LOSS_DB``)
+    precision: dict[str, PrecisionCheck] = Field(default_factory=dict)
     weights_sha256: str = ""
     created: str = Field(default_factory=now_iso)
     domainsr_version: str = ""

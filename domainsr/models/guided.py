@@ -48,6 +48,7 @@ from domainsr.models.layers import (
     chain_radius,
     conv,
     conv_nd,
+    float32_path,
     memory_format,
     pixel_shuffle_nd,
     up,
@@ -117,7 +118,7 @@ class GuidedResCNN(SRModule):
             raise ModelError("this guided_rescnn was built with guide_channels=0 and takes no guide")
         if lr.shape[1] != self.target_channels:
             raise ModelError(f"guided_rescnn expects {self.target_channels} LR bands, got {lr.shape[1]}")
-        up_ = self.base(lr)
+        up_ = float32_path(self.base, lr)
         x = up_
         if guide is not None:
             want = (lr.shape[0], self.guide_channels, *up_.shape[2:])

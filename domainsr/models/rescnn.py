@@ -25,6 +25,7 @@ from domainsr.models.layers import (
     chain_radius,
     conv,
     conv_nd,
+    float32_path,
     memory_format,
     pixel_shuffle_nd,
     up,
@@ -55,5 +56,7 @@ class ResCNN(SRModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.head(x.contiguous(memory_format=self._format))
         r = pixel_shuffle_nd(self.tail(self.body(f) + f), self.scale)
-        return r.add_(self.base(x))
+        # under autocast the residual is bf16/fp16 and the base stays float32
+        base = float32_path(self.base, x)
+        return r.to(base.dtype).add_(base)
 

@@ -133,6 +133,15 @@ class LossSpec(StrictModel):
     range: float = Field(0.0, ge=0)
 
 
+class DistillSpec(StrictModel):
+    """Knowledge distillation (issue 17: a fast student of a shipped model): the PSNR stage's loss
+    adds ``weight`` x L1 between the network's output and the ``teacher`` checkpoint's on the same
+    LR patch. The teacher must read the same normalised input (same normalisation as this run)."""
+
+    teacher: str
+    weight: float = Field(1.0, gt=0)
+
+
 class GanSpec(StrictModel):
     """Second stage: generator from the PSNR stage, RaGAN against a registry discriminator."""
 
@@ -202,6 +211,7 @@ class TrainConfig(StrictModel):
     loss: LossSpec = Field(default_factory=LossSpec)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     gan: GanSpec = Field(default_factory=GanSpec)
+    distill: DistillSpec | None = None
     normalization: NormSpec = Field(default_factory=FixedNormSpec)
     val_every: int = Field(250, ge=1)
     save_every: int = Field(250, ge=1)
@@ -228,6 +238,8 @@ class TrainConfig(StrictModel):
             raise ValueError("gan.enabled needs gan.steps >= 1")
         if self.guide is not None and self.loss.range:
             raise ValueError("loss.range needs the network's LR input: not for guided training")
+        if self.distill is not None and (self.guide is not None or self.gan.enabled):
+            raise ValueError("distill: takes a single-grid PSNR training (no guide:, no GAN stage)")
         if self.guide is not None and (self.data.extra or self.data.holdout):
             raise ValueError("guided training takes one source (no data.extra / data.holdout yet)")
         if self.guide is not None and (self.data.planes is not None or self.gan.enabled

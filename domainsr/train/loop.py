@@ -91,7 +91,7 @@ def fit(config: TrainConfig, pairing: Pairing, *, resume: bool = False,
     validate = validator(run, lambda: evaluate("val"), on_step)
     train_set = pairing.data.train
     if run.stage == "psnr":
-        psnr_stage(run, train_set, config, amp, amp_dtype, state_path, validate, on_step)
+        psnr_stage(run, train_set, config, amp, amp_dtype, state_path, validate, on_step, pairing.teacher())
         if config.gan.enabled:
             run.start_gan()
             run.save(state_path)
@@ -125,9 +125,14 @@ def fit(config: TrainConfig, pairing: Pairing, *, resume: bool = False,
 
 def psnr_stage(run: RunState, train_set: torch.utils.data.Dataset, config: TrainConfig, amp: Autocast,
                amp_dtype: torch.dtype | None, state_path: Path, validate: Validate,
-               on_step: Callback | None) -> None:
-    """The pixel-loss stage: ``config.steps`` steps or ``config.max_minutes``, cosine/step schedule."""
+               on_step: Callback | None, teacher: nn.Module | None = None) -> None:
+    """The pixel-loss stage: ``config.steps`` steps or ``config.max_minutes``, cosine/step schedule;
+    with a ``teacher`` (``config.distill``) the loss adds ``distill.weight`` x L1 to its output."""
     criterion = PixelLoss(config.loss, config.spatial_dims, tuple(config.scale))
+    if teacher is not None:
+        teacher = teacher.to(run.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     net, opt = run.net, run.opt
     net.train()
@@ -135,7 +140,12 @@ def psnr_stage(run: RunState, train_set: torch.utils.data.Dataset, config: Train
     def one_step(x: torch.Tensor, target: torch.Tensor, _: float) -> float:
         opt.zero_grad(set_to_none=True)
         with amp():
-            loss = criterion(net(x).float(), target, x if config.loss.range else None)
+            y = net(x).float()
+            loss = criterion(y, target, x if config.loss.range else None)
+            if teacher is not None:
+                with torch.no_grad():
+                    t = teacher(x).float()
+                loss = loss + config.distill.weight * l1(y, t)
         scaler.scale(loss).backward()
         if config.grad_clip:
             scaler.unscale_(opt)
@@ -319,7 +329,8 @@ def training_settings(config: TrainConfig, run: RunState, device: torch.device, 
         threads=threads, seed=config.seed, batch_size=config.batch_size, patch_size=list(config.patch_size),
         lr=config.lr, loss=config.loss.pixel + "".join(
             f" + {w:g} {k}" for k, w in (("ssim", config.loss.ssim), ("frequency", config.loss.frequency),
-                                         ("gradient", config.loss.gradient), ("range", config.loss.range)) if w),
+                                         ("gradient", config.loss.gradient), ("range", config.loss.range)) if w)
+        + (f" + {config.distill.weight:g} L1 to teacher {config.distill.teacher}" if config.distill else ""),
         stopped_by=run.stopped_by["gan"] or run.stopped_by["psnr"],
         extra={"ema_decay": config.ema_decay, "schedule": config.schedule,
                "gan": config.gan.model_dump(mode="json") if config.gan.enabled else None,

@@ -90,6 +90,13 @@ class Pairing(ABC):
         """The module the loop optimises: maps a batch's input to its target's grid."""
         return net
 
+    def teacher(self) -> nn.Module | None:
+        """``config.distill``'s teacher network on this run's normalised batches (eval mode, CPU),
+        or ``None`` without distillation."""
+        if self.config.distill is not None:
+            raise ConfigError(f"distill: is not supported by {type(self).__name__}")
+        return None
+
     def network(self, module: nn.Module) -> nn.Module:
         """The network to save from a trained :meth:`trainable` module."""
         return module

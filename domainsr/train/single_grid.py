@@ -46,6 +46,7 @@ from domainsr.train.pairing import (
     card_fields,
     check_degradation,
     init_weights,
+    log,
     robust_range,
     split_record,
 )
@@ -205,6 +206,28 @@ class SingleGridPairing(Pairing):
 
     def prepare(self, receptive_radius: tuple[int, ...]) -> None:
         self.data = prepare_data(self.config, self.source, self.degradation, receptive_radius)
+
+    def teacher(self) -> nn.Module | None:
+        spec = self.config.distill
+        if spec is None:
+            return None
+        from domainsr.models.checkpoints import load_checkpoint
+
+        model, card = load_checkpoint(spec.teacher)
+        ours = self.config.normalization
+        theirs = card.normalization
+        if isinstance(ours, FixedNormSpec):
+            same = theirs.kind == "fixed" and np.allclose(theirs.offset, self.data.norm.offset, rtol=1e-4) and \
+                np.allclose(theirs.scale, self.data.norm.scale, rtol=1e-4)
+        else:
+            same = theirs.kind == "percentile" and (theirs.low, theirs.high, theirs.voxels) == (
+                ours.low, ours.high, ours.voxels)
+        if not same or tuple(card.scale) != tuple(self.config.scale) or card.in_channels != self.source.channels:
+            raise ConfigError(f"distill teacher {spec.teacher!r} does not read this run's input: its card has "
+                              f"scale {list(card.scale)}, {card.in_channels} channels and normalisation "
+                              f"{theirs.model_dump()}; train the student on the teacher's data and normalisation")
+        log.info("distilling from %s (sha256 %s), weight %g", spec.teacher, card.weights_sha256[:12], spec.weight)
+        return model.net.eval()
 
     def describe(self) -> str:
         return f"{self.source.source or 'image'} ({list(self.source.band_names)})"
