@@ -30,7 +30,6 @@ Results: printed, and written to ``benchmarks/results/backends.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -225,11 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(md)
     if args.write_cards and not args.quick:
         print("cards updated:", ", ".join(write_cards(rows, machine)) or "none")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "backends.json") as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=1, default=float))
-    with atomic_path(args.out / "backends.md") as tmp:
-        Path(tmp).write_text(md)
+    quality.write_results(args.out, "backends", report, md)
     return report
 
 

@@ -57,7 +57,7 @@ def run_enhance(lr: Path, out: Path, precision: str) -> dict[str, Any]:
     else:  # the same model through a config that sets the engine's precision
         cfg = Path(tempfile.mkstemp(suffix=".yaml", prefix="fulltile-")[1])
         cfg.write_text(f"name: fulltile\ndomain: optical\nmodel: {{name: {MODEL}}}\n"
-                       f"tiling: {{amp: {precision}}}\naudit: {{tta: 'off'}}\n", encoding="utf-8")
+                       f"tiling: {{amp: {precision}}}\n", encoding="utf-8")
         cmd += ["--config", str(cfg)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -772,12 +772,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "torch": torch.__version__, "threads": THREADS, "seconds": time.perf_counter() - t0}
     md = markdown(report)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "quality.json") as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=1, default=float))
-    with atomic_path(args.out / "quality.md") as tmp:
-        Path(tmp).write_text(md)
+    write_results(args.out, "quality", report, md)
     return report
+
+
+def write_results(out: Path, stem: str, report: dict[str, Any], md: str) -> None:
+    """``<out>/<stem>.json`` (the report) and ``<out>/<stem>.md`` (its table), each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / f"{stem}.json") as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=1, default=float))
+    with atomic_path(out / f"{stem}.md") as tmp:
+        Path(tmp).write_text(md)
 
 
 if __name__ == "__main__":

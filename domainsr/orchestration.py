@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from domainsr.errors import ConfigError, DomainSRError
+from domainsr.io.atomic import pid_exists
 
 MODE_ENV, IDLE_ENV = "DOMAINSR_PREFECT_SERVER", "DOMAINSR_PREFECT_SERVER_IDLE_S"
 MODES = ("auto", "ephemeral", "keep", "prefect")
@@ -205,13 +206,9 @@ def healthy(api_url: str, timeout: float = 0.5) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is no zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """Whether process ``pid`` exists (:func:`~domainsr.io.atomic.pid_exists`) and is no zombie."""
+    if not pid_exists(pid):
         return False
-    except PermissionError:
-        return True
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except (OSError, IndexError):

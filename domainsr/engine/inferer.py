@@ -209,6 +209,7 @@ class PatchInferer:
         self.stats = RunStats()
         self._oom_batch: int | None = None  # learnt after an out-of-memory error: tiles per pass
         self._oom_window: tuple[int, ...] | None = None  # ... and the window size a tile runs in
+        self._oom_inner: PatchInferer | None = None  # the nested inferer of that window size
         self._prepared_format: torch.memory_format | None = None
         self._act: dict[tuple[int, int], float | None] = {}
 
@@ -393,11 +394,13 @@ class PatchInferer:
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _nested(self, part: np.ndarray) -> np.ndarray:
-        """Each window of ``part`` through a nested plan of ``_oom_window`` windows (network only)."""
-        inner = PatchInferer(self.descriptor, tile=self._oom_window, batch_size=1, device=self.device,
-                             amp=self.amp, border="model", threads=self.threads,
-                             channels_last=self.channels_last, consistency=False)
-        inner._oom_window = None
+        """Each window of ``part`` through a nested plan of ``_oom_window`` windows (network only;
+        the nested inferer is built once per window size)."""
+        inner = self._oom_inner
+        if inner is None or inner._tile != self._oom_window:
+            inner = self._oom_inner = PatchInferer(
+                self.descriptor, tile=self._oom_window, batch_size=1, device=self.device, amp=self.amp,
+                border="model", threads=self.threads, channels_last=self.channels_last, consistency=False)
         return np.stack([inner.run(np.ascontiguousarray(x)) for x in part])
 
     # ---- tile stream ------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def output_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~current_umask()
 
 
-def _alive(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a zombie too), by signal 0."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,7 +90,7 @@ def remove_stale_partials(final: str | os.PathLike[str]) -> list[Path]:
         except FileNotFoundError:
             continue
         if m is not None and m.group(2) == _HOST:  # ours: stale exactly when its writer is gone
-            stale = int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+            stale = int(m.group(1)) != os.getpid() and not pid_exists(int(m.group(1)))
         else:  # another machine's (a shared folder): its pid means nothing here
             stale = age > STALE_AFTER_S
         if stale:
