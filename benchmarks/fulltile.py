@@ -78,7 +78,8 @@ def run_enhance(lr: Path, out: Path, precision: str) -> dict[str, Any]:
 
 def split_of(sr: Path) -> dict[str, Any]:
     """The time split and the audit's outcome from the output's provenance and report."""
-    prov = json.loads(Path(f"{sr}.provenance.json").read_text())
+    record = json.loads(Path(f"{sr}.provenance.json").read_text())
+    prov = record.get("provenance", record)  # the output's record wraps the image's provenance
     run = prov.get("run", {})
     step = next((h for h in prov.get("history", []) if h.get("step") == "enhance (streamed)"), {})
     secs = step.get("seconds", {})

@@ -60,8 +60,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="domainsr-onefile-") as tmp:
         work = Path(tmp)
         tif = _tiny_tif(work / "tiny.tif")
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DOMAINSR_PREFECT"))}
-        base.update(PREFECT_HOME=str(work / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DOMAINSR_PREFECT", "DOMAINSR_WARM"))}
+        base.update(PREFECT_HOME=str(work / "prefect-home"))
 
         def enhance(model: str, extra: list[str]) -> list[str]:
             return ["enhance", str(tif), "--model", model, *extra, "--out", str(work / "out"), "--no-audit",
@@ -74,9 +74,12 @@ def main() -> None:
                 (cubic, {"DOMAINSR_PREFECT_SERVER": "prefect"}),
             "enhance cubic x2, optimised ephemeral server (`DOMAINSR_PREFECT_SERVER=ephemeral`)":
                 (cubic, {"DOMAINSR_PREFECT_SERVER": "ephemeral"}),
-            "enhance cubic x2, reusing the managed server (`domainsr server start`)": (cubic, {}),
-            "enhance sentinel2-rgbn-x2 (shipped checkpoint), reusing the managed server":
-                (enhance("sentinel2-rgbn-x2", []), {}),
+            "enhance cubic x2, reusing the managed server, no warm runner (`DOMAINSR_WARM_RUNNER=0`)":
+                (cubic, {"DOMAINSR_WARM_RUNNER": "0"}),
+            "enhance cubic x2, the managed server's warm runner (`domainsr server start`; the default)": (cubic, {}),
+            "enhance sentinel2-rgbn-x2 (shipped checkpoint), the warm runner": (enhance("sentinel2-rgbn-x2", []), {}),
+            "enhance sentinel2-rgbn-x2 with its audit, the warm runner":
+                ([a for a in enhance("sentinel2-rgbn-x2", []) if a != "--no-audit"], {}),
         }
         _run(cubic, {**base, "DOMAINSR_PREFECT_SERVER": "ephemeral"})  # warm-up: creates the database
         times: dict[str, list[float]] = {label: [] for label in rows}

@@ -19,6 +19,7 @@ they share would be scattered by a split per command.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -79,6 +80,12 @@ app.add_typer(server_app, name="server")
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+
+
+def reset_consoles() -> None:
+    """Detect the terminal again (a warm runner's child now writes to its caller's terminal)."""
+    console.__init__(stderr=False)  # type: ignore[misc]
+    err_console.__init__(stderr=True)  # type: ignore[misc]
 
 
 # Options several commands share.
@@ -217,7 +224,24 @@ def _load_flow(module: str, name: str, preload: tuple[str, ...] = FLOW_PRELOAD) 
     api = _checked(use_api)
     loaded = getattr(import_module(module), name)
     _checked(lambda: api.wait(preload))
+    _no_heartbeats()
     return loaded
+
+
+def _no_heartbeats() -> None:
+    """Flow runs of a command send no heartbeats, unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is
+    set: the command's process reports its own end (and a crash as Crashed), and Prefect's
+    heartbeat thread, stopped in 1 s steps, held each flow's end ~0.5 s (two flows per enhance).
+    Runs by a worker (deployments) keep Prefect's heartbeats."""
+    if os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY"):
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    _COMMAND_SETTINGS.enter_context(temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+
+
+#: Settings held for the rest of the command (its process ends with it).
+_COMMAND_SETTINGS = contextlib.ExitStack()
 
 
 def _check_model(name: str, scale: str | int | list[int] | None) -> None:
@@ -938,13 +962,15 @@ def schedule_serve(names: NamesArg = None) -> None:
 # the managed Prefect server
 
 
-def _server_line(state: Any, as_json: bool, status: str) -> None:
+def _server_line(state: Any, as_json: bool, status: str, warm: bool | None = None) -> None:
     if as_json:
-        print(json.dumps({"status": status, **({} if state is None else vars(state))}))
+        extra = {} if warm is None else {"warm_runner": warm}
+        print(json.dumps({"status": status, **({} if state is None else vars(state)), **extra}))
     elif state is None:
         console.print(status)
     else:
-        console.print(f"{status}: {state.url}  (pid {state.pid})", soft_wrap=True, highlight=False)
+        runner = "" if warm is None else f"; warm runner {'ready' if warm else 'not ready'}"
+        console.print(f"{status}: {state.url}  (pid {state.pid}{runner})", soft_wrap=True, highlight=False)
 
 
 @server_app.command("start")
@@ -956,12 +982,13 @@ def server_start(port: Annotated[int | None, typer.Option(
     """Start the managed Prefect server (`prefect server start` on 127.0.0.1, detached) and print its
     URL; later commands' flows reuse it (DOMAINSR_PREFECT_SERVER, docs/flows.md)."""
     from domainsr.orchestration import running_server, start_server
+    from domainsr.warm_runner import ready, wait_ready
 
     if (state := running_server()) is not None:
-        _server_line(state, as_json, "already running")
+        _server_line(state, as_json, "already running", ready())
         return
     state = _checked(lambda: start_server(port, idle_s=idle))
-    _server_line(state, as_json, "started")
+    _server_line(state, as_json, "started", wait_ready())
 
 
 @server_app.command("stop")
@@ -977,13 +1004,20 @@ def server_stop(as_json: JsonOpt = False) -> None:
 def server_status(as_json: JsonOpt = False) -> None:
     """Whether the managed Prefect server is running: its URL and pid."""
     from domainsr.orchestration import running_server
+    from domainsr.warm_runner import ready
 
     state = running_server()
-    _server_line(state, as_json, "not running" if state is None else "running")
+    _server_line(state, as_json, "not running" if state is None else "running", None if state is None else ready())
 
 
 def main() -> None:
-    """Entry point: the exit codes above also for errors that escape a command."""
+    """Entry point: the exit codes above also for errors that escape a command. A one-file
+    ``enhance``/``audit`` runs in the managed server's warm runner when it is there
+    (:mod:`domainsr.warm_runner`)."""
+    from domainsr.warm_runner import forward
+
+    if (code := forward(sys.argv[1:])) is not None:
+        sys.exit(code)
     try:
         app()
     except DomainSRError as exc:

@@ -31,6 +31,9 @@ loaded): Prefect's own ephemeral start 12.4 s, ours 7.8 s, a running managed ser
 (loaded: 20.3, 16.1, 9.1 s). Prefect's imports ``prefect.server`` in the command's process too
 (~2-4 s) before its subprocess imports it again, so (c) is our early spawn.
 
+With a managed server running, ``enhance`` and ``audit`` go one step further: its warm runner
+(:mod:`domainsr.warm_runner`, already imported) forks to run them, about 1.2 s end to end.
+
 The choice is made only in a process that has not imported Prefect yet (a fresh ``domainsr``
 command); a process that already has (tests, notebooks, Typer's CliRunner) keeps its settings. ``domainsr server
 start|stop|status`` manage the server of (b) by hand.

@@ -68,6 +68,7 @@ def _keep(port: int, idle_s: float, path: Path) -> None:
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port",
                                str(port)], stdin=subprocess.DEVNULL)
     url, started, misses = f"http://{HOST}:{port}/api", time.time(), 0
+    runner = _start_runner(server, url)
     while server.poll() is None:
         try:
             server.wait(max(1.0, min(30.0, idle_s / 10)) if idle_s > 0 else None)
@@ -89,6 +90,25 @@ def _keep(port: int, idle_s: float, path: Path) -> None:
             server.wait(15)
         except subprocess.TimeoutExpired:
             server.kill()
+    if runner is not None and runner.poll() is None:
+        runner.kill()
+
+
+def _start_runner(server: subprocess.Popen[bytes], url: str, timeout: float = 120.0) -> subprocess.Popen[bytes] | None:
+    """Once the server answers: the warm runner (:mod:`domainsr.warm_runner`) in this process
+    group, unless ``DOMAINSR_WARM_RUNNER=0``."""
+    from domainsr.orchestration import prefect_home
+    from domainsr.warm_runner import ENV, socket_path
+
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    deadline = time.monotonic() + timeout
+    while not healthy(url, 1.0):
+        if server.poll() is not None or time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+    return subprocess.Popen([sys.executable, "-m", "domainsr.warm_runner", str(socket_path(prefect_home())),
+                             str(os.getpid())], stdin=subprocess.DEVNULL, env={**os.environ, "PREFECT_API_URL": url})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("domainsr.models", "domainsr.degrade", "domainsr.io"),
     ("domainsr.stores", "domainsr.audit", "domainsr.train", "domainsr.engine", "domainsr.data"),
     ("domainsr.app",),
-    ("flows", "domainsr.cli", "domainsr.demo", "domainsr.orchestration", "domainsr.prefect_server"),
+    ("flows", "domainsr.cli", "domainsr.demo", "domainsr.orchestration", "domainsr.prefect_server",
+     "domainsr.warm_runner"),
 )
 
 #: Layer violations kept on purpose, each with its reason: (importer, imported). Keep it short.

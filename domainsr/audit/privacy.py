@@ -11,8 +11,18 @@ nobody without the salt can. Birth date, sex, age, size and weight are dropped. 
 The same rule covers what the flows print: :func:`public_path` (a medical input's path in logs and
 artifacts), :func:`public_stem` (report file names) and :func:`relabel` (error messages).
 
-The salt is ``$DOMAINSR_PSEUDONYM_SALT`` if set, else a random secret created once in
-``$XDG_CONFIG_HOME/domainsr/pseudonym_salt`` (``~/.config/...``) with owner-only permissions.
+The salt, first found of:
+
+1. ``$DOMAINSR_PSEUDONYM_SALT``;
+2. a Prefect ``Secret`` block (default name ``domainsr-pseudonym-salt``, or
+   ``$DOMAINSR_PSEUDONYM_SALT_BLOCK``) on the Prefect API a URL is configured for
+   (``PREFECT_API_URL``, a profile, ...): every worker of that server then gives the same
+   pseudonyms. A block named in ``$DOMAINSR_PSEUDONYM_SALT_BLOCK`` must be readable (else a
+   ConfigError); the default one is used only when it exists (``=none`` turns the look-up off);
+3. a random secret created once in ``$XDG_CONFIG_HOME/domainsr/pseudonym_salt``
+   (``~/.config/...``) with owner-only permissions (one machine's own salt).
+
+A block's salt is read once per process and API; the salt is never logged.
 """
 from __future__ import annotations
 
@@ -20,10 +30,11 @@ import hashlib
 import hmac
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
-from domainsr.errors import DomainSRError
+from domainsr.errors import ConfigError, DomainSRError
 from domainsr.image import GeoGeometry, MedicalGeometry, SpatialImage
 
 MEDICAL = ("mri", "ct")
@@ -39,11 +50,80 @@ def salt_path() -> Path:
     return base / "domainsr" / "pseudonym_salt"
 
 
+SALT_ENV, SALT_BLOCK_ENV = "DOMAINSR_PSEUDONYM_SALT", "DOMAINSR_PSEUDONYM_SALT_BLOCK"
+SALT_BLOCK = "domainsr-pseudonym-salt"  #: the default name of the Secret block holding the salt
+_BLOCK_SALTS: dict[tuple[str, str], bytes | None] = {}  # (API URL, block name) -> salt (None: no block)
+
+
+def salt_block_name() -> tuple[str, bool] | None:
+    """The Secret block to read the salt from and whether it was named explicitly; None when the
+    look-up is off (``$DOMAINSR_PSEUDONYM_SALT_BLOCK=none``)."""
+    name = os.environ.get(SALT_BLOCK_ENV, "").strip()
+    if name.lower() == "none":
+        return None
+    return (name, True) if name else (SALT_BLOCK, False)
+
+
+def block_salt() -> bytes | None:
+    """The salt of the Prefect Secret block (see the module docstring), or None when no API URL
+    is configured, the look-up is off, or the default block does not exist (cached per process)."""
+    block = salt_block_name()
+    if block is None:
+        return None
+    name, explicit = block
+    url = _api_url()
+    if not url:
+        if explicit:
+            raise ConfigError(f"{SALT_BLOCK_ENV}={name!r} but no Prefect API is configured (PREFECT_API_URL)")
+        return None
+    key = (url, name)
+    if key not in _BLOCK_SALTS:
+        _BLOCK_SALTS[key] = _read_block(name, explicit, url)
+    return _BLOCK_SALTS[key]
+
+
+def _api_url() -> str | None:
+    """The Prefect API a client would use: Prefect's current settings once it is imported (the
+    settings of this thread's context), else what they would say (without importing Prefect)."""
+    if "prefect.settings" in sys.modules:
+        from prefect.settings import get_current_settings
+
+        return get_current_settings().api.url or None
+    from domainsr.orchestration import configured_api_url
+
+    return configured_api_url(settings=False)
+
+
+def _read_block(name: str, explicit: bool, url: str) -> bytes | None:
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name, _sync=True).get()
+    except ValueError as exc:  # "Unable to find block document named ..."
+        if "unable to find" not in str(exc).lower():
+            raise ConfigError(f"cannot read the pseudonym salt from Secret block {name!r} on {url}: "
+                              f"{type(exc).__name__}") from None
+        if explicit:
+            raise ConfigError(f"{SALT_BLOCK_ENV}={name!r}: no Secret block of that name on {url} (create it: "
+                              f"Secret(value=...).save({name!r}))") from None
+        return None
+    except Exception as exc:  # noqa: BLE001 - API down, bad schema...: never a silent other salt
+        hint = "" if explicit else f"; {SALT_BLOCK_ENV}=none uses this machine's salt instead"
+        raise ConfigError(f"cannot read the pseudonym salt from Secret block {name!r} on {url}: "
+                          f"{type(exc).__name__} (is the Prefect server up?{hint})") from None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"Secret block {name!r} must hold a non-empty string (the pseudonym salt)")
+    return value.strip().encode()
+
+
 def installation_salt() -> bytes:
-    """The per-installation secret (created on first use)."""
-    env = os.environ.get("DOMAINSR_PSEUDONYM_SALT")
+    """The salt: the environment, the Prefect Secret block, or this machine's file (created on first use)."""
+    env = os.environ.get(SALT_ENV)
     if env:
         return env.encode()
+    from_block = block_salt()
+    if from_block is not None:
+        return from_block
     path = salt_path()
     if path.exists():
         return path.read_bytes().strip()

@@ -11,7 +11,7 @@ URL grammar (options as query parameters or as keyword arguments / a config bloc
     DICOMweb options: auth=none|basic|bearer, username=, password=, token=, verify=true|false|CA.pem,
                       timeout=30, max_request_mb=64
     DIMSE options:    called_aet=, calling_aet=, timeout=30
-    both:             retries=3, backoff=0.5, extras_dir=PATH
+    both:             retries=3, backoff=0.5, extras_dir=PATH, concurrency_limit=NAME
 
 ``password``/``token`` are ``env:NAME`` or ``prefect:NAME`` references (never literals);
 ``username`` and the AE titles may also be literal. Unset options fall back to the environment:
@@ -42,6 +42,12 @@ derived series', :mod:`domainsr.stores.maps`); such map series are not listed as
 of the maps, ``risk.dcm``, ``regions.seg.dcm``) are copied to ``extras_dir`` when it is set (else
 they are not kept, with a warning).
 
+A global limit for a PACS shared by many workers: ``concurrency_limit=NAME`` (or
+``$DOMAINSR_PACS_CONCURRENCY_LIMIT``) holds one slot of the Prefect global concurrency limit NAME
+(``prefect gcl create NAME --limit 2``) around every exchange with the PACS (query, retrieve,
+upload; each try). Without a name, without a configured Prefect API, or when no limit of that
+name exists (one warning), it is a no-op: see :func:`pacs_slot`.
+
 Size: two protocols (DICOMweb and DIMSE) behind one Store, sharing the reduction of query answers
 (no patient identifier passes it) and the resumable, duplicate-free upload rule.
 """
@@ -57,7 +63,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
@@ -92,7 +98,9 @@ _RUN_KEY_ELEM, _COUNT_ELEM = 0x01, 0x02
 _UID_NAMESPACE = uuid.UUID("5b0d2c1e-8f3a-5c53-9a57-646f6d61696e")  # DomainSR's own namespace
 DERIVED_MARK = "AI ENHANCED"  # ImageType value 4 of series written by DomainSR (and other AI tools)
 
-_COMMON_OPTS = {"retries", "backoff", "extras_dir", "timeout"}
+_COMMON_OPTS = {"retries", "backoff", "extras_dir", "timeout", "concurrency_limit"}
+LIMIT_ENV = "DOMAINSR_PACS_CONCURRENCY_LIMIT"
+_LIMITS: dict[tuple[str, str], bool] = {}  # (API URL, limit name) -> whether the limit exists
 _WEB_OPTS = _COMMON_OPTS | {"auth", "username", "password", "token", "verify", "max_request_mb"}
 _DIMSE_OPTS = _COMMON_OPTS | {"called_aet", "calling_aet"}
 _QUERY_KEYS = {"modality", "study_date", "series_description", "study_uid", "series_uid",
@@ -536,12 +544,64 @@ def _storage_classes() -> list[str]:
 
 # -------------------------------------------------------------------------------------- store
 
+@contextmanager
+def pacs_slot(name: str | None, what: str = "PACS exchange") -> Iterator[None]:
+    """One slot of the Prefect global concurrency limit ``name`` held around the block; a no-op
+    without a name or a configured Prefect API, or when the server has no such limit (a warning,
+    once per process). A slot that cannot be acquired (API down) is a :class:`StoreError`."""
+    url = _api_url() if name else None
+    if name and not url and ("", name) not in _LIMITS:
+        _LIMITS["", name] = False
+        log.warning("PACS concurrency limit %r: no Prefect API configured (PREFECT_API_URL), so this process's "
+                    "PACS exchanges are not limited", name)
+    if not name or not url or not _limit_exists(url, name):
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    stack = ExitStack()
+    try:  # a lease renewal that fails later does not stop a transfer half-way
+        stack.enter_context(concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False))
+    except Exception as exc:  # noqa: BLE001 - Prefect's acquisition errors vary by version
+        raise StoreError(f"{what}: no slot of the Prefect concurrency limit {name!r}: {type(exc).__name__}: {exc}",
+                         url) from None
+    with stack:
+        yield
+
+
+def _api_url() -> str | None:
+    """The Prefect API this thread's client would use (None: Prefect would start an ephemeral one)."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+def _limit_exists(url: str, name: str) -> bool:
+    key = (url, name)
+    if key not in _LIMITS:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            with get_client(sync_client=True) as client:
+                client.read_global_concurrency_limit_by_name(name)
+            _LIMITS[key] = True
+        except ObjectNotFound:
+            log.warning("no Prefect global concurrency limit %r on %s: PACS exchanges are not limited "
+                        "(create it: prefect gcl create %s --limit N)", name, url, name)
+            _LIMITS[key] = False
+        except Exception as exc:  # noqa: BLE001 - the API did not answer
+            raise StoreError(f"cannot read the Prefect concurrency limit {name!r}: {type(exc).__name__}", url) from None
+    return _LIMITS[key]
+
+
 class PacsStore(Store):
     """A PACS reached over DICOMweb or DIMSE (see the module docstring for the URL grammar)."""
 
     def __init__(self, url: str, backend: _Backend, *, retry: RetryPolicy | None = None,
-                 extras_dir: str | os.PathLike[str] | None = None) -> None:
+                 extras_dir: str | os.PathLike[str] | None = None, concurrency_limit: str | None = None) -> None:
         self.url = redact_url(url)
+        self.concurrency_limit = concurrency_limit or os.environ.get(LIMIT_ENV) or None
         self.backend = backend
         self.retry = retry or RetryPolicy()
         self.extras_dir = None if extras_dir is None else Path(extras_dir)
@@ -578,11 +638,16 @@ class PacsStore(Store):
         else:
             raise ConfigError("a PACS URL starts with dicomweb://, dicomweb+http://, dicomweb+https:// "
                               "or dimse://", redact_url(url))
-        return cls(url, backend, retry=RetryPolicy.from_options(o), extras_dir=o.get("extras_dir"))
+        return cls(url, backend, retry=RetryPolicy.from_options(o), extras_dir=o.get("extras_dir"),
+                   concurrency_limit=o.get("concurrency_limit"))
 
     # ------------------------------------------------------------------------------ internals
     def _call(self, what: str, fn: Any) -> Any:
-        return call_with_retries(fn, what=what, url=self.url, policy=self.retry)
+        def limited() -> Any:
+            with pacs_slot(self.concurrency_limit, what):
+                return fn()
+
+        return call_with_retries(limited, what=what, url=self.url, policy=self.retry)
 
     def _series_uri(self, study_uid: str, series_uid: str) -> str:
         return f"{self.url.split('?', 1)[0].rstrip('/')}/studies/{study_uid}/series/{series_uid}"
