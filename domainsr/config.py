@@ -95,6 +95,9 @@ class RunnerConfig(StrictModel):
     dask_address: str | None = None
     dask_workers: int | None = Field(None, ge=1)
     dask_threads_per_worker: int = Field(1, ge=1)
+    dask_split: bool = Field(True, description="with dask: a single-file raster that streams (above "
+                             "tiling.stream_above_mpx or the memory budget) is split into bands of tile rows "
+                             "computed on all the workers and assembled into one COG (pixels as on one machine)")
     retries: int = Field(1, ge=0, description="retries of an item after a transient error (I/O, network)")
     retry_delay_s: float = Field(10.0, ge=0)
     item_timeout_s: float | None = Field(None, gt=0, description="time limit of one item (checked per tile batch)")

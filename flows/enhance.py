@@ -32,9 +32,17 @@ from domainsr.app import (
 )
 from domainsr.bands import parse_band_map
 from domainsr.config import EnhanceConfig, load_enhance_config
-from domainsr.errors import ConfigError
+from domainsr.errors import ConfigError, DomainSRError
 from domainsr.stores import SCHEMES, Item, Store, expand, open_store
-from flows.common import artifact_key, link, local_dask_workers, retry_if_transient, task_runner_for
+from flows.common import (
+    api_for_workers,
+    artifact_key,
+    drain_worker_queues,
+    link,
+    local_dask_workers,
+    retry_if_transient,
+    task_runner_for,
+)
 
 
 def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None, out: str | None = None,
@@ -187,24 +195,87 @@ def enhance_items_flow(batch: Batch) -> list[ItemResult]:
     r = spec.config.runner
     task = enhance_item_task.with_options(retries=r.retries, retry_delay_seconds=r.retry_delay_s)
     report("items", spec.name, 0, len(items))
-    futures = {task.submit(store, item, spec): item for item in items}
+    large = _to_split(store, items, spec)
+    futures = {task.submit(store, item, spec): item for item in items if item.id not in large}
     results: dict[str, ItemResult] = {}
     logger = get_run_logger()
-    for n, future in enumerate(as_completed(list(futures)), 1):
+    for item in large.values():  # here, while the other items run: their bands go to every worker
+        results[item.id] = _settled(item, split_item_task(store, item, spec, return_state=True), logger)
+        report("items", spec.name, len(results), len(items))
+    for n, future in enumerate(as_completed(list(futures)), len(large) + 1):
         item = futures[future]
         future.wait()  # sets the future's final state (its .state could still be read from the API)
-        state = future.state
-        if state.is_completed():
-            results[item.id] = future.result()
-        else:
-            exc = state.result(raise_on_failure=False)
-            message = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
-            logger.error("%s failed: %s", item.id, message)
-            results[item.id] = ItemResult(item.id, item.kind, "failed", message=message,
-                                                   error=type(exc).__name__ if isinstance(exc, BaseException)
-                                                   else state.name)
+        results[item.id] = _settled(item, future.state, logger, future)
         report("items", spec.name, n, len(items))
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    drain_worker_queues(ctx.task_runner if ctx else None)  # Dask workers: their logs reach the API now
     return [results[i.id] for i in items]
+
+
+def _settled(item: Item, state: State, logger: Any, future: Any = None) -> ItemResult:
+    """The item's result from its task's final state (a failure: logged, with its message)."""
+    if state.is_completed():
+        return state.result()
+    exc = state.result(raise_on_failure=False) if state.is_final() else _not_run(future)
+    message = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+    logger.error("%s failed: %s", item.id, message)
+    return ItemResult(item.id, item.kind, "failed", message=message,
+                      error=type(exc).__name__ if isinstance(exc, BaseException) else state.name)
+
+
+def _to_split(store: Store, items: list[Item], spec: RunSpec) -> dict[str, Item]:
+    """With the dask runner (``runner.dask_split``): the items to split across the workers, the
+    single-file rasters that stream (:func:`~domainsr.app.enhance.streams`)."""
+    r = spec.config.runner
+    if r.task_runner != "dask" or not r.dask_split:
+        return {}
+    from domainsr.app.enhance import streams
+    from domainsr.limits import memory_budget
+
+    def large(item: Item) -> bool:
+        try:
+            return item.kind == "raster" and streams(store, item, spec)
+        except Exception:  # noqa: BLE001 - an unreadable file: its own task reports why
+            return False
+
+    with memory_budget(r.memory_budget_gb):
+        return {i.id: i for i in items if large(i)}
+
+
+@task(name="enhance-item-split", task_run_name="enhance-{item.id}", cache_policy=NO_CACHE, persist_result=False,
+      retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def split_item_task(store: Store, item: Item, spec: RunSpec) -> ItemResult:
+    """One large raster, in this process, its bands of tile rows on every Dask worker
+    (:func:`domainsr.app.split.enhance_item_split`); streamed here when its plan cannot be split."""
+    from prefect.context import FlowRunContext
+
+    from domainsr.app.split import enhance_item_split
+    from domainsr.engine.split import SplitUnavailable
+
+    ctx = FlowRunContext.get()
+    try:
+        result = enhance_item_split(store, item, spec, ctx.task_runner.client)
+    except SplitUnavailable as exc:
+        get_run_logger().info("%s: %s; streamed on one machine", item.id, exc)
+        result = enhance_item(store, item, spec)
+    get_run_logger().info("%s: %s -> %s (audit: %s, %.1f s)", item.id, result.message, result.output,
+                          result.verdict or "off", result.seconds)
+    return result
+
+
+def _not_run(future: Any) -> BaseException:
+    """Why a task never reached a final state: the Dask cluster could not run it (e.g. its scheduler
+    or workers run other code than this flow and cannot unpickle the task)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    try:
+        cause = wrapped.exception(timeout=1) if wrapped is not None else None
+    except Exception as exc:  # noqa: BLE001 - the future itself is lost with its worker
+        cause = exc
+    detail = " ".join(str(cause).split()) if cause is not None else "no result came back"
+    return DomainSRError(f"the task did not run on the Dask cluster: {detail} (do the scheduler and the "
+                         "workers run this version of DomainSR? restart them after an upgrade)")
 
 
 def _markdown(summary: dict[str, Any], spec: RunSpec) -> str:
@@ -259,7 +330,8 @@ def enhance_flow(config: str | None = None, inputs: list[str] | None = None, out
     results = list(done)
     if todo:
         runner = task_runner_for(spec.config.runner)
-        results += enhance_items_flow.with_options(task_runner=runner)(Batch(store, todo, spec))
+        with api_for_workers(spec.config.runner):  # Dask workers report to this flow's API
+            results += enhance_items_flow.with_options(task_runner=runner)(Batch(store, todo, spec))
     output = str(getattr(store, "output", "") or "") or None
     summary = summarize(results, spec, output)
     publish_task(summary, spec)

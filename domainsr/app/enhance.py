@@ -65,14 +65,15 @@ class Enhanced:
     note: str = ""  #: the end of the item's message
 
 
-def enhance_item(store: Store, item: Item, spec: RunSpec) -> ItemResult:
-    """Read, enhance, audit and write one item; raises a DomainSRError (or an I/O error) on failure."""
+def enhance_item(store: Store, item: Item, spec: RunSpec, strategy: Strategy | None = None) -> ItemResult:
+    """Read, enhance, audit and write one item (with ``strategy``, default :func:`strategy_for`);
+    raises a DomainSRError (or an I/O error) on failure."""
     cfg = spec.config
     t0 = time.monotonic()
     limit = cfg.runner.item_timeout_s
     progress = tile_progress(item.id, t0 + limit if limit else None, limit)
     with errors_named_by_item(item), memory_budget(cfg.runner.memory_budget_gb):
-        strategy = strategy_for(store, item, spec)
+        strategy = strategy or strategy_for(store, item, spec)
         made = strategy.enhance(store, item, spec, progress)
         run: dict[str, Any] = {"run_key": spec.run_key, "task": cfg.name, "config": spec.source, "item": item.id,
                                **made.run}
