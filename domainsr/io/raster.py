@@ -16,6 +16,7 @@ Size: one writer (work file, window writes, masks, COG translation) and the stor
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -62,6 +63,25 @@ _WRITE_ENV = {"GDAL_PAM_ENABLED": "NO", "GDAL_TIFF_INTERNAL_MASK": "YES"}
 
 
 # ----------------------------------------------------------------------------------------- writing
+
+@functools.cache
+def _work_codec() -> str:
+    """The codec of a COG's temporary work file: ZSTD level 1 when this GDAL has it (5x faster
+    than DEFLATE level 1 at the same size on S2 SR output, 4096^2 x 4 bands: 0.21 vs 1.12 s;
+    the whole write with the COG conversion 2.35 vs 3.13 s), else DEFLATE level 1."""
+    import warnings
+
+    probe = "/vsimem/domainsr-zstd-probe.tif"
+    try:
+        with warnings.catch_warnings(), rasterio.Env(CPL_LOG="/dev/null"):
+            warnings.simplefilter("ignore")  # a 1-pixel probe without georeferencing
+            with rasterio.open(probe, "w", driver="GTiff", width=1, height=1, count=1, dtype="uint8",
+                               compress="zstd") as ds:
+                ds.write(np.zeros((1, 1, 1), np.uint8))
+            rasterio.shutil.delete(probe)
+        return "zstd"
+    except RasterioError:
+        return "deflate"
 
 def _representable(value: float, dtype: np.dtype) -> bool:
     if dtype.kind == "f":
@@ -316,7 +336,7 @@ class RasterWindowWriter:
     # -- helpers
     def _profile(self) -> dict[str, Any]:
         rows, cols = self.geometry.shape
-        compress = "deflate" if self.cog else self.compress
+        compress = _work_codec() if self.cog else self.compress
         profile: dict[str, Any] = {
             "driver": "GTiff", "width": cols, "height": rows, "count": self.count,
             "dtype": self.dtype.name, "crs": self.geometry.crs, "transform": self.geometry.transform,
@@ -328,7 +348,7 @@ class RasterWindowWriter:
             if compress.lower() in ("deflate", "lzw", "zstd"):
                 profile["predictor"] = 3 if self.dtype.kind == "f" else 2
             if self.cog:  # the work file is temporary: favour speed
-                profile["zlevel"] = 1
+                profile["zstd_level" if compress == "zstd" else "zlevel"] = 1
         interp = self.raster_meta.get("colorinterp") or []
         if self.count >= 3 and [c.lower() for c in interp[:3]] == ["red", "green", "blue"]:
             profile["photometric"] = "RGB"
