@@ -98,9 +98,9 @@ def _start_runner(server: subprocess.Popen[bytes], url: str, timeout: float = 12
     """Once the server answers: the warm runner (:mod:`domainsr.warm_runner`) in this process
     group, unless ``DOMAINSR_WARM_RUNNER=0``."""
     from domainsr.orchestration import prefect_home
-    from domainsr.warm_runner import ENV, socket_path
+    from domainsr.warm_runner import disabled, socket_path
 
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if disabled():
         return None
     deadline = time.monotonic() + timeout
     while not healthy(url, 1.0):

@@ -60,6 +60,11 @@ def socket_path(home: Path) -> Path:
     return Path("/tmp") / f"domainsr-{os.getuid()}-{digest}.sock"
 
 
+def disabled() -> bool:
+    """``DOMAINSR_WARM_RUNNER`` turns the warm runner off (0, false, no, off)."""
+    return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def ready(home: Path | None = None) -> bool:
     """Whether a warm runner answers on the socket of ``home`` (default: the current Prefect home)."""
     from domainsr.orchestration import prefect_home
@@ -89,7 +94,7 @@ def wait_ready(timeout: float = 60.0) -> bool:
 def _usable(argv: list[str]) -> bool:
     from domainsr import orchestration as orch
 
-    if not argv or argv[0] not in COMMANDS or os.environ.get(ENV, "1").strip() in ("0", "false", "no", "off"):
+    if not argv or argv[0] not in COMMANDS or disabled():
         return False
     if any(k.startswith("PREFECT_") and k != "PREFECT_HOME" for k in os.environ):
         return False

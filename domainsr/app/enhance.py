@@ -256,48 +256,48 @@ class Streamed(Strategy):
         import torch
 
         from domainsr.engine.streaming import enhance_raster_file
-        from domainsr.image import now_iso
-        from domainsr.io.raster import raster_info, read_raster
 
         cfg = spec.config
         path = item.meta.get("path", item.uri)
-        header = raster_info(path)
-        _, rows, cols = header["shape"]
-        bands = raster_bands(header, cfg, spec.model, path)
-        side = cfg.tiling.stream_audit_window
-        h, w = min(side, rows), min(side, cols)
-        r0, c0 = (rows - h) // 2, (cols - w) // 2
-        probe = read_raster(path, window=((r0, r0 + h), (c0, c0 + w)), bands=bands)
-        names = mapped_band_names(header, cfg.band_map, path)
-        if names != list(header["band_names"]):
-            probe = apply_band_map(probe, {k + 1: names[i - 1]
-                                           for k, i in enumerate(bands or range(1, len(names) + 1))})
-        check_domain(probe, cfg, item)
-        module, info = load_model(cfg.model, probe)
-        inferer = patch_inferer(module, cfg, progress)
+        p = probe_raster(path, cfg, spec.model, item)
+        inferer = patch_inferer(p.module, cfg, progress)
         f = inferer.scale_for(2)
         out_path = store.output_path(item)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         # the tiled work file and the COG made from it: together about the uncompressed size
-        check_disk(out_path.parent, decoded_bytes((probe.channels, rows * f[0], cols * f[1]), probe.data.dtype),
-                   f"the x{scale_text(f)} output of {probe.channels}x{rows}x{cols} pixels", path)
+        check_disk(out_path.parent, decoded_bytes((p.probe.channels, p.rows * f[0], p.cols * f[1]),
+                                                  p.probe.data.dtype),
+                   f"the x{scale_text(f)} output of {p.probe.channels}x{p.rows}x{p.cols} pixels", path)
         self.out = store.open_output(item)
         with torch.inference_mode():
-            enhance_raster_file(path, self.out, inferer, bands=bands, model_info=info, band_names=probe.band_names)
+            enhance_raster_file(path, self.out, inferer, bands=p.bands, model_info=p.info,
+                                band_names=p.probe.band_names)
         st = inferer.stats
         secs = {k: round(getattr(st, f"{k}_seconds"), 1) for k in ("read", "infer", "write")}
-        self.history = {"time": now_iso(), "step": "enhance (streamed)", "model": info["name"], "scale": list(f),
-                        "tiles": {"computed": st.computed, "skipped": st.skipped}, "seconds": secs,
-                        "precision": st.plan.get("precision"), "device": st.plan.get("device")}
-        # the audit reads the same bands of input and output: all, or by name (the output names them as
-        # the input does, unless a band map renamed a subset of undescribed bands: then the window)
+        return self.enhanced(path, p, f, cfg, "enhance (streamed)",
+                             {"tiles": {"computed": st.computed, "skipped": st.skipped}, "seconds": secs,
+                              "precision": st.plan.get("precision"), "device": st.plan.get("device")},
+                             {"streamed": True}, "streamed")
+
+    def enhanced(self, path: str | Path, p: RasterProbe, f: Sequence[int], cfg: EnhanceConfig, step: str,
+                 history: dict[str, Any], run: dict[str, Any], what: str) -> Enhanced:
+        """Record the step's ``history`` and what the audit reads, and return the item's result:
+        the audit reads the same bands of input and output, all or by name (the output names them
+        as the input does, unless a band map renamed a subset of undescribed bands: then the
+        central window)."""
+        from domainsr.image import now_iso
+
+        self.history = {"time": now_iso(), "step": step, "model": p.info["name"], "scale": list(f), **history}
         self.path = str(path)
-        self.whole = bands is None or names == list(header["band_names"])
-        self.audit_bands = None if bands is None else list(probe.band_names)
-        window = None if self.whole else {"row_off": r0, "col_off": c0, "height": h, "width": w}
-        note = (" (streamed)" if not cfg.run_audit else " (streamed; audit of the whole scene)" if self.whole
-                else f" (streamed; audit on a central {h}x{w} window: the band map renames a band subset)")
-        return Enhanced(probe, info, tuple(f), module=module, run={"streamed": True}, window=window, note=note)
+        self.whole = p.bands is None or not p.names_mapped
+        self.audit_bands = None if p.bands is None else list(p.probe.band_names)
+        h, w = p.window["height"], p.window["width"]
+        note = (f" ({what})" if not cfg.run_audit else f" ({what}; audit of the whole scene)" if self.whole
+                else f" ({what}; audit on a central {h}x{w} window: the band map renames a band subset)")
+        return Enhanced(p.probe, p.info, tuple(f), module=p.module, run=run,
+                        window=None if self.whole else p.window, note=note)
+
+
 
     def audit(self, made: Enhanced, spec: RunSpec, out_dir: str, progress: Progress, link_stem: str | None
               ) -> tuple[dict[str, Path], str, list[str]]:
@@ -322,6 +322,42 @@ class Streamed(Strategy):
         """Commit the output written in place, with the extras and its provenance (``store.commit``)."""
         prov = {"format": "raster", "model": made.info, "run": run, "history": [self.history]}
         return store.commit(item, spec.run_key, extras, prov)
+
+
+@dataclass
+class RasterProbe:
+    """A large raster's central window with the model checked (and, per image, normalised) on it."""
+
+    rows: int
+    cols: int
+    bands: list[int] | None  #: the 1-based input bands enhanced (None: all)
+    probe: SpatialImage
+    names_mapped: bool  #: a band map renamed undescribed bands
+    window: dict[str, int]  #: the probe window
+    module: Any
+    info: dict[str, Any]
+
+
+def probe_raster(path: str | Path, cfg: EnhanceConfig, model: dict[str, Any], item: Item) -> RasterProbe:
+    """Read the central ``tiling.stream_audit_window`` of the raster ``path`` (its bands named as the
+    band map says), check the domain on it and load the model for it."""
+    from domainsr.io.raster import raster_info, read_raster
+
+    header = raster_info(path)
+    _, rows, cols = header["shape"]
+    bands = raster_bands(header, cfg, model, str(path))
+    side = cfg.tiling.stream_audit_window
+    h, w = min(side, rows), min(side, cols)
+    r0, c0 = (rows - h) // 2, (cols - w) // 2
+    probe = read_raster(path, window=((r0, r0 + h), (c0, c0 + w)), bands=bands)
+    names = mapped_band_names(header, cfg.band_map, str(path))
+    mapped = names != list(header["band_names"])
+    if mapped:
+        probe = apply_band_map(probe, {k + 1: names[i - 1] for k, i in enumerate(bands or range(1, len(names) + 1))})
+    check_domain(probe, cfg, item)
+    module, info = load_model(cfg.model, probe)
+    return RasterProbe(rows, cols, bands, probe, mapped, {"row_off": r0, "col_off": c0, "height": h, "width": w},
+                       module, info)
 
 
 def streams(store: Store, item: Item, spec: RunSpec) -> bool:

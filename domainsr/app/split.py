@@ -25,17 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainsr.app.enhance import (
-    Enhanced,
-    Streamed,
-    check_domain,
-    enhance_item,
-    patch_inferer,
-)
-from domainsr.app.inputs import mapped_band_names, raster_bands
-from domainsr.app.models import load_model
+from domainsr.app.enhance import Enhanced, RasterProbe, Streamed, enhance_item, patch_inferer, probe_raster
 from domainsr.app.runs import ItemResult, RunSpec
-from domainsr.bands import apply_band_map
 from domainsr.errors import ConfigError, DomainSRError
 from domainsr.stores.base import Item, Store
 
@@ -51,12 +42,7 @@ class SplitResult:
     workers: int
     where: dict[str, int] = field(default_factory=dict)  #: bands computed per worker address
     seconds: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)  #: the model's identity (provenance)
-    probe: Any = None  #: the central window the model was checked on (a SpatialImage)
-    module: Any = None  #: the model descriptor (what the audit re-runs)
-    selected: list[int] | None = None  #: the 1-based input bands enhanced (None: all)
-    names_mapped: bool = False  #: a band map renamed undescribed bands
-    window: dict[str, int] = field(default_factory=dict)  #: the probe window
+    raster: RasterProbe | None = None  #: the central window the model was checked on, and the model
     stats: dict[str, Any] = field(default_factory=dict)  #: tiles computed/skipped, precision, device
 
 
@@ -70,42 +56,30 @@ def enhance_raster_split(src: str | os.PathLike[str], dst: str | os.PathLike[str
 
     from domainsr.engine.split import ReplayInferer, split_rows
     from domainsr.engine.streaming import enhance_raster_file
-    from domainsr.io.raster import raster_info, read_raster
 
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     cfg = spec.config
-    header = raster_info(src)
-    _, rows, cols = header["shape"]
-    bands = raster_bands(header, cfg, spec.model, str(src))
-    side = cfg.tiling.stream_audit_window
-    h, w = min(side, rows), min(side, cols)
-    r0, c0 = (rows - h) // 2, (cols - w) // 2
-    probe = read_raster(src, window=((r0, r0 + h), (c0, c0 + w)), bands=bands)
-    names = mapped_band_names(header, cfg.band_map, str(src))
-    if names != list(header["band_names"]):
-        probe = apply_band_map(probe, {k + 1: names[i - 1] for k, i in enumerate(bands or range(1, len(names) + 1))})
-    check_domain(probe, cfg, Item(id=src.stem, kind="raster", uri=str(src)))
-    module, info = load_model(cfg.model, probe)
-    inferer = patch_inferer(module, cfg, None)
+    p = probe_raster(src, cfg, spec.model, Item(id=src.stem, kind="raster", uri=str(src)))
+    inferer = patch_inferer(p.module, cfg, None)
     scale = inferer.scale_for(2)
-    plan = inferer.plan((rows, cols), channels=probe.channels,
+    plan = inferer.plan((p.rows, p.cols), channels=p.probe.channels,
                         align=[BLOCKSIZE // f if BLOCKSIZE % f == 0 else 1 for f in scale])
     addrs = sorted(client.scheduler_info(n_workers=-1)["workers"])
     workers = len(addrs)
     if workers < 1:
         raise DomainSRError("the Dask cluster has no workers", str(src))
     ranges = split_rows(plan, parts or 2 * workers)
-    c_out = int(inferer.descriptor.out_channels or probe.channels)
+    c_out = int(inferer.descriptor.out_channels or p.probe.channels)
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = dst.parent / f".{dst.name}.split-{os.getpid()}"
     work.mkdir(exist_ok=True)
     t_plan = time.perf_counter()
     try:
-        model_f = client.scatter(module, broadcast=True)
+        model_f = client.scatter(p.module, broadcast=True)
         # round robin over the workers (the scheduler may otherwise keep short bands on one);
         # a lost worker's band goes to any other
-        futures = [client.submit(_band_job, str(src), bands, model_f, cfg, plan, a, b, str(work / f"rows-{a:05d}"),
+        futures = [client.submit(_band_job, str(src), p.bands, model_f, cfg, plan, a, b, str(work / f"rows-{a:05d}"),
                                  c_out, key=f"domainsr-band-{dst.name}-{a}-{b}-{os.getpid()}", retries=1, pure=False,
                                  workers=[addrs[k % workers]], allow_other_workers=True)
                    for k, (a, b) in enumerate(ranges)]
@@ -117,8 +91,8 @@ def enhance_raster_split(src: str | os.PathLike[str], dst: str | os.PathLike[str
                 where[addr] = where.get(addr, 0) + 1
         t_bands = time.perf_counter()
         with torch.inference_mode():
-            enhance_raster_file(src, dst, ReplayInferer(inferer, plan, done), bands=bands, model_info=info,
-                                band_names=probe.band_names, blocksize=BLOCKSIZE)
+            enhance_raster_file(src, dst, ReplayInferer(inferer, plan, done), bands=p.bands, model_info=p.info,
+                                band_names=p.probe.band_names, blocksize=BLOCKSIZE)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     t_end = time.perf_counter()
@@ -127,9 +101,7 @@ def enhance_raster_split(src: str | os.PathLike[str], dst: str | os.PathLike[str
     stats = {"computed": sum(int(st["computed"]) for _, st in results),
              "skipped": sum(int(st["skipped"]) for _, st in results), "precision": inferer.amp,
              "device": inferer.device.type, "scale": list(scale)}
-    return SplitResult(dst, ranges, workers, where, secs, info, probe, module, bands,
-                       names != list(header["band_names"]), {"row_off": r0, "col_off": c0, "height": h, "width": w},
-                       stats)
+    return SplitResult(dst, ranges, workers, where, secs, p, stats)
 
 
 
@@ -164,26 +136,15 @@ class SplitStreamed(Streamed):
         self.client, self.parts = client, parts
 
     def enhance(self, store: Store, item: Item, spec: RunSpec, progress: Any) -> Enhanced:
-        from domainsr.image import now_iso
-
         path = str(item.meta.get("path", item.uri))
         self.out = store.open_output(item)
         res = enhance_raster_split(path, self.out, spec, self.client, self.parts)
-        f = tuple(res.stats["scale"])
-        self.history = {"time": now_iso(), "step": "enhance (streamed, split)", "model": res.info["name"],
-                        "scale": list(f), "tiles": {"computed": res.stats["computed"], "skipped": res.stats["skipped"]},
-                        "split": {"bands": len(res.bands), "workers": res.workers}, "seconds": res.seconds,
-                        "precision": res.stats["precision"], "device": res.stats["device"]}
-        self.path = path
-        self.whole = res.selected is None or not res.names_mapped
-        self.audit_bands = None if res.selected is None else list(res.probe.band_names)
-        window = None if self.whole else res.window
-        cfg = spec.config
-        note = (f" (streamed, split in {len(res.bands)} bands over {res.workers} workers"
-                + ("; audit of the whole scene)" if cfg.run_audit and self.whole else
-                   ")" if not cfg.run_audit else "; audit on the central window)"))
-        return Enhanced(res.probe, res.info, f, module=res.module, run={"streamed": True, "split": len(res.bands)},
-                        window=window, note=note)
+        split = {"bands": len(res.bands), "workers": res.workers}
+        history = {"tiles": {"computed": res.stats["computed"], "skipped": res.stats["skipped"]}, "split": split,
+                   "seconds": res.seconds, "precision": res.stats["precision"], "device": res.stats["device"]}
+        return self.enhanced(path, res.raster, res.stats["scale"], spec.config, "enhance (streamed, split)", history,
+                             {"streamed": True, "split": len(res.bands)},
+                             f"streamed, split in {len(res.bands)} bands over {res.workers} workers")
 
 
 def enhance_item_split(store: Store, item: Item, spec: RunSpec, client: Any, parts: int | None = None) -> ItemResult:
