@@ -1014,10 +1014,12 @@ def main() -> None:
     """Entry point: the exit codes above also for errors that escape a command. A one-file
     ``enhance``/``audit`` runs in the managed server's warm runner when it is there
     (:mod:`domainsr.warm_runner`)."""
+    from domainsr.malloc import tune_malloc
     from domainsr.warm_runner import forward
 
     if (code := forward(sys.argv[1:])) is not None:
         sys.exit(code)
+    tune_malloc()  # before Prefect's task threads exist, so they share the tuned arena
     try:
         app()
     except DomainSRError as exc:

@@ -208,6 +208,9 @@ def serve(path: Path, keeper: int) -> None:
     the keeper process ``keeper`` is gone or SIGTERM."""
     from importlib import import_module
 
+    from domainsr.malloc import tune_malloc
+
+    tune_malloc()  # forked children inherit it
     for name in PRELOAD:
         import_module(name)
     api_url = os.environ["PREFECT_API_URL"]

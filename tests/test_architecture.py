@@ -20,7 +20,7 @@ MAX_LINES = 400
 #: that of its longest listed prefix.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("domainsr", "domainsr.errors", "domainsr.config", "domainsr.image", "domainsr.bands", "domainsr.limits",
-     "domainsr.retry"),
+     "domainsr.malloc", "domainsr.retry"),
     ("domainsr.models", "domainsr.degrade", "domainsr.io"),
     ("domainsr.stores", "domainsr.audit", "domainsr.train", "domainsr.engine", "domainsr.data"),
     ("domainsr.app",),

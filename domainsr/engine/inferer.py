@@ -46,6 +46,7 @@ from domainsr.engine.sources import (
 )
 from domainsr.engine.tiling import Blend, Border, Tile, TilePlan, per_axis
 from domainsr.errors import ConfigError, ModelCardMismatch, ModelError, ResourceLimitError
+from domainsr.malloc import release_memory, tune_malloc
 from domainsr.models.card import ConsistencySettings, ModelCard
 from domainsr.models.descriptor import ModelDescriptor, as_descriptor
 
@@ -326,9 +327,11 @@ class PatchInferer:
 
     @contextmanager
     def _session(self, nd: int) -> Iterator[None]:
-        """inference mode, threads, and deterministic kernels for the length of a run."""
+        """inference mode, threads, deterministic kernels and, on CPU, activation memory that is
+        reused (:mod:`domainsr.malloc`) for the length of a run."""
         cudnn = torch.backends.cudnn
         old = (cudnn.deterministic, cudnn.benchmark)
+        cpu = self.device.type == "cpu" and tune_malloc()
         try:
             with torch_threads(self.threads), torch.inference_mode():
                 cudnn.deterministic, cudnn.benchmark = True, False
@@ -336,6 +339,8 @@ class PatchInferer:
                 yield
         finally:
             cudnn.deterministic, cudnn.benchmark = old
+            if cpu:
+                release_memory()
 
     def forward(self, batch: np.ndarray | torch.Tensor,
                 out_window: Sequence[int] | None = None) -> np.ndarray:
