@@ -31,7 +31,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # <malloc.h>
 #: Requests below this come from the heap (reused); larger ones (whole-scene buffers) still mmap.
 MMAP_THRESHOLD = 1 << 30
 #: Freed memory at the top of the heap is kept up to this much until :func:`release_memory`.
-TRIM_THRESHOLD = 1 << 31
+TRIM_THRESHOLD = (1 << 31) - 1  # the largest C int
 #: glibc before 2.35 accepts an mmap threshold of at most half its 64 MiB heap size.
 FALLBACK_MMAP_THRESHOLD = 32 << 20
 
