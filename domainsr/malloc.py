@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -35,7 +36,7 @@ TRIM_THRESHOLD = (1 << 31) - 1  # the largest C int
 #: glibc before 2.35 accepts an mmap threshold of at most half its 64 MiB heap size.
 FALLBACK_MMAP_THRESHOLD = 32 << 20
 
-_state: dict[str, bool | ctypes.CDLL | None] = {}
+_tuned: bool | None = None  # set by the first tune_malloc() of this process
 
 
 def disabled() -> bool:
@@ -43,25 +44,25 @@ def disabled() -> bool:
     return os.environ.get("DOMAINSR_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "off", "no")
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    if "libc" not in _state:
-        libc = None
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-                libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):
-                libc = None
-        _state["libc"] = libc
-    return _state["libc"]  # type: ignore[return-value]
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def tune_malloc() -> bool:
     """Apply the settings (once per process; inherited by forked children). Returns whether they
     are in force."""
-    if "tuned" in _state:
-        return bool(_state["tuned"])
+    global _tuned
+    if _tuned is not None:
+        return _tuned
     libc = None if disabled() else _libc()
     ok = False
     if libc is not None:
@@ -69,12 +70,12 @@ def tune_malloc() -> bool:
                        or libc.mallopt(M_MMAP_THRESHOLD, FALLBACK_MMAP_THRESHOLD))
         ok = mmap_ok and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(libc.mallopt(M_ARENA_MAX, 1))
         log.debug("glibc malloc tuned for tensor reuse: %s", ok)
-    _state["tuned"] = ok
+    _tuned = ok
     return ok
 
 
 def release_memory() -> None:
     """Return the heap's free memory to the system (after a run; a no-op without the tuning)."""
     libc = _libc()
-    if _state.get("tuned") and libc is not None:
+    if _tuned and libc is not None:
         libc.malloc_trim(0)

@@ -297,8 +297,6 @@ class Streamed(Strategy):
         return Enhanced(p.probe, p.info, tuple(f), module=p.module, run=run,
                         window=None if self.whole else p.window, note=note)
 
-
-
     def audit(self, made: Enhanced, spec: RunSpec, out_dir: str, progress: Progress, link_stem: str | None
               ) -> tuple[dict[str, Path], str, list[str]]:
         """The whole scene from the files (bounded memory), else the central window."""
