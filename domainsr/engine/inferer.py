@@ -57,11 +57,17 @@ Amp = Literal["auto", "bf16", "fp16", "off"]
 #: Default windows (LR px per axis) stay within these bounds; inside them the largest window the
 #: memory budget allows is used. Larger windows recompute less halo, and per pixel they run as
 #: fast as small ones on CPU (measured: EDSR-baseline from 256 to 1024 px), and faster when the
-#: machine is shared (fewer, longer parallel regions for preempted threads to stall).
-WINDOW_BOUNDS = {2: (64, 1536), 3: (24, 192)}
-#: Peak memory of one tile ~ LIVE_ACTIVATIONS x its largest activation; a batch of tiles may take
-#: MEMORY_FRACTION of the free memory (RAM on CPU, device memory on CUDA).
-LIVE_ACTIVATIONS = 3
+#: machine is shared (fewer, longer parallel regions for preempted threads to stall). Beyond about
+#: 1024 px they gain nothing but memory: the shipped light model (ResCNN 8x32, 4 bands, x2,
+#: float32, 2 AVX2 cores) ran 0.516 core Mpx/s at 1060 px windows with a 1.22 GB peak and 0.508 at
+#: 1572 px with 3.03 GB (0.473 at 548 px, 0.54 GB). 1088 takes a 1024 px core (the streamed COG's
+#: 512 px output blocks) plus the model's halo.
+WINDOW_BOUNDS = {2: (64, 1088), 3: (24, 192)}
+#: Peak memory of one tile ~ LIVE_ACTIVATIONS x its largest activation (measured on the light model
+#: above: 6.7x at 804 px, 7.4x at 1060 px, 8.7x at 1572 px: activations, the base interpolation,
+#: normalised copies and the allocator's slack); a batch of tiles may take MEMORY_FRACTION of the
+#: free memory (RAM on CPU, device memory on CUDA).
+LIVE_ACTIVATIONS = 8
 MEMORY_FRACTION = 0.25
 #: LR pixels per forward pass that the automatic batch size aims for (on CPU one tile is best).
 BATCH_PIXELS = {"cpu": 2**16, "cuda": 2**21}

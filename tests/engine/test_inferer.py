@@ -245,7 +245,7 @@ def test_default_window_is_the_largest_that_fits_memory(monkeypatch, caplog):
     monkeypatch.setattr(PatchInferer, "_free_memory", lambda self: 200 * 2**20)
     tight = PatchInferer(model, device="cpu")
     w = tight.plan((20000, 20000)).window[0]
-    assert 0.8 * w**2 * LIVE_ACTIVATIONS * 64 * 4 <= MEMORY_FRACTION * 200 * 2**20 < (w + 8) ** 2 * 768
+    assert 0.8 * w**2 * LIVE_ACTIVATIONS * 64 * 4 <= MEMORY_FRACTION * 200 * 2**20 < (w + 8) ** 2 * LIVE_ACTIVATIONS * 256
     assert "recompute" not in caplog.text
     monkeypatch.setattr(PatchInferer, "_free_memory", lambda self: 30 * 2**20)
     PatchInferer(model, device="cpu").plan((5000, 5000))

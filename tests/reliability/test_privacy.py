@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import time
 from pathlib import Path
 
 import pydicom
@@ -62,6 +63,21 @@ async def _prefect_texts(audit_run_id) -> list[str]:
              for r in runs] + [log.message for log in logs] + [f"{a.key} {a.description} {a.data}" for a in arts])
 
 
+def _stored_texts(audit_run_id, expected: list[str], timeout_s: float = 30.0) -> list[str]:
+    """:func:`_prefect_texts` once Prefect's log worker has sent what it queued: its batches leave
+    every couple of seconds, so on a loaded machine the enhance flow's last lines can still be in
+    the queue when the audit flow ends (CI failed so once). Waits at most ``timeout_s``."""
+    from prefect.logging.handlers import APILogHandler
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        APILogHandler().flush()
+        texts = asyncio.run(_prefect_texts(audit_run_id))
+        if all(any(line in t for t in texts) for line in expected) or time.monotonic() > deadline:
+            return texts
+        time.sleep(1.0)
+
+
 def _assert_clean(texts: list[str], where: str) -> None:
     blob = "\n".join(texts)
     for secret in IDENTIFIERS:
@@ -83,11 +99,12 @@ def test_enhance_and_audit_flows_leak_no_identifier(prefect_home, export, tmp_pa
                              out=str(tmp_path / "audit"), return_state=True)
     assert audit_state.result(raise_on_failure=False) is not None
 
-    prefect_texts = asyncio.run(_prefect_texts(audit_state.state_details.flow_run_id))
     failed = [r for r in summary["items"] if r["status"] == "failed"]
-    for row in failed:  # the failures were logged with their reasons, naming the item
+    expected = [f"{row['item_id']} failed" for row in failed]
+    prefect_texts = _stored_texts(audit_state.state_details.flow_run_id, expected)
+    for row, line in zip(failed, expected):  # the failures were logged with their reasons, naming the item
         assert row["message"] and row["item_id"] in row["message"], row
-        assert any(f"{row['item_id']} failed" in t for t in prefect_texts)
+        assert any(line in t for t in prefect_texts), f"{line!r} not in Prefect's stored logs"
     _assert_clean([f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records], "Python logs")
     _assert_clean([str(summary)], "the flow result")
     _assert_clean(list(capfd.readouterr()), "the console")
