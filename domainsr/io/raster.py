@@ -64,6 +64,10 @@ _WRITE_ENV = {"GDAL_PAM_ENABLED": "NO", "GDAL_TIFF_INTERNAL_MASK": "YES"}
 
 # ----------------------------------------------------------------------------------------- writing
 
+#: zlib level of the final COG's DEFLATE (see ``RasterWindowWriter._cog_options``)
+DEFLATE_LEVEL = 1
+
+
 @functools.cache
 def _work_codec() -> str:
     """The codec of a COG's temporary work file: ZSTD level 1 when this GDAL has it (5x faster
@@ -402,6 +406,11 @@ class RasterWindowWriter:
         }
         if opts["COMPRESS"] in ("DEFLATE", "LZW", "ZSTD"):
             opts["PREDICTOR"] = "YES"
+        if opts["COMPRESS"] == "DEFLATE":
+            # with the predictor, level 1 packs S2 SR output as well as GDAL's default 6 and the
+            # conversion is faster: 4096^2 x 4 bands uint16 with overviews, 13.8 s / 402 MB at
+            # level 1, 17.4 s / 408 MB at 3, 22.9 s / 408 MB at 6 (2 cores)
+            opts["LEVEL"] = DEFLATE_LEVEL
         return opts
 
 
