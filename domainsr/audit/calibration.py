@@ -296,29 +296,64 @@ def combine_scale(terms: np.ndarray, weights: Sequence[float] | None = None) -> 
     return np.sqrt(terms[0] + a * terms[1] + b * terms[2] + c * terms[3]).astype(np.float32)
 
 
+def gaussian_at(v: np.ndarray, sigma: Sequence[float], at: Sequence[np.ndarray], truncate: float = 4.0) -> np.ndarray:
+    """``ndi.gaussian_filter(v, sigma, mode="reflect", truncate=truncate)`` evaluated on the grid
+    ``at`` (indexes per axis) only, ``(len(at[0]), len(at[1]), ...)``: the separable passes run
+    axis by axis, each on the grid points of the axes already done, with scipy's weights and its
+    reflecting boundary, accumulated in float64 and rounded to float32 after each pass as scipy does
+    (equal to the full filter's values there up to the order of the float64 sums)."""
+    out = np.asarray(v, np.float32)
+    for ax, (s, idx) in enumerate(zip(sigma, at)):
+        idx = np.asarray(idx, np.intp)
+        r = int(truncate * float(s) + 0.5) if s > 0 else 0
+        x = np.arange(-r, r + 1)
+        w = np.exp(-0.5 / (float(s) ** 2 if s > 0 else 1.0) * x ** 2)
+        w = w / w.sum()
+        n = out.shape[ax]
+        pos = (idx[:, None] + x) % (2 * n)
+        pos = np.where(pos < n, pos, 2 * n - 1 - pos)  # scipy's "reflect": (d c b a | a b c d | d c b a)
+        acc = np.zeros(out.shape[:ax] + (idx.size,) + out.shape[ax + 1:])
+        for j in range(x.size):
+            acc += w[j] * np.take(out, pos[:, j], axis=ax)
+        out = acc.astype(np.float32)
+    return out
+
+
 def local_scale(sr: np.ndarray, baseline: np.ndarray, lr_residual_up: np.ndarray, sigma: np.ndarray | Sequence[float],
-                window: Sequence[float] | None = None, weights: Sequence[float] | None = None) -> np.ndarray:
+                window: Sequence[float] | None = None, weights: Sequence[float] | None = None,
+                at: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Per-pixel scale ``u`` (data units, ``(C, *spatial)``) that the conformal bound multiplies
     (:data:`SCALE_RULE`). ``lr_residual_up``: ``D(SR) - LR`` on the SR grid (data units, per band);
     ``window``: the Gaussian sigma per spatial axis (default 1 pixel); ``weights``: the fitted
-    ``ConformalBound.weights`` (default 1, 1, 1).
+    ``ConformalBound.weights`` (default 1, 1, 1); ``at``: indexes per spatial axis, to compute ``u``
+    on that grid only (``(C, len(at[0]), ...)``, the filters evaluated there alone by
+    :func:`gaussian_at`; a full Sentinel-2 tile's audit samples one pixel in 225).
 
     ``combine_scale(scale_terms(...))`` band by band, with the same float32 operations in the same
     order (equal to it), without the ``(4, C, *spatial)`` array of terms and its clipped copy (8x
-    the memory of one band; the time is the Gaussian filters', about the same either way)."""
+    the memory of one band); a term whose weight is 0 is not computed (its filters were most of
+    the time: ``G3`` is three times wider)."""
     sr, base, res, sig, win = _inputs(sr, baseline, lr_residual_up, sigma, window)
     a, b, c = (1.0, 1.0, 1.0) if weights is None else (float(w) for w in weights)
-    out = np.empty(sr.shape, np.float32)
+    grid = sr.shape[1:] if at is None else tuple(len(i) for i in at)
+
+    def g(v: np.ndarray) -> np.ndarray:
+        out = ndi.gaussian_filter(v, win, mode="reflect") if at is None else gaussian_at(v, win, at)
+        return np.maximum(out, 0.0, out=out)
+
+    out = np.empty((sr.shape[0], *grid), np.float32)
     for ch in range(sr.shape[0]):
-        t1, t2, t3 = (np.maximum(t, 0.0, out=t) for t in _band_terms(sr[ch], base[ch], res[ch], win))
-        t0 = np.maximum(sig[ch] ** 2, np.float32(0.0))
-        t1 *= a
-        t1 += t0
-        t2 *= b
-        t1 += t2
-        t3 *= c
-        t1 += t3
-        np.sqrt(t1, out=out[ch])
+        t = np.full(grid, max(float(sig[ch]) ** 2, 0.0), np.float32)
+        bb = np.nan_to_num(base[ch])
+        if a:
+            d = np.nan_to_num(sr[ch]) - bb
+            t += g(np.multiply(d, d, out=d)) * np.float32(a)
+        if b:
+            t += g(np.square(np.nan_to_num(res[ch]))) * np.float32(b)
+        if c:  # the wider filter of the detail runs on every pixel: G3's reach is 3x G's
+            h = bb - ndi.gaussian_filter(bb, tuple(3.0 * w for w in win), mode="reflect")
+            t += g(np.multiply(h, h, out=h)) * np.float32(c)
+        np.sqrt(t, out=out[ch])
     return out
 
 
@@ -339,5 +374,5 @@ def conformal_report(calibration: Calibration, domain: str, sr: np.ndarray, base
 
 __all__ = ["AT_MOST_REVIEW", "CALIBRATION_FILE", "KINDS", "NEUTRAL", "SCALE_RULE", "Calibration", "ConformalBound",
            "DomainCalibration", "KindRates", "KindThresholds", "RateStats", "block_sample", "combine_scale",
-           "conformal_quantile", "conformal_report", "fit_thresholds", "load_calibration", "local_scale", "rate_stats",
+           "conformal_quantile", "conformal_report", "fit_thresholds", "gaussian_at", "load_calibration", "local_scale", "rate_stats",
            "read_calibration", "scale_terms"]

@@ -677,10 +677,10 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
     lr_sq, lr_count = np.zeros((2, c)), 0
     counts_lr, counts = np.zeros(5, np.int64), np.zeros(5, np.int64)
     valid, unstable_n = 0, 0
-    conf_every = max(1, math.ceil(float(np.prod(shape)) / CONFORMAL_SAMPLES))
+    step = conformal_grid(shape)
     conf_u: list[list[Array]] = [[] for _ in range(c)]
     wins = list(windows(box_lr, core))
-    for i, (w, lr_img, lr_valid, m, u) in enumerate(computed(s, src, wins, timings)):
+    for i, (w, lr_img, lr_valid, m, u) in enumerate(computed(s, src, wins, timings, box, step)):
         core_lr, core_sr = core_slices(s, w, lr_shape)
         start = tuple(a * k for (a, _), k in zip(w, f))
         rel = tuple(a - b0 for a, (b0, _) in zip(start, box))
@@ -719,8 +719,9 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
             if sums is not None:
                 sums.add({"model": m.srd, "baseline": m.based}, m.refd, m.mask, core_sr)
         if u is not None:
+            u_grid, u_mask = u
             for b in range(c):
-                conf_u[b].append(u[b][mc][::conf_every].copy())  # a copy: the view would keep the window alive
+                conf_u[b].append(u_grid[b][u_mask])
         if risk_writer is not None:
             cls = m.classes if m.classes is not None else m.lr_classes
             risk_writer.write(np.stack([m.risk[core_sr], cls[core_sr].astype(np.float32)]), start[0], start[1])
@@ -745,19 +746,33 @@ def run_audit(s: Setup, src: Sources, box: Box | None = None, *, stride: int = 1
                coverage=cover, timings=timings)
 
 
-def conformal_scale(s: Setup, m: Maps, core: tuple[slice, ...]) -> Array:
-    """The conformal scale ``u`` (:func:`~domainsr.audit.calibration.local_scale`) of a window's
-    ``core``, computed on the core grown by the reach of its filters (``G(h^2)`` after
-    ``h = b - G3(b)``: the two radii added) instead of the whole padded window: the core's values
-    are the same (the reflecting boundary stays where the window's edge is); measured at 1024^2 px
-    cores with the Sentinel-2 halo, 12 % fewer pixels filtered."""
+def conformal_scale(s: Setup, m: Maps, core: tuple[slice, ...], first: Sequence[int], step: int
+                    ) -> tuple[Array, Array]:
+    """The conformal scale ``u`` (:func:`~domainsr.audit.calibration.local_scale`, with the card
+    domain's fitted weights) at the sample grid of a window's ``core``: the pixels whose window
+    index per axis is ``first`` modulo ``step`` (see :func:`conformal_grid`), and the mask there.
+    The filters run on the core grown by their reach (``G(h^2)`` after ``h = b - G3(b)``: the two
+    radii added) and are evaluated at the grid points only; the reflecting boundary stays where the
+    window's edge is, so the values are those of the whole image."""
     ws = hal.window_sigma(s.scale)
+    cb = s.calibration.conformal(s.domain)
     reach = [_rad(3.0 * w, 4.0) + _rad(w, 4.0) for w in ws]  # scipy's radius: int(truncate * sigma + 0.5)
     grown = tuple(slice(max(0, c.start - r), min(n, c.stop + r)) for c, r, n in zip(core, reach, m.mask.shape))
-    inner = tuple(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown))
+    at = [np.arange(c.start + (f0 - c.start) % step, c.stop, step) - g.start for c, f0, g in zip(core, first, grown)]
     sl = (slice(None), *grown)
     assert m.e_up is not None
-    return local_scale(m.srd[sl], m.based[sl], m.e_up[sl], s.sigma_lr, ws)[(slice(None), *inner)]
+    u = local_scale(m.srd[sl], m.based[sl], m.e_up[sl], s.sigma_lr, ws, None if cb is None else cb.weights,
+                    at=None if step == 1 else at)
+    if step == 1:
+        u = u[(slice(None), *(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown)))]
+    return u, m.mask[grown][np.ix_(*at)]
+
+
+def conformal_grid(shape: Sequence[int]) -> int:
+    """The step (pixels per axis) of the regular grid of pixels whose conformal scale is sampled
+    for the median bound: the largest keeping about :data:`CONFORMAL_SAMPLES` or more per band."""
+    n = float(np.prod(shape))
+    return max(1, int((n / CONFORMAL_SAMPLES) ** (1.0 / len(shape))))
 
 
 Inputs = tuple[SpatialImage, Array, Array, Array, Array | None, Array | None, Array | None]
@@ -784,9 +799,11 @@ def core_slices(s: Setup, w: Box, lr_shape: Sequence[int]) -> tuple[tuple[slice,
     return core_lr, tuple(slice(cl.start * k, cl.stop * k) for cl, k in zip(core_lr, s.scale))
 
 
-def computed(s: Setup, src: Sources, wins: Sequence[Box], timings: dict[str, float], workers: int = WORKERS
-             ) -> Iterator[tuple[Box, SpatialImage, Array, Maps, Array | None]]:
-    """``(window, LR image, LR valid, maps, conformal scale of the core or None)`` of every window
+def computed(s: Setup, src: Sources, wins: Sequence[Box], timings: dict[str, float], box: Box, step: int,
+             workers: int = WORKERS) -> Iterator[tuple[Box, SpatialImage, Array, Maps, tuple[Array, Array] | None]]:
+    """``(window, LR image, LR valid, maps, conformal scale and mask at the core's sample grid or
+    None)`` of every window (``box``: the audited SR box, whose first pixel starts the sample grid
+    of ``step`` pixels)
     in order, ``workers`` windows read and computed at once in threads while the caller accumulates
     the last (reads one at a time: a dataset serves one thread at a time). GDAL's decoding, numpy's
     ufuncs and torch release the GIL, scipy.ndimage's filters do not. Each window's computation is
@@ -796,7 +813,7 @@ def computed(s: Setup, src: Sources, wins: Sequence[Box], timings: dict[str, flo
     conformal = s.calibration.conformal(s.domain) is not None
     workers = 1 if s.model is not None else max(1, workers)  # a model's prepare() keeps per-image state
 
-    def task(w: Box) -> tuple[Inputs, Maps, Array | None, dict[str, float]]:
+    def task(w: Box) -> tuple[Inputs, Maps, tuple[Array, Array] | None, dict[str, float]]:
         tm: dict[str, float] = {}
         t = time.perf_counter()
         with lock:
@@ -806,7 +823,9 @@ def computed(s: Setup, src: Sources, wins: Sequence[Box], timings: dict[str, flo
         u = None
         if conformal:
             t = time.perf_counter()
-            u = conformal_scale(s, m, core_slices(s, w, src.lr.shape)[1])
+            core = core_slices(s, w, src.lr.shape)[1]  # in the padded window, which starts at a k - core.start
+            first = [(b0 - a * k + c.start) % step for (a, _), k, (b0, _), c in zip(w, s.scale, box, core)]
+            u = conformal_scale(s, m, core, first, step)
             _tick(tm, "conformal", t)
         return inputs, m, u, tm
 

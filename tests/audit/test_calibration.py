@@ -16,13 +16,16 @@ from domainsr.audit.calibration import (
     DomainCalibration,
     KindThresholds,
     block_sample,
+    combine_scale,
     conformal_quantile,
     conformal_report,
     fit_thresholds,
+    gaussian_at,
     load_calibration,
     local_scale,
     rate_stats,
     read_calibration,
+    scale_terms,
 )
 
 
@@ -132,6 +135,32 @@ def test_local_scale_is_the_noise_where_nothing_varies_and_grows_with_the_additi
     assert np.allclose(only_noise[0], 2.0) and np.allclose(only_noise[1], 3.0)
     heavy = local_scale(added, sr, np.zeros_like(sr), [2.0, 3.0], weights=[4.0, 1.0, 1.0])
     assert np.all(heavy >= u2 - 1e-4) and float(heavy[0, 8, 8]) > float(u2[0, 8, 8])
+
+
+@pytest.mark.parametrize("shape,sigma", [((37, 50), (1.0, 2.0)), ((9, 11, 13), (1.0, 1.5, 3.0)), ((3, 40), (3.0, 1.0))])
+def test_gaussian_at_is_scipys_filter_on_the_grid_edges_included(shape, sigma):
+    from scipy import ndimage as ndi
+
+    v = np.random.default_rng(1).normal(100.0, 30.0, shape).astype(np.float32)
+    at = [np.arange(n % 3, n, 4) for n in shape]  # first, interior and last-ish points
+    at[0] = np.unique(np.r_[0, at[0], shape[0] - 1])
+    full = ndi.gaussian_filter(v, sigma, mode="reflect")[np.ix_(*at)]
+    got = gaussian_at(v, sigma, at)
+    assert got.dtype == np.float32 and got.shape == full.shape
+    assert np.allclose(got, full, rtol=2e-7, atol=0)  # the float64 sums in another order, then float32
+
+
+def test_local_scale_on_a_grid_is_the_full_map_there_and_a_zero_weight_term_is_not_needed():
+    rng = np.random.default_rng(2)
+    base = rng.normal(500.0, 80.0, (2, 40, 30)).astype(np.float32)
+    sr = base + rng.normal(0.0, 20.0, base.shape).astype(np.float32)
+    res = np.repeat(np.repeat(rng.normal(0.0, 5.0, (2, 20, 15)), 2, 1), 2, 2).astype(np.float32)
+    at = [np.arange(1, 40, 5), np.arange(0, 30, 7)]
+    for w in ([4.0, 16.0, 0.0], [1.0, 1.0, 1.0], [0.0, 2.0, 0.5]):
+        full = local_scale(sr, base, res, [3.0, 4.0], (1.0, 1.0), w)
+        assert np.array_equal(full, combine_scale(scale_terms(sr, base, res, [3.0, 4.0], (1.0, 1.0)), w))
+        grid = local_scale(sr, base, res, [3.0, 4.0], (1.0, 1.0), w, at=at)
+        assert np.allclose(grid, full[(slice(None), *np.ix_(*at))], rtol=1e-6, atol=0), w
 
 
 def test_conformal_report_states_the_bound_in_data_units(fitted):

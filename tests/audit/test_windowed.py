@@ -389,3 +389,43 @@ def test_with_a_reference_an_lr_inconsistent_plant_the_truth_misses_is_still_rep
     res = audit_output(sr, lr, fake_truth, thresholds=TH, baseline=cubic2d)
     kinds = {r.kind for r in res.regions if r.verdict != "pass"}
     assert "inconsistency" in kinds and "hallucination" not in kinds
+
+
+def test_the_median_bound_uses_the_fitted_weights_and_a_sampled_grid_keeps_it(s2_crop, cubic2d, tmp_path,
+                                                                              monkeypatch):
+    """The report's median bound ``q u`` is computed with the domain's fitted weights of ``u`` (a
+    windowed audit once used weights 1, 1, 1 with the ``q`` fitted for others); with every weight 0
+    ``u`` is the noise alone. A file audit samples ``u`` on a regular grid of pixels (here one in
+    8 x 8): the median moves by a few percent at most."""
+    from domainsr.audit import protocol
+    from domainsr.audit.calibration import load_calibration
+
+    lr, sr = _pair(s2_crop, OpticalDegradation(), cubic2d)
+    whole = audit_output(sr, lr, thresholds=TH, baseline=cubic2d)
+    cal = load_calibration().model_copy(deep=True)
+    cb = cal.conformal("optical")
+    assert cb is not None and cb.weights != [1.0, 1.0, 1.0]
+    cb.weights = [0.0, 0.0, 0.0]
+    monkeypatch.setattr(protocol, "load_calibration", lambda: cal)
+    noise_only = audit_output(sr, lr, thresholds=TH, baseline=cubic2d)
+    assert noise_only.conformal.median_bound == pytest.approx([cb.q * v for v in noise_only.noise.lr_sigma], rel=1e-3)
+    assert all(a > b for a, b in zip(whole.conformal.median_bound, noise_only.conformal.median_bound))
+    monkeypatch.undo()
+    monkeypatch.setattr(win, "CONFORMAL_SAMPLES", 256)
+    _write(lr, tmp_path / "lr.tif")
+    _write(sr, tmp_path / "sr.tif")
+    files = audit_files(tmp_path / "sr.tif", tmp_path / "lr.tif", thresholds=TH, baseline=cubic2d, window=32)
+    assert win.conformal_grid(sr.data.shape[1:]) == 8  # 128^2 SR px, 256 samples
+    assert files.conformal.median_bound == pytest.approx(whole.conformal.median_bound, rel=0.08)  # 4 % here
+
+
+def test_the_sampled_grid_is_one_global_grid_whatever_the_windows(s2_crop, cubic2d, monkeypatch):
+    """The conformal scale's sample grid is one regular grid from the audited box's first pixel, so
+    windows of any size sample the same pixels with the same values (a window-relative grid would
+    drop or repeat rows at the cores' edges): the median bound of 32 px windows is the one-window one."""
+    lr, sr = _pair(s2_crop, OpticalDegradation(), cubic2d)
+    monkeypatch.setattr(win, "CONFORMAL_SAMPLES", 100)  # 128^2 px: step 12, not a divisor of the cores
+    assert win.conformal_grid(sr.data.shape[1:]) == 12
+    one = audit_output(sr, lr, thresholds=TH, baseline=cubic2d)
+    many = audit_output(sr, lr, thresholds=TH, baseline=cubic2d, window=40)
+    assert many.conformal.median_bound == pytest.approx(one.conformal.median_bound, rel=1e-5)
