@@ -112,12 +112,22 @@ def estimate_noise(data: np.ndarray, mask: np.ndarray | None = None,
     return np.asarray([_band_sigma([_piece(band, mask)], integer_valued) for band in data], np.float64)
 
 
-def sample_windows(shape: Sequence[int], budget: int = _MAX_SAMPLES, side: int = 512
+#: Side (pixels per axis) of the noise sample's windows, per number of spatial axes. In 2D many
+#: small windows, not a few large ones: the MAD estimate follows the content it lands on (water,
+#: fields, towns), so spreading the budget over more places tracks the whole image. Measured on a
+#: full 10980^2 Sentinel-2 mosaic (B02/B03/B04/B08, whole-image sigma 9.64/9.88/9.88/12.85 DN):
+#: 9 windows of 512^2 gave 10.87/10.87/10.13/7.91 (B08 -38 %), 225 of 128^2 9.64/9.88/9.64/12.85,
+#: in 1.3 vs 3.3 s of reading. 3D keeps 512 (a volume up to 512 per axis is estimated whole).
+SAMPLE_SIDE = {2: 128, 3: 512}
+
+
+def sample_windows(shape: Sequence[int], budget: int = _MAX_SAMPLES, side: int | None = None
                    ) -> list[tuple[tuple[int, int], ...]]:
     """The deterministic grid of windows the noise of a large image is estimated on: the whole
-    image when it has at most ``budget`` pixels, else ``side``-wide windows (per axis) centred on
-    a regular ``k x k (x k)`` grid with about ``budget`` pixels in all."""
+    image when it has at most ``budget`` pixels, else ``side``-wide windows (per axis; default
+    :data:`SAMPLE_SIDE`) centred on a regular ``k x k (x k)`` grid with about ``budget`` pixels in all."""
     shape = tuple(int(s) for s in shape)
+    side = SAMPLE_SIDE.get(len(shape), 512) if side is None else int(side)
     if int(np.prod(shape)) <= budget:
         return [tuple((0, s) for s in shape)]
     sides = [min(side, s) for s in shape]
@@ -128,13 +138,14 @@ def sample_windows(shape: Sequence[int], budget: int = _MAX_SAMPLES, side: int =
 
 
 def estimate_noise_windows(read: Callable[[tuple[tuple[int, int], ...]], tuple[np.ndarray, np.ndarray | None]],
-                           shape: Sequence[int], integer_valued: bool | None = None) -> tuple[np.ndarray, str]:
+                           shape: Sequence[int], integer_valued: bool | None = None, budget: int = _MAX_SAMPLES,
+                           side: int | None = None) -> tuple[np.ndarray, str]:
     """Per-band noise sigma of an image too large to hold, from the windows of
     :func:`sample_windows` (``read(box) -> (data (C, *w), valid (*w) or None)``, ``box`` [start,
     stop) per axis; coefficients
-    pooled), and a sentence saying what was sampled. Equal to :func:`estimate_noise` when the
+    pooled; ``budget``, ``side``: as there), and a sentence saying what was sampled. Equal to :func:`estimate_noise` when the
     image fits the sampling budget (one window: the whole image)."""
-    boxes = sample_windows(shape)
+    boxes = sample_windows(shape, budget, side)
     pieces: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
     for box in boxes:
         data, valid = read(box)
@@ -144,9 +155,9 @@ def estimate_noise_windows(read: Callable[[tuple[tuple[int, int], ...]], tuple[n
                 pieces.append([])
             pieces[c].append(_piece(band, ok))
     sigma = np.asarray([_band_sigma(p, integer_valued) for p in pieces], np.float64)
-    if len(boxes) == 1:
+    if len(boxes) == 1 and all(b - a == n for (a, b), n in zip(boxes[0], shape)):
         return sigma, "the whole image"
     w = "x".join(str(b - a) for a, b in boxes[0])
     px = sum(int(np.prod([b - a for a, b in box])) for box in boxes)
-    return sigma, (f"{len(boxes)} windows of {w} px on a regular grid ({px / float(np.prod(shape)):.1%} "
+    return sigma, (f"{len(boxes)} window{'s' if len(boxes) > 1 else ''} of {w} px on a regular grid ({px / float(np.prod(shape)):.1%} "
                    "of the image)")

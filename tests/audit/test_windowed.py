@@ -211,7 +211,9 @@ def test_large_scene_overview_and_crop(s2_crop, cubic2d, tmp_path, monkeypatch):
     assert crop.regions[0].bbox_index == full.regions[0].bbox_index
 
 
-def test_noise_from_sampled_windows():
+def test_noise_from_sampled_windows(monkeypatch):
+    import domainsr.audit.noise as nz
+
     rng = np.random.default_rng(0)
     small = rng.normal(0, 3.0, (2, 300, 300)).astype(np.float32)
     read = lambda box: (small[(slice(None), *(slice(a, b) for a, b in box))], None)
@@ -221,7 +223,25 @@ def test_noise_from_sampled_windows():
     assert len(boxes) == 9 and all(b - a == 256 for box in boxes for a, b in box)
     big = lambda box: (rng.normal(0, 3.0, (1, *(b - a for a, b in box))), None)
     sigma, how = estimate_noise_windows(big, (3000, 3000))
-    assert abs(sigma[0] - 3.0) < 0.1 and how.startswith("9 windows of 512x512")
+    assert abs(sigma[0] - 3.0) < 0.1 and how.startswith("225 windows of 128x128")
+    monkeypatch.setitem(nz.SAMPLE_SIDE, 2, 2000)  # one central window is not "the whole image"
+    _, how = estimate_noise_windows(big, (3000, 3000))
+    assert how == "1 window of 2000x2000 px on a regular grid (44.4% of the image)"
+
+
+def test_sampled_noise_tracks_the_whole_image_on_a_real_scene(sample_data):
+    """Many small windows follow a real scene's whole-image noise where a few large ones follow
+    the content they land on: the real Sentinel-2 sample (4 x 1947 x 1933 px) sampled with a
+    quarter of its pixels' budget, against the estimate on every pixel."""
+    from domainsr.io import read_image
+
+    d = np.asarray(read_image(sample_data["sentinel2"]).select(["B02", "B03", "B04", "B08"]).data)
+    read = lambda box: (d[(slice(None), *(slice(a, b) for a, b in box))], None)
+    whole = estimate_noise(d, integer_valued=True)
+    many, how = estimate_noise_windows(read, d.shape[1:], True, budget=1_000_000)
+    assert how.startswith("49 windows of 128x128") and np.all(np.abs(many / whole - 1) < 0.03)
+    few, how = estimate_noise_windows(read, d.shape[1:], True, budget=1_000_000, side=512)
+    assert how.startswith("1 window of 512x512") and np.any(np.abs(few / whole - 1) > 0.1)  # B04 7.66 vs 9.88 DN
 
 
 def test_halo_covers_each_reach():
