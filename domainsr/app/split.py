@@ -27,10 +27,9 @@ from typing import Any
 
 from domainsr.app.enhance import Enhanced, RasterProbe, Streamed, enhance_item, patch_inferer, probe_raster
 from domainsr.app.runs import ItemResult, RunSpec
+from domainsr.engine.streaming import COG_BLOCKSIZE as BLOCKSIZE
 from domainsr.errors import ConfigError, DomainSRError
 from domainsr.stores.base import Item, Store
-
-BLOCKSIZE = 512  # the output COG's block size (enhance_raster_file's default)
 
 
 @dataclass

@@ -84,9 +84,13 @@ class _RowBand:
         self.top = upto
 
 
+#: the output COG's block size (pixels per side) unless a caller asks for another
+COG_BLOCKSIZE = 512
+
+
 def enhance_raster_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], inferer: PatchInferer, *,
                         bands: Sequence[int | str] | None = None, dtype: str | None = None,
-                        cache_mb: int = 64, blocksize: int = 512, overviews: bool = True,
+                        cache_mb: int = 64, blocksize: int = COG_BLOCKSIZE, overviews: bool = True,
                         model_info: Mapping[str, Any] | None = None,
                         band_names: Sequence[str] | None = None) -> Path:
     """Enhance raster ``src`` into the COG ``dst`` (written atomically) and return ``dst``.
