@@ -267,15 +267,27 @@ def _inputs(sr: np.ndarray, baseline: np.ndarray, lr_residual_up: np.ndarray, si
     return sr, base, res, sig, win
 
 
-def _band_terms(sr: np.ndarray, base: np.ndarray, res: np.ndarray, win: tuple[float, ...]
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``G(d^2), G(e^2), G(h^2)`` of one band (float32, not yet clipped at 0); squares in place."""
-    g = lambda v: ndi.gaussian_filter(v, win, mode="reflect")
+def _band_terms(sr: np.ndarray, base: np.ndarray, res: np.ndarray, win: tuple[float, ...],
+                at: Sequence[np.ndarray] | None = None, need: Sequence[bool] = (True, True, True)
+                ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """``G(d^2), G(e^2), G(h^2)`` of one band (float32, not yet clipped at 0; squares in place), on
+    the grid ``at`` only when given (:func:`gaussian_at`), ``None`` where ``need`` says no. The
+    detail's wider ``G3`` runs on every pixel: its reach is three times ``G``'s."""
+    def g(v: np.ndarray) -> np.ndarray:
+        return ndi.gaussian_filter(v, win, mode="reflect") if at is None else gaussian_at(v, win, at)
+
     b = np.nan_to_num(base)
-    d = np.nan_to_num(sr) - b
-    h = b - ndi.gaussian_filter(b, tuple(3.0 * w for w in win), mode="reflect")
-    e = np.nan_to_num(res)
-    return g(np.multiply(d, d, out=d)), g(np.square(e, out=e)), g(np.multiply(h, h, out=h))
+    t1 = t2 = t3 = None
+    if need[0]:
+        d = np.nan_to_num(sr) - b
+        t1 = g(np.multiply(d, d, out=d))
+    if need[1]:
+        e = np.nan_to_num(res)
+        t2 = g(np.square(e, out=e))
+    if need[2]:
+        h = b - ndi.gaussian_filter(b, tuple(3.0 * w for w in win), mode="reflect")
+        t3 = g(np.multiply(h, h, out=h))
+    return t1, t2, t3
 
 
 def scale_terms(sr: np.ndarray, baseline: np.ndarray, lr_residual_up: np.ndarray,
@@ -334,25 +346,15 @@ def local_scale(sr: np.ndarray, baseline: np.ndarray, lr_residual_up: np.ndarray
     the memory of one band); a term whose weight is 0 is not computed (its filters were most of
     the time: ``G3`` is three times wider)."""
     sr, base, res, sig, win = _inputs(sr, baseline, lr_residual_up, sigma, window)
-    a, b, c = (1.0, 1.0, 1.0) if weights is None else (float(w) for w in weights)
+    wts = (1.0, 1.0, 1.0) if weights is None else tuple(float(w) for w in weights)
     grid = sr.shape[1:] if at is None else tuple(len(i) for i in at)
-
-    def g(v: np.ndarray) -> np.ndarray:
-        out = ndi.gaussian_filter(v, win, mode="reflect") if at is None else gaussian_at(v, win, at)
-        return np.maximum(out, 0.0, out=out)
-
     out = np.empty((sr.shape[0], *grid), np.float32)
     for ch in range(sr.shape[0]):
         t = np.full(grid, max(float(sig[ch]) ** 2, 0.0), np.float32)
-        bb = np.nan_to_num(base[ch])
-        if a:
-            d = np.nan_to_num(sr[ch]) - bb
-            t += g(np.multiply(d, d, out=d)) * np.float32(a)
-        if b:
-            t += g(np.square(np.nan_to_num(res[ch]))) * np.float32(b)
-        if c:  # the wider filter of the detail runs on every pixel: G3's reach is 3x G's
-            h = bb - ndi.gaussian_filter(bb, tuple(3.0 * w for w in win), mode="reflect")
-            t += g(np.multiply(h, h, out=h)) * np.float32(c)
+        terms = _band_terms(sr[ch], base[ch], res[ch], win, at, [w != 0 for w in wts])
+        for w, term in zip(wts, terms):
+            if term is not None:
+                t += np.maximum(term, 0.0, out=term) * np.float32(w)
         np.sqrt(t, out=out[ch])
     return out
 
