@@ -54,12 +54,17 @@ class SourceSpec(StrictModel):
     background: float | None = None
     #: how many evenly spaced planes / slices a kept-out volume is scored on
     max_planes: int = Field(48, ge=1)
+    #: the source's spatial axes reordered before use (3D: ``[2, 0, 1]`` makes source axis 1 the
+    #: last): the degradation then acts along another axis than the volume's own slice axis
+    axes: list[int] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SourceSpec:
         for a, b in self.planes or []:
             if a == b:
                 raise ValueError(f"plane axes ({a}, {b}) must differ")
+        if self.axes is not None and sorted(self.axes) != list(range(len(self.axes))):
+            raise ValueError(f"axes {self.axes} must order the spatial axes 0..{len(self.axes) - 1}, each once")
         return self
 
 
@@ -189,7 +194,9 @@ class TrainConfig(StrictModel):
     """One training run (PSNR stage, optional GAN stage) with its budgets and outputs.
 
     ``init_from`` names a checkpoint (name or path) whose weights start the network (fine-tuning,
-    or a GAN stage after a shipped PSNR model with ``steps: 0``); its architecture must match.
+    or a GAN stage after a shipped PSNR model with ``steps: 0``); its architecture must match, or be
+    the same network in 2D for a 3D run (a slice-wise thick-slice model: its kernels inflated,
+    :func:`domainsr.train.pairing.inflate_weights`).
     """
 
     domain: Literal["mri", "ct", "optical"]

@@ -170,6 +170,35 @@ def init_weights(net: nn.Module, config: TrainConfig, loaded: nn.Module, card: M
     log.info("initialised from %s (sha256 %s)", config.init_from, card.weights_sha256[:12])
 
 
+def inflate_weights(net: nn.Module, config: TrainConfig, loaded: nn.Module, card: ModelCard,
+                    in_channels: int) -> None:
+    """Start a 3D run from a 2D checkpoint of the same architecture (``init_from`` a slice-wise
+    model): its kernels inflated onto the centre plane of the axis its scale lacks
+    (:mod:`domainsr.models.inflate`), so the 3D net starts as the 2D net on every plane of the
+    other two axes. The interpolation base must be the same (``model.kwargs.base``)."""
+    from domainsr.models.baselines import default_base
+    from domainsr.models.inflate import inflate_state_dict, inserted_axis
+    from domainsr.models.registry import ALIASES
+
+    def parts(kwargs: dict[str, Any], dims: int) -> tuple[dict[str, Any], str]:
+        base = str(kwargs.get("base") or default_base(dims))
+        return {k: v for k, v in kwargs.items() if k != "base"}, ALIASES.get(base, base)
+
+    (want_kw, want_base), (got_kw, got_base) = (parts(dict(config.model.kwargs), 3),
+                                                parts(dict(card.architecture.kwargs), 2))
+    if (config.model.name, want_kw, in_channels) != (card.architecture.name, got_kw, card.in_channels):
+        raise ConfigError(f"init_from {config.init_from!r} is {card.architecture.name} {got_kw} with "
+                          f"{card.in_channels} channels; this run builds {config.model.name} {want_kw} with "
+                          f"{in_channels}: a 2D model inflates only into the same network in 3D")
+    if want_base != got_base:
+        raise ConfigError(f"init_from {config.init_from!r} adds its residual to {got_base} interpolation; set "
+                          f"model.kwargs.base: {got_base} (this run's base is {want_base})")
+    axis = inserted_axis(card.scale, config.scale)
+    net.load_state_dict(inflate_state_dict(loaded.net.state_dict(), net.state_dict(), axis))
+    log.info("initialised from 2D %s (sha256 %s), inflated along axis %d", config.init_from,
+             card.weights_sha256[:12], axis)
+
+
 def robust_range(values: np.ndarray) -> tuple[float, float]:
     """The card's expected input range: the 0.1-99.9 percentiles of the training values (never empty)."""
     lo, hi = float(np.percentile(values, 0.1)), float(np.percentile(values, 99.9))

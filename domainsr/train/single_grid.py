@@ -45,6 +45,7 @@ from domainsr.train.pairing import (
     build_network,
     card_fields,
     check_degradation,
+    inflate_weights,
     init_weights,
     log,
     robust_range,
@@ -110,10 +111,16 @@ def _other(config: TrainConfig, spec: SourceSpec, image: SpatialImage | None,
     img = image if image is not None else read_source(spec.source, spec.bands or config.data.bands)
     if img.domain != config.domain:
         raise ConfigError(f"config is for {config.domain} but {spec.source} is {img.domain}", img.source or None)
-    data = np.ascontiguousarray(img.data, dtype=np.float32)
+    data = np.asarray(img.data, dtype=np.float32)
+    valid, fg = foreground(img, data, spec.background if spec.background is not None else config.data.background)
+    if spec.axes is not None:
+        if len(spec.axes) != data.ndim - 1:
+            raise ConfigError(f"axes {spec.axes} do not order the {data.ndim - 1} spatial axes of {spec.source}",
+                              img.source or None)
+        data, fg = data.transpose(0, *(a + 1 for a in spec.axes)), fg.transpose(spec.axes)
+    data, fg = np.ascontiguousarray(data), np.ascontiguousarray(fg)
     planes = spec.planes or config.data.planes
     _check_geometry(config, data, planes, img.source)
-    valid, fg = foreground(img, data, spec.background if spec.background is not None else config.data.background)
     whole = Region("train", 0, 0, data.shape[1])
     norm = fixed if fixed is not None else _percentile(config, img, data, valid, whole)
     return _Other(img, data, whole, planes, fg, norm)
@@ -198,6 +205,9 @@ class SingleGridPairing(Pairing):
             from domainsr.models.checkpoints import load_checkpoint
 
             model, card = load_checkpoint(config.init_from)
+            if card.spatial_dims == 2 and config.spatial_dims == 3:
+                inflate_weights(net, config, model, card, channels)
+                return net
             init_weights(net, config, model, card, (config.model.name, config.model.kwargs, tuple(config.scale),
                                                     channels),
                          (card.architecture.name, card.architecture.kwargs, tuple(card.scale), card.in_channels),
@@ -274,11 +284,13 @@ class SingleGridPairing(Pairing):
         for spec, o_img in zip(config.data.extra, data.extras):
             split_info.setdefault("extra", []).append(
                 {"source": spec.source, "planes": [list(p) for p in spec.planes or config.data.planes or []],
+                 **({"axes": list(spec.axes)} if spec.axes is not None else {}),
                  "weight": spec.weight, "shape": list(o_img.data.shape), "region": "whole image (training only)"})
             files += source_files(o_img, bands)
         for spec in config.data.holdout:
             split_info.setdefault("holdout", []).append(
                 {"source": spec.source, "planes": [list(p) for p in spec.planes or config.data.planes or []],
+                 **({"axes": list(spec.axes)} if spec.axes is not None else {}),
                  "region": "whole image, never trained on (metrics key holdout:<source>)"})
         units = c.units or img.units or DEFAULT_UNITS[config.domain]
         desc = (f"{img.source or 'image'} ({img.domain}, shape {list(img.data.shape)}, units "
