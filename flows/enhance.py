@@ -86,10 +86,22 @@ def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None,
     kwargs: dict[str, Any] = {"domain": cfg.domain, "output_format": cfg.output.format,
                               "default_output": expand(str(cfg.output.dir))}  # a URL's ?output= wins
     if not any(_remote(s) for s in sources):  # output naming and overwriting: the local store's
-        kwargs.update(output_suffix=cfg.store.output_suffix, overwrite=cfg.store.overwrite)
+        kwargs.update(output_suffix=cfg.store.output_suffix, overwrite=cfg.store.overwrite,
+                      nifti_domain=_model_domain(spec.model))
     store = open_store(list(inputs), output=output, **kwargs) if inputs else open_store(
         cfg.store, output=output, **kwargs)
     return spec, store
+
+
+def _model_domain(model: dict[str, Any]) -> str | None:
+    """A checkpoint's medical domain (``mri``/``ct``): how a NIfTI input, which names no modality,
+    is read when the task names no domain (a CT model reads it in HU); else ``None``."""
+    if model.get("kind") != "checkpoint" or not model.get("path"):
+        return None
+    from domainsr.models.checkpoints import read_card
+
+    domain = read_card(model["path"]).domain
+    return domain if domain in ("mri", "ct") else None
 
 
 def _output_overrides(cfg: EnhanceConfig, suffix: str | None, overwrite: bool,

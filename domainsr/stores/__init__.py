@@ -68,12 +68,15 @@ def _scheme(value: str) -> str:
 
 def open_store(url_or_config: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | StoreConfig, *,
                output: str | os.PathLike[str] | None = None, default_output: str | os.PathLike[str] | None = None,
-               domain: str | None = None, output_format: str = "same", **options: Any) -> Store:
+               domain: str | None = None, output_format: str = "same", nifti_domain: str | None = None,
+               **options: Any) -> Store:
     """Open the store a path, a list of local paths, a URL or a ``StoreConfig`` names.
 
     ``output`` is the output root (overrides the config's; must agree with a URL's ``?output=``);
     ``default_output`` is used when nothing else names one. ``domain`` and ``output_format`` are
-    passed to the local store (the domain of NIfTI inputs, and ``same``/``nifti``/``dicom``/``cog``).
+    passed to the local store (the domain of NIfTI inputs, and ``same``/``nifti``/``dicom``/``cog``);
+    ``nifti_domain`` is the domain of NIfTI inputs when ``domain`` is not set (a NIfTI file has no
+    modality: the model's, e.g. ``ct`` for a CT model; else MRI).
     """
     if isinstance(url_or_config, StoreConfig):
         cfg = url_or_config
@@ -81,7 +84,7 @@ def open_store(url_or_config: str | os.PathLike[str] | Sequence[str | os.PathLik
             raise ConfigError("store.input is not set: give inputs on the command line or in the config")
         out = output if output is not None else (expand(cfg.output) if cfg.output else None)
         return open_store(expand(cfg.input), output=out, default_output=default_output, domain=domain,
-                          output_format=output_format, **{**cfg.options, **options})
+                          output_format=output_format, nifti_domain=nifti_domain, **{**cfg.options, **options})
     if isinstance(url_or_config, (str, os.PathLike)):
         sources = [url_or_config]
     else:
@@ -101,7 +104,7 @@ def open_store(url_or_config: str | os.PathLike[str] | Sequence[str | os.PathLik
 
     paths = [Path(unquote(urlparse(str(s)).path)) if _scheme(str(s)) == "file" else Path(s) for s in sources]
     return LocalStore(paths, output if output is not None else default_output, domain=domain,
-                      output_format=output_format, **options)
+                      output_format=output_format, nifti_domain=nifti_domain, **options)
 
 
 def _open_remote(url: str, *, output: str | os.PathLike[str] | None, **options: Any) -> Store:

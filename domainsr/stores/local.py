@@ -150,7 +150,7 @@ class LocalStore(Store):
     def __init__(self, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  output: str | os.PathLike[str] | None = None, *, domain: str | None = None,
                  output_format: str = "same", recursive: bool = True, output_suffix: str = DEFAULT_SUFFIX,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, nifti_domain: str | None = None) -> None:
         paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         if not paths:
             raise ConfigError("no inputs given")
@@ -163,6 +163,7 @@ class LocalStore(Store):
         if output_suffix and (not _SAFE_SUFFIX.match(output_suffix) or ".." in output_suffix):
             raise ConfigError(f"output suffix {output_suffix!r} may hold only letters, digits, '.', '_' and '-'")
         self.domain = domain
+        self.nifti_domain = nifti_domain
         self.output_format = output_format
         self.recursive = recursive
         self.output_suffix = output_suffix
@@ -295,8 +296,11 @@ class LocalStore(Store):
         if fmt is None:
             detect_format(item.uri)  # raises the precise error for a missing or unknown file
             raise UnsupportedFormatError(f"not an image this store can read (kind {item.kind!r})", item.uri)
-        # a medical reader takes the store's domain; without one NIfTI defaults to MRI, DICOM to its modality
-        options: dict[str, Any] = {"domain": self.domain} if fmt.medical and self.domain in MEDICAL_DOMAINS else {}
+        # a medical reader takes the store's domain; without one NIfTI (no modality in the file) is read
+        # as ``nifti_domain`` (the model's medical domain) else MRI, DICOM as its Modality says
+        domain = self.domain if self.domain in MEDICAL_DOMAINS else (
+            self.nifti_domain if item.kind == "nifti" and self.nifti_domain in MEDICAL_DOMAINS else None)
+        options: dict[str, Any] = {"domain": domain} if fmt.medical and domain else {}
         if item.kind == "dicom":  # a series: its listed files, and which series and volume of them
             return fmt.read([Path(f) for f in item.meta["files"]], series_uid=item.meta.get("series_uid"),
                             volume=item.meta.get("volume"), **options)
