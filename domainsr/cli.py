@@ -269,9 +269,14 @@ def _check_out(out: Path | None) -> None:
 
 
 def _check_enhance(inputs: list[str] | None, config: Path | None, model: str | None, scale: str | None,
-                   runner: str | None, band_map: str | None, suffix: str | None, out: Path | None) -> None:
+                   runner: str | None, band_map: str | None, suffix: str | None, out: Path | None,
+                   domain: str | None = None) -> None:
     """Every check of ``enhance``'s options that needs no flow (and no Prefect)."""
     from domainsr.bands import parse_band_map
+    from domainsr.image import DOMAINS
+
+    if domain is not None and domain not in DOMAINS:
+        fail(ConfigError(f"--domain must be one of {', '.join(DOMAINS)}, not {domain!r}"))
 
     if runner not in (None, "threads", "dask"):
         fail(ConfigError(f"--runner must be threads or dask, not {runner!r}"))
@@ -487,6 +492,10 @@ def enhance(
     band_map: Annotated[str | None, typer.Option(
         "--band-map", help="What an undescribed raster's bands are, by 1-based index: "
         "1=B02,2=B03,3=B04,4=B08 (config: band_map).")] = None,
+    domain: Annotated[str | None, typer.Option(
+        "--domain", help="What the inputs are (mri, ct, optical; config: domain): a NIfTI names no modality, "
+        "so --domain ct reads it in HU (default: the model's medical domain, else MRI); other domains "
+        "are refused.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Redo items already enhanced with this model and config.")] = False,
     no_audit: Annotated[bool, typer.Option(
@@ -519,7 +528,7 @@ def enhance(
 
       domainsr enhance --config configs/sentinel2_x2.yaml scene_folder/ --out out/
     """
-    _check_enhance(inputs, config, model, scale, runner, band_map, suffix, out)
+    _check_enhance(inputs, config, model, scale, runner, band_map, suffix, out, domain)
     model = model_reference(model, input_range, budget)
     enhance_flow = _load_flow("flows.enhance", "enhance_flow")
 
@@ -529,7 +538,8 @@ def enhance(
                              out=None if out is None else str(out),
                              model=model, scale=scale, bands=_csv(bands), force=force, task_runner=runner,
                              dask_address=dask_address, run_audit=False if no_audit else None,
-                             suffix=suffix, overwrite=overwrite, band_map=band_map, return_state=True)
+                             suffix=suffix, overwrite=overwrite, band_map=band_map, domain=domain,
+                             return_state=True)
     _finish_batch(state, as_json)
 
 

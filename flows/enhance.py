@@ -49,11 +49,11 @@ def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None,
               model: str | None = None, scale: str | int | Sequence[int] | None = None,
               bands: Sequence[str] | None = None, force: bool = False, task_runner: str | None = None,
               dask_address: str | None = None, run_audit: bool | None = None, suffix: str | None = None,
-              overwrite: bool = False, band_map: str | dict[int, str] | None = None
+              overwrite: bool = False, band_map: str | dict[int, str] | None = None, domain: str | None = None
               ) -> tuple[RunSpec, Store]:
     """The run and its store from a config file or a model name, with command-line overrides
-    (``suffix``, ``overwrite`` and ``band_map`` override ``store.output_suffix``,
-    ``store.overwrite`` and ``band_map``)."""
+    (``suffix``, ``overwrite``, ``band_map`` and ``domain`` override ``store.output_suffix``,
+    ``store.overwrite``, ``band_map`` and ``domain``)."""
     if (config is None) == (model is None):
         raise ConfigError("give either a config file (--config) or a model (--model), not both or neither")
     if config is not None:
@@ -70,6 +70,8 @@ def build_run(config: str | None = None, *, inputs: Sequence[str] | None = None,
         cfg = config_from_model(model, scale, bands)
         source = "command line"
     cfg = _output_overrides(cfg, suffix, overwrite, band_map)
+    if domain is not None:
+        cfg = cfg.model_copy(update={"domain": domain})
     runner_upd: dict[str, Any] = {}
     if task_runner:
         runner_upd["task_runner"] = task_runner
@@ -148,10 +150,10 @@ def _threads_for_local_dask(cfg: EnhanceConfig) -> EnhanceConfig:
 def plan_task(config: str | None, inputs: list[str] | None, out: str | None, model: str | None,
               scale: int | list[int] | str | None, bands: list[str] | None, force: bool, task_runner: str | None,
               dask_address: str | None, run_audit: bool | None, suffix: str | None = None, overwrite: bool = False,
-              band_map: str | dict[int, str] | None = None) -> tuple[RunSpec, Store]:
+              band_map: str | dict[int, str] | None = None, domain: str | None = None) -> tuple[RunSpec, Store]:
     spec, store = build_run(config, inputs=inputs, out=out, model=model, scale=scale, bands=bands, force=force,
                             task_runner=task_runner, dask_address=dask_address, run_audit=run_audit,
-                            suffix=suffix, overwrite=overwrite, band_map=band_map)
+                            suffix=suffix, overwrite=overwrite, band_map=band_map, domain=domain)
     get_run_logger().info("task %r, model %s, run key %s, store %s", spec.name, spec.model.get("name"),
                           spec.run_key, store.public_name)
     return spec, store
@@ -326,18 +328,19 @@ def enhance_flow(config: str | None = None, inputs: list[str] | None = None, out
                  model: str | None = None, scale: int | list[int] | str | None = None, bands: list[str] | None = None,
                  force: bool = False, task_runner: str | None = None, dask_address: str | None = None,
                  run_audit: bool | None = None, suffix: str | None = None, overwrite: bool = False,
-                 band_map: str | dict[int, str] | None = None) -> State:
+                 band_map: str | dict[int, str] | None = None, domain: str | None = None) -> State:
     """Enhance every item of a store (a config's ``store`` or ``inputs``) into ``out``.
 
     ``config``: a task config (``configs/*.yaml``), or ``model`` (a checkpoint or registry name)
     with ``scale``. ``force`` redoes items already done. ``task_runner``/``dask_address``
     override the config's runner; ``run_audit`` its audit switch; ``suffix``, ``overwrite`` and
-    ``band_map`` its ``store.output_suffix``, ``store.overwrite`` and ``band_map``. Ends Completed,
+    ``band_map`` its ``store.output_suffix``, ``store.overwrite`` and ``band_map``; ``domain`` (mri, ct,
+    optical) its ``domain``: what inputs whose files do not say are (a NIfTI names no modality). Ends Completed,
     or Failed when any item failed (or was refused); the message counts both and the state's data
     is the summary (one row per item).
     """
     spec, store = plan_task(config, inputs, out, model, scale, bands, force, task_runner, dask_address, run_audit,
-                            suffix, overwrite, band_map)
+                            suffix, overwrite, band_map, domain)
     todo, done = list_task(store, spec)
     results = list(done)
     if todo:

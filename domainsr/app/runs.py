@@ -54,6 +54,7 @@ def run_key(config: EnhanceConfig, model: dict[str, Any]) -> str:
         "model": {k: v for k, v in model.items() if k not in ("path", "version")},
         "bands": config.bands,
         **({"band_map": {str(k): v for k, v in config.band_map.items()}} if config.band_map else {}),
+        **({"domain": config.domain} if config.domain else {}),  # how a NIfTI is read (HU or a.u.)
         "tiling": config.tiling.model_dump(mode="json", include={"tile", "overlap", "blend", "amp", "stream_above_mpx",
                                                                  "stream_audit_window"}),
         "output_format": config.output.format,

@@ -36,3 +36,32 @@ def test_the_run_reads_nifti_as_its_checkpoints_domain(tmp_path):
     _, store = build_run(model="cubic", scale=2, inputs=[path], out=str(tmp_path / "out2"), run_audit=False)
     (item,) = store.list_items()
     assert store.read(item).domain == "mri"
+
+
+def test_the_task_or_the_command_line_domain_wins_over_the_models(tmp_path):
+    from typer.testing import CliRunner
+
+    from domainsr.cli import app
+    from flows.enhance import build_run
+
+    path = _nifti(tmp_path / "thick.nii.gz")
+    _, store = build_run(model="cubic", scale=2, inputs=[path], out=str(tmp_path / "out"), run_audit=False,
+                         domain="ct")
+    (item,) = store.list_items()
+    assert store.read(item).domain == "ct"
+    _, store = build_run(model="ct-slices-x4-3d", inputs=[path], out=str(tmp_path / "out2"), run_audit=False,
+                         domain="mri")
+    (item,) = store.list_items()
+    assert store.read(item).domain == "mri"  # and the CT card then refuses it, naming the file
+
+    res = CliRunner().invoke(app, ["enhance", path, "--model", "cubic", "--domain", "pet", "--out",
+                                   str(tmp_path / "o")])
+    assert res.exit_code != 0 and "--domain must be one of mri, ct, optical" in res.output
+
+
+def test_the_domain_a_task_names_keys_its_runs():
+    from domainsr.app.runs import config_from_model, run_key
+
+    ident = {"kind": "registry", "name": "cubic"}
+    plain = config_from_model("cubic", 2)
+    assert run_key(plain, ident) != run_key(plain.model_copy(update={"domain": "ct"}), ident)
