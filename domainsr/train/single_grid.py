@@ -117,8 +117,8 @@ def _other(config: TrainConfig, spec: SourceSpec, image: SpatialImage | None,
         if len(spec.axes) != data.ndim - 1:
             raise ConfigError(f"axes {spec.axes} do not order the {data.ndim - 1} spatial axes of {spec.source}",
                               img.source or None)
-        data, fg = data.transpose(0, *(a + 1 for a in spec.axes)), fg.transpose(spec.axes)
-    data, fg = np.ascontiguousarray(data), np.ascontiguousarray(fg)
+        data, valid, fg = data.transpose(0, *(a + 1 for a in spec.axes)), valid.transpose(spec.axes), fg.transpose(spec.axes)
+    data, valid, fg = np.ascontiguousarray(data), np.ascontiguousarray(valid), np.ascontiguousarray(fg)
     planes = spec.planes or config.data.planes
     _check_geometry(config, data, planes, img.source)
     whole = Region("train", 0, 0, data.shape[1])

@@ -83,5 +83,11 @@ def test_a_kept_out_volume_is_scored_with_its_axes_reordered(tmp_path, head):
     (pair,) = data.holdout["holdout:kept"]
     assert pair.hr.shape == (1, 20, 12, 40) and pair.lr.shape == (1, 20, 12, 10)
     np.testing.assert_array_equal(pair.hr[0], kept.data[0].transpose(2, 0, 1))
+    # a per-image (percentile) normalisation is measured on the reordered volume as well
+    pct = cfg.model_copy(update={"normalization": TrainConfig.model_validate(
+        {**cfg.model_dump(), "normalization": {"kind": "percentile"}}).normalization})
+    (pair,) = prepare_data(pct, head, build_degradation(cfg.degradation), (2, 2, 2),
+                           others={"kept": kept}).holdout["holdout:kept"]
+    assert pair.hr.shape == (1, 20, 12, 40) and np.all(np.isfinite(pair.lr))
     with pytest.raises(ValueError, match="each once"):
         _config(tmp_path, "bad", data={"source": "synthetic", "holdout": [{"source": "kept", "axes": [2, 2, 1]}]})
