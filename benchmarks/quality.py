@@ -221,13 +221,11 @@ def _transposed(img: SpatialImage, axes: Sequence[int] | None) -> SpatialImage:
     slice axis moved away from the one the model enhances); ``None``: unchanged."""
     if axes is None:
         return img
-    from domainsr.image import MedicalGeometry
+    from domainsr.audit.uncertainty import permuted_geometry
 
-    aff = np.array(img.geometry.affine)
-    aff[:, :3] = aff[:, list(axes)]
-    geometry = MedicalGeometry(aff, tuple(img.spatial_shape[a] for a in axes))
     data = np.ascontiguousarray(img.data.transpose(0, *(a + 1 for a in axes)))
-    return img.derive(data, geometry=geometry, mask=None if img.mask is None else img.mask.transpose(axes))
+    return img.derive(data, geometry=permuted_geometry(img.geometry, axes, data.shape[1:]),
+                      mask=None if img.mask is None else img.mask.transpose(axes))
 
 
 def _background(card: ModelCard) -> float | None:
@@ -510,10 +508,8 @@ KEPT_OUT: dict[str, tuple[str, list[tuple[int, int]] | None]] = {
 def kept_out(card: ModelCard) -> tuple[str, list[tuple[int, int]] | None] | None:
     """The card's kept-out source (its ``split.holdout``, else :data:`KEPT_OUT`), refused when the
     card lists it among its training files."""
-    split = (card.training_data.split if card.training_data else None) or {}
-    held = split.get("holdout") or []
-    if held:
-        h = held[0]
+    h = _card_holdout(card)
+    if h:
         pick = (h["source"], [tuple(p) for p in h.get("planes") or []] or None)
     elif card.name in KEPT_OUT:
         pick = KEPT_OUT[card.name]
@@ -528,11 +524,11 @@ def kept_out(card: ModelCard) -> tuple[str, list[tuple[int, int]] | None] | None
     return pick
 
 
-def _kept_out_axes(card: ModelCard) -> list[int] | None:
-    """The axis order the card's kept-out volume is scored in (its ``split.holdout[0].axes``)."""
+def _card_holdout(card: ModelCard) -> dict[str, Any] | None:
+    """The card's first kept-out source record (``split.holdout[0]``: source, planes, axes), if any."""
     split = (card.training_data.split if card.training_data else None) or {}
     held = split.get("holdout") or []
-    return held[0].get("axes") if held else None
+    return held[0] if held else None
 
 
 def generalisation_case(name: str, path: Path, quick: bool) -> tuple[str, Case] | None:
@@ -550,7 +546,7 @@ def generalisation_case(name: str, path: Path, quick: bool) -> tuple[str, Case] 
                                    np.random.default_rng(0), "whole Landsat 8 scene as S2 bands (another sensor, "
                                    "never trained on), the card's degradation")
     img = _read_source(source)
-    ref = _transposed(heldout_region(card, img, "none"), _kept_out_axes(card))  # bands only: the whole image
+    ref = _transposed(heldout_region(card, img, "none"), (_card_holdout(card) or {}).get("axes"))  # the whole image
     deg = build_degradation(primary_spec(card.degradation))
     rng = np.random.default_rng(0)
     if card.application == "slicewise":

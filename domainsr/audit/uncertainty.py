@@ -64,7 +64,7 @@ def augmentations(spatial_dims: int, scale: Sequence[int], mode: str = "flips",
     return [group[i] for i in picks]
 
 
-def _permuted_geometry(geometry: Geometry, perm: Sequence[int], shape: Sequence[int]) -> Geometry:
+def permuted_geometry(geometry: Geometry, perm: Sequence[int], shape: Sequence[int]) -> Geometry:
     """A geometry for the permuted array (only the shape matters to a model; kept consistent)."""
     if list(perm) == sorted(perm):
         return geometry
@@ -85,7 +85,7 @@ def tta_outputs(enhancer: Enhancer, lr: SpatialImage, augs: Sequence[Augmentatio
     for aug in augs:
         data = aug.forward(lr.data)
         mask = None if lr.mask is None else aug.forward(lr.mask[None])[0]
-        geom = _permuted_geometry(lr.geometry, aug.perm, data.shape[1:])
+        geom = permuted_geometry(lr.geometry, aug.perm, data.shape[1:])
         img = lr.derive(data, geometry=geom, mask=mask)
         outs.append(aug.inverse(np.asarray(enhancer(img).data, dtype=np.float32)))
     return outs
