@@ -15,6 +15,10 @@ Rows per model (the held-out case of ``benchmarks/quality.py``: same pairs, same
   calibrated on the first window (of at least 48 px per axis) it runs on: the held-out input itself,
   the most favourable choice.
   Measured, not offered: it loses far more than 0.05 dB (see the table).
+* ``onnx``: the network exported to ONNX (``torch.onnx.export``, TorchScript path, opset 17, dynamic
+  spatial axes) and run by ONNX Runtime's CPU provider with the same 2 threads, when ``onnxruntime``
+  and ``onnx`` are installed (``pip install onnxruntime onnx``; not a dependency): the normalisation
+  and the engine around it are unchanged.
 * ``student``: a distilled student checkpoint (``<name>-fast``, trained by ``domainsr train`` with
   ``distill.teacher``), when one is shipped.
 
@@ -50,6 +54,7 @@ from domainsr.engine.resources import cpu_bf16_native
 from domainsr.io.atomic import atomic_path
 from domainsr.models.card import PrecisionCheck
 from domainsr.models.checkpoints import read_card, resolve_checkpoint
+from domainsr.models.guided import is_guided
 from domainsr.train.scoring import score
 
 log = logging.getLogger("benchmarks.backends")
@@ -100,6 +105,51 @@ class _Branch(nn.Module):
         return self.tail(self.body(f) + f)
 
 
+class LazyOnnx(nn.Module):
+    """A network run by ONNX Runtime: exported on its first call (dynamic spatial axes), then each
+    call is one ``InferenceSession.run`` on CPU with :data:`quality.THREADS` threads."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.session = net, None
+        for k in ("scale", "spatial_dims", "in_channels", "out_channels", "receptive_radius"):
+            setattr(self, k, getattr(net, k))
+
+    def _export(self, x: torch.Tensor) -> Any:
+        import tempfile
+
+        import onnxruntime as ort
+
+        axes = {d: f"s{d}" for d in (0, *range(2, x.ndim))}
+        with tempfile.TemporaryDirectory(prefix="domainsr-onnx-") as tmp:
+            path = Path(tmp) / "net.onnx"
+            torch.onnx.export(self.inner, (x,), str(path), input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": axes, "y": {d: f"o{d}" for d in axes}}, opset_version=17,
+                              dynamo=False)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = quality.THREADS, 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        if self.session is None:
+            self.session = self._export(x)
+        return torch.from_numpy(self.session.run(None, {"x": x.numpy()})[0])
+
+
+def onnx_network(module: nn.Module) -> nn.Module:
+    """``module`` (a checkpoint's CardModel) with its network run by ONNX Runtime (in place)."""
+    module.net = LazyOnnx(module.net)
+    return module
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
 def int8_rescnn(module: nn.Module) -> nn.Module:
     """``module`` with every ``rescnn`` inside it replaced by a :class:`LazyInt8` (in place)."""
     from domainsr.models.rescnn import ResCNN
@@ -142,6 +192,8 @@ def rows_for(name: str, quick: bool, repeat: int) -> list[dict[str, Any]]:
         "float32": (path, {"amp": "off"}, None), "bf16": (path, {"amp": "bf16"}, None)}
     if card.architecture.name == "rescnn":
         variants["int8"] = (path, {"amp": "off", "channels_last": False}, int8_rescnn)
+    if onnx_available() and not is_guided(card):
+        variants["onnx"] = (path, {"amp": "off", "channels_last": False}, onnx_network)
     student = quality.shipped([f"{name}-fast"]).get(f"{name}-fast")
     if student is not None:
         variants["student"] = (student, {"amp": "off"}, None)

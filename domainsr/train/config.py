@@ -9,7 +9,9 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from domainsr.config import StrictModel, load_yaml_model
+from domainsr.engine.consistency import noise_level
 from domainsr.errors import ConfigError
+from domainsr.models.card import ConsistencySettings
 
 
 class ModelSpec(StrictModel):
@@ -129,7 +131,7 @@ NormSpec = Annotated[FixedNormSpec | PercentileNormSpec, Field(discriminator="ki
 class LossSpec(StrictModel):
     """Pixel loss and optional extra terms (weights; 0 turns a term off)."""
 
-    pixel: Literal["l1", "charbonnier"] = "l1"
+    pixel: Literal["l1", "l2", "charbonnier"] = "l1"
     ssim: float = Field(0.0, ge=0)
     frequency: float = Field(0.0, ge=0)
     gradient: float = Field(0.0, ge=0)
@@ -172,6 +174,8 @@ class CardSpec(StrictModel):
     license: str = "Apache-2.0 (weights); training data under its own licence"
     intended_use: str = ""
     limitations: str = ""
+    #: the engine's data-consistency stage the card switches on by default (``ModelCard.consistency``)
+    consistency: ConsistencySettings | None = None
 
 
 class OutputSpec(StrictModel):
@@ -252,6 +256,13 @@ class TrainConfig(StrictModel):
         if self.guide is not None and (self.data.planes is not None or self.gan.enabled
                                        or not isinstance(self.normalization, FixedNormSpec)):
             raise ValueError("guided training (guide:) takes no data.planes, no GAN stage and a fixed normalization")
+        dc = self.card.consistency
+        if dc is not None and dc.noise_tolerance and noise_level(self.degradation) is None:
+            raise ValueError("card.consistency.noise_tolerance needs a degradation that states its noise "
+                             "(noise_sigma / sigma_hu)")
+        if dc is not None and (self.guide is not None or self.data.planes is not None):
+            raise ValueError("card.consistency (the engine's data-consistency stage) is for direct models: "
+                             "no guide:, no data.planes")
         return self
 
     @property

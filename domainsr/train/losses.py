@@ -1,6 +1,6 @@
 """Training losses on ``(N, C, *spatial)`` tensors with 2 or 3 spatial axes.
 
-Pixel terms (L1, Charbonnier, SSIM via MONAI, FFT-L1, gradient-L1) for the PSNR stage and the
+Pixel terms (L1, L2, Charbonnier, SSIM via MONAI, FFT-L1, gradient-L1) for the PSNR stage and the
 generator's content term, and the relativistic-average GAN losses (ESRGAN). No perceptual (VGG)
 term: no pretrained weights can be downloaded here, so the GAN stage relies on pixel, gradient
 and frequency terms plus RaGAN against a U-Net discriminator with spectral norm.
@@ -16,6 +16,11 @@ from domainsr.train.config import LossSpec
 
 def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred, target)
+
+
+def l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error: what PSNR scores (a fine-tune of an L1 model for PSNR)."""
+    return F.mse_loss(pred, target)
 
 
 def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -79,12 +84,12 @@ class SSIMLoss(nn.Module):
 
 
 class PixelLoss(nn.Module):
-    """The PSNR-stage objective: L1 or Charbonnier plus optional SSIM, frequency and gradient terms."""
+    """The PSNR-stage objective: L1, L2 or Charbonnier plus optional SSIM, frequency and gradient terms."""
 
     def __init__(self, spec: LossSpec, spatial_dims: int, scale: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.spec = spec
-        self.base = charbonnier if spec.pixel == "charbonnier" else l1
+        self.base = {"l1": l1, "l2": l2, "charbonnier": charbonnier}[spec.pixel]
         self.ssim = SSIMLoss(spatial_dims) if spec.ssim > 0 else None
         self.scale = tuple(scale) if scale is not None else None
 

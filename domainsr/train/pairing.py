@@ -218,7 +218,7 @@ def card_fields(config: TrainConfig, val: RegionMetrics, test: RegionMetrics,
     return {"name": config.output.name, "version": c.version, "domain": config.domain,
             "spatial_dims": config.spatial_dims, "scale": tuple(config.scale), "training": training,
             "metrics": {"val": val, "test": test}, "license": c.license, "intended_use": c.intended_use,
-            "limitations": c.limitations}
+            "limitations": c.limitations, "consistency": c.consistency}
 
 
 __all__ = ["DEFAULT_UNITS", "Autocast", "PairedData", "Pairing", "build_network", "card_fields",

@@ -48,6 +48,10 @@ def test_quality_quick_on_mri_x2(tmp_path: Path) -> None:
         assert g["gain_vs_best"] == pytest.approx(g["metrics"]["model"]["psnr"]
                                                   - g["metrics"][g["best_baseline"]]["psnr"])
         assert "## Generalisation" in md and "pyradiomics_brain2" in md
+    if "colin27_t1" in available_samples():  # the other isotropic T1 subject, never trained on
+        (c,) = [g for g in report["generalisation_more"] if g["model"] == "mri-t1-x2"]
+        assert c["source"] == "colin27_t1" and c["metrics"]["model"]["psnr"] > 10.0
+        assert "| mri-t1-x2 | colin27_t1 |" in md
 
 
 def test_a_kept_out_source_the_card_was_trained_on_is_refused() -> None:
@@ -64,6 +68,13 @@ def test_a_kept_out_source_the_card_was_trained_on_is_refused() -> None:
     bad = card.model_copy(update={"training_data": card.training_data.model_copy(update={"split": split})})
     with pytest.raises(ConfigError, match="trained on mni152"):
         q.kept_out(bad)
+    # a further never-seen source (ALSO_KEPT_OUT) is refused the same way once trained on
+    colin = card.training_data.files[0].model_copy(update={"path": "/cache/mricron/colin27_t1.nii.gz"})
+    trained = card.model_copy(update={"training_data": card.training_data.model_copy(
+        update={"files": [*card.training_data.files, colin]})})
+    assert ("colin27_t1", None) in q.ALSO_KEPT_OUT["mri-t1-x2"]
+    with pytest.raises(ConfigError, match="trained on colin27_t1"):
+        q.refuse_trained(trained, "colin27_t1")
 
 
 @pytest.mark.slow
@@ -72,10 +83,12 @@ def test_quality_quick_with_data_consistency(tmp_path: Path) -> None:
     if q.shipped(["mri-t1-x2"])["mri-t1-x2"] is None:
         pytest.skip("checkpoint mri-t1-x2 is not shipped in this checkout")
     report = q.main(["--quick", "--models", "mri-t1-x2", "--no-robustness", "--no-generalisation",
-                     "--out", str(tmp_path), "--consistency", "iterations=1,clamp_margin=0.25"])
+                     "--out", str(tmp_path), "--consistency", "iterations=1,clamp_margin=0.25", "--consistency", "off"])
     r = report["models"]["mri-t1-x2"]
-    (dc,) = r["consistency"]
+    dc, off = r["consistency"]
+    assert off["settings"] is None and off["psnr"] == pytest.approx(r["metrics"]["model"]["psnr"])  # card has none
     assert dc["extremes"]["output_leaves"] == 0.0  # the clamp keeps every pixel within 25 % of its range
     assert dc["gain_vs_best"] == pytest.approx(dc["psnr"] - r["metrics"][r["best_baseline"]]["psnr"])
     assert report["consistency"][0]["clamp_margin"] == dc["settings"]["clamp_margin"] == 0.25
-    assert "## Data consistency" in (tmp_path / "quality.md").read_text()
+    md = (tmp_path / "quality.md").read_text()
+    assert "## Data consistency" in md and "| mri-t1-x2 | held-out (card's degradation) | off |" in md

@@ -192,20 +192,31 @@ def test_residuals_within_the_noise_are_left_alone(rng):
         _stage(_gauss(), (2, 2), iterations=1, noise_tolerance=1.0)
 
 
-def test_the_task_config_switches_the_stage_on_for_a_shipped_card():
-    """``tiling.consistency: true`` in a task config reaches the engine (the shipped S2 card has no
-    stage of its own); the default (``null``) keeps the card's (off)."""
+def test_the_task_config_switches_the_stage_for_a_shipped_card():
+    """The shipped S2 card switches the stage on (1 step, residuals within 2 noise std left alone);
+    ``tiling.consistency: false`` in a task config turns it off, ``true`` keeps the card's settings,
+    and a card without settings of its own gets the defaults (3 steps)."""
     from domainsr.app.enhance import patch_inferer
     from domainsr.config import EnhanceConfig
     from domainsr.models.checkpoints import load_checkpoint
     from domainsr.models.descriptor import ModelDescriptor
 
     module, card = load_checkpoint("sentinel2-rgbn-x2")
-    desc = ModelDescriptor(module=module, name=card.name, kind="checkpoint", architecture=card.architecture.name,
-                           scale=tuple(card.scale), spatial_dims=2, in_channels=4, out_channels=4,
-                           receptive_radius=tuple(card.receptive_radius), card=card)
+
+    def desc(card):
+        return ModelDescriptor(module=module, name=card.name, kind="checkpoint", architecture=card.architecture.name,
+                               scale=tuple(card.scale), spatial_dims=2, in_channels=4, out_channels=4,
+                               receptive_radius=tuple(card.receptive_radius), card=card)
+
     base = {"name": "dc-switch", "model": {"name": "sentinel2-rgbn-x2"}}
-    assert patch_inferer(desc, EnhanceConfig.model_validate(base), None).consistency is None
+    own = patch_inferer(desc(card), EnhanceConfig.model_validate(base), None).consistency
+    assert own is not None and own.settings.iterations == 1
+    assert own.tolerance == pytest.approx(2.0 * card.degradation["noise_sigma"])
+    off = EnhanceConfig.model_validate({**base, "tiling": {"consistency": False}})
+    assert patch_inferer(desc(card), off, None).consistency is None
     on = EnhanceConfig.model_validate({**base, "tiling": {"consistency": True}})
-    stage = patch_inferer(desc, on, None).consistency
+    assert patch_inferer(desc(card), on, None).consistency.settings == card.consistency
+    bare = card.model_copy(update={"consistency": None})
+    assert patch_inferer(desc(bare), EnhanceConfig.model_validate(base), None).consistency is None
+    stage = patch_inferer(desc(bare), on, None).consistency
     assert stage is not None and stage.settings.iterations == 3

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from domainsr.errors import ConfigError
 from domainsr.train.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "train").glob("*.yaml"))
@@ -21,6 +22,17 @@ def test_config_validates(path):
     assert cfg.output.name == path.stem.replace("_", "-")
     # a shipped model trains in at most about an hour on 2 cores (issue 16; resumable from its state)
     assert cfg.max_minutes + (cfg.gan.max_minutes if cfg.gan.enabled else 0) <= 60
+
+
+def test_a_card_consistency_the_recipe_cannot_run_is_refused():
+    base = CONFIGS[0].parent
+    cfg = TrainConfig.from_yaml(base / "sentinel2_rgbn_x2.yaml")
+    assert cfg.card.consistency is not None and cfg.card.consistency.noise_tolerance == 2.0  # the shipped S2 card's
+    dc = {"card.consistency": {"iterations": 1, "noise_tolerance": 2.0}}
+    with pytest.raises(ConfigError, match="noise_tolerance needs a degradation that states its noise"):
+        TrainConfig.from_yaml(base / "mri_t1_x2.yaml", dc)  # its block mean has no noise
+    with pytest.raises(ConfigError, match="for direct models"):
+        TrainConfig.from_yaml(base / "mri_slices_x4.yaml", {"card.consistency": {"iterations": 1}})
 
 
 @pytest.mark.slow

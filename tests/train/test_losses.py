@@ -12,6 +12,7 @@ from domainsr.train.losses import (
     frequency_l1,
     gradient_l1,
     l1,
+    l2,
     ragan_d_loss,
     ragan_g_loss,
 )
@@ -22,11 +23,13 @@ def test_pixel_terms_vanish_at_identity_and_grow_with_error(shape):
     torch.manual_seed(0)
     t = torch.rand(shape)
     small, big = t + 0.01 * torch.randn(shape), t + 0.2 * torch.randn(shape)
-    for fn in (l1, frequency_l1, gradient_l1, SSIMLoss(len(shape) - 2)):
+    for fn in (l1, l2, frequency_l1, gradient_l1, SSIMLoss(len(shape) - 2)):
         assert float(fn(t, t)) == pytest.approx(0.0, abs=1e-6)
         assert 0 < float(fn(small, t)) < float(fn(big, t))
     assert float(charbonnier(t, t)) == pytest.approx(1e-3, rel=1e-3)  # sqrt(eps^2)
     assert float(charbonnier(big, t)) == pytest.approx(float(l1(big, t)), rel=0.02)
+    assert float(l2(big, t)) == pytest.approx(float((big - t).pow(2).mean()))
+    assert float(PixelLoss(LossSpec(pixel="l2"), len(shape) - 2)(big, t)) == pytest.approx(float(l2(big, t)))
 
 
 def test_gradient_loss_sees_what_l1_misses():

@@ -11,6 +11,7 @@ from scipy import ndimage
 from domainsr.degrade import build_degradation
 from domainsr.errors import ConfigError
 from domainsr.image import GeoGeometry, SpatialImage
+from domainsr.models.card import ConsistencySettings
 from domainsr.models.checkpoints import read_card
 from domainsr.train.config import TrainConfig
 from domainsr.train.datasets import MixedPatchDataset
@@ -88,6 +89,7 @@ def test_extra_sources_share_the_patches_by_weight_and_deterministically(tmp_pat
 
 def test_training_scores_the_kept_out_source_and_records_every_source(tmp_path, scene, others):
     cfg = _config(tmp_path, others)
+    cfg.card.consistency = ConsistencySettings(iterations=1, upsampler="nearest")
     res = train(cfg, image=scene)
     key = f"holdout:{others['kept']}"
     card = read_card(res.checkpoint)
@@ -101,6 +103,7 @@ def test_training_scores_the_kept_out_source_and_records_every_source(tmp_path, 
     assert others["extra"] in [f.path for f in card.training_data.files]
     assert others["kept"] not in [f.path for f in card.training_data.files]
     assert "kept out entirely" in card.training_data.description
+    assert card.consistency == ConsistencySettings(iterations=1, upsampler="nearest")  # the config's card section
 
 
 def test_a_source_cannot_be_both_trained_on_and_kept_out(tmp_path, others):
