@@ -18,7 +18,8 @@ Rows per model (the held-out case of ``benchmarks/quality.py``: same pairs, same
 * ``onnx``: the network exported to ONNX (``torch.onnx.export``, TorchScript path, opset 17, dynamic
   spatial axes) and run by ONNX Runtime's CPU provider with the same 2 threads, when ``onnxruntime``
   and ``onnx`` are installed (``pip install onnxruntime onnx``; not a dependency): the normalisation
-  and the engine around it are unchanged.
+  and the engine around it are unchanged. 2D networks only (the TorchScript exporter refuses the 3D
+  networks' memory-format call).
 * ``student``: a distilled student checkpoint (``<name>-fast``, trained by ``domainsr train`` with
   ``distill.teacher``), when one is shipped.
 
@@ -192,7 +193,8 @@ def rows_for(name: str, quick: bool, repeat: int) -> list[dict[str, Any]]:
         "float32": (path, {"amp": "off"}, None), "bf16": (path, {"amp": "bf16"}, None)}
     if card.architecture.name == "rescnn":
         variants["int8"] = (path, {"amp": "off", "channels_last": False}, int8_rescnn)
-    if onnx_available() and not is_guided(card):
+    if onnx_available() and not is_guided(card) and card.spatial_dims == 2:  # 3D: the exporter refuses a
+        # memory-format call in the 3D network ("onnx memory_format support is not implemented")
         variants["onnx"] = (path, {"amp": "off", "channels_last": False}, onnx_network)
     student = quality.shipped([f"{name}-fast"]).get(f"{name}-fast")
     if student is not None:
